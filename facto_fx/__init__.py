@@ -1,0 +1,25 @@
+"""facto_fx: Facto-CNN (low-rank training + lossy feature-map compression) as a torch.fx pass."""
+
+from facto_fx import ops
+from facto_fx.api import FactoState, attach, compile, decisions, export_dense, report
+from facto_fx.config import FactoConfig
+from facto_fx.memory import saved_bytes_by_node
+from facto_fx.passes.hooks import FactoHooks
+from facto_fx.passes.trace import FactoTraceError
+from facto_fx.report import MemoryReport
+
+__all__ = [
+    "FactoConfig",
+    "FactoHooks",
+    "FactoState",
+    "FactoTraceError",
+    "MemoryReport",
+    "attach",
+    "compile",
+    "decisions",
+    "export_dense",
+    "ops",
+    "report",
+    "saved_bytes_by_node",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,188 @@
+"""Facto layers: the modules the pass swaps in for conv, linear and batch-norm.
+
+Like peft's LoRA layers, each keeps the frozen base weight under its original name and exposes
+`get_delta_weight`, `merge`, `redraw` and `to_dense` as plain methods; the hooks in
+`facto_fx.passes.hooks` call them on a schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from facto_fx import ops
+
+
+def direction_seed(base_seed: int, draws: int) -> int:
+    """A distinct, reproducible seed for every (layer, redraw) pair."""
+    return (base_seed * 1_000_003 + draws * 7_919 + 12_345) % (2**63 - 1)
+
+
+def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """D (rank × features): Gaussian rows of unit norm times α = (I/R)^(1/4) (paper eq. 13).
+
+    Drawn on the CPU with its own generator so every device and every process gets the same D.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    d = torch.randn(rank, features, generator=generator, dtype=torch.float64)
+    d = d / d.norm(dim=1, keepdim=True) * (features / rank) ** 0.25
+    return d.to(dtype=dtype, device=device)
+
+
+class _LowRankMixin:
+    """Shared state of a frozen weight W re-parameterised as W + M·D."""
+
+    weight: nn.Parameter
+    M: nn.Parameter
+    D: Tensor
+    draws: Tensor
+    seed: int
+
+    def _init_low_rank(self, weight: nn.Parameter, rank: int, features: int, seed: int) -> None:
+        weight.requires_grad_(False)
+        self.weight = weight
+        self.seed = seed
+        self.M = nn.Parameter(weight.new_zeros(weight.shape[0], rank))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("D", draw_direction(rank, features, direction_seed(seed, 0), weight.dtype, weight.device))
+
+    @property
+    def rank(self) -> int:
+        return self.M.shape[1]
+
+    def get_delta_weight(self) -> Tensor:
+        """ΔW = reshape(M·D), shaped like the base weight."""
+        return ops.delta_weight(self.weight, self.M, self.D)
+
+    def merged_weight(self) -> Tensor:
+        """Ω = W + ΔW: the weight the layer computes with."""
+        return self.weight + self.get_delta_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + ΔW and M ← 0: the output is unchanged, the low-rank part starts afresh."""
+        self.weight.add_(self.get_delta_weight())
+        self.M.zero_()
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Draw a new direction matrix D (call after `merge`, while M is 0)."""
+        self.draws += 1
+        fresh = draw_direction(
+            self.rank, self.D.shape[1], direction_seed(self.seed, int(self.draws)), self.D.dtype, self.D.device
+        )
+        self.D.copy_(fresh)
+
+    @torch.no_grad()
+    def regularize(self, strength: float) -> None:
+        """W ← W − λ·Ω (paper eq. 14): weight decay on the full weight the layer uses."""
+        self.weight.sub_(strength * self.merged_weight())
+
+
+class FactoConv2d(_LowRankMixin, nn.Module):
+    """A Conv2d trained as W + reshape(M·D), saving a pooled, channel-projected input."""
+
+    def __init__(
+        self, conv: nn.Conv2d, rank: int, lossy_kernel: int, storage_dtype: torch.dtype | None, seed: int
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.padding = conv.padding
+        self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
+        self._init_low_rank(conv.weight, rank, conv.weight[0].numel(), seed)
+        self.bias = conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.conv2d(
+            x, self.weight, self.M, self.D, self.bias,
+            self.stride, self.padding, self.dilation, self.lossy_kernel, self.storage_dtype,
+        )
+
+    def to_dense(self) -> nn.Conv2d:
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.merged_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, rank={self.rank}, lossy_kernel={self.lossy_kernel}"
+        )
+
+
+class FactoLinear(_LowRankMixin, nn.Module):
+    """A Linear trained as W + M·D, saving D·x instead of x."""
+
+    def __init__(self, linear: nn.Linear, rank: int, storage_dtype: torch.dtype | None, seed: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.storage_dtype = storage_dtype
+        self._init_low_rank(linear.weight, rank, linear.in_features, seed)
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.M, self.D, self.bias, self.storage_dtype)
+
+    def to_dense(self) -> nn.Linear:
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.merged_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class FactoBatchNorm(nn.Module):
+    """Batch-norm with frozen running statistics; γ and β stay trainable.
+
+    It shares parameters and buffers with the module it replaces, so the statistics stay where
+    the original model (and `export_dense`) expects them.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, lossy_kernel: int, storage_dtype: torch.dtype | None):
+        super().__init__()
+        self.num_features, self.eps = bn.num_features, bn.eps
+        self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
+        self.weight, self.bias = bn.weight, bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.eps, self.lossy_kernel, self.storage_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, frozen statistics, lossy_kernel={self.lossy_kernel}"
+
+
+class FactoDropout(nn.Module):
+    """Dropout that saves a bit-packed mask; follows `self.training` like nn.Dropout."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+LOW_RANK_LAYERS = (FactoConv2d, FactoLinear)

@@ -1,0 +1,89 @@
+"""Saved bytes: what autograd keeps for backward during one forward pass (design.md §5).
+
+Every tensor autograd saves passes through `saved_tensors_hooks`; we count the unique storages,
+excluding parameters and buffers, and charge each to the FX node that saved it first. With
+`analytic=True` the model's parameters and the inputs are swapped for meta tensors, so the same
+figures come out for batch 256 at 224² without allocating them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, fx, nn
+from torch.func import functional_call
+
+
+def _storage_key(t: Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _SavingInterpreter(fx.Interpreter):
+    """Runs the graph node by node so every saved tensor can be charged to its node."""
+
+    current = "<input>"
+
+    def run_node(self, n: fx.Node):
+        self.current = n.name
+        return super().run_node(n)
+
+
+class _Runner(nn.Module):
+    """Lets functional_call swap the graph module's parameters while the interpreter runs it."""
+
+    def __init__(self, gm: fx.GraphModule, interpreter: _SavingInterpreter) -> None:
+        super().__init__()
+        self.gm = gm
+        self.interpreter = interpreter
+
+    def forward(self, *args: Tensor):
+        return self.interpreter.run(*args)
+
+
+def _replacement(t: Tensor, analytic: bool, trainable: bool | None) -> Tensor:
+    requires_grad = t.requires_grad if trainable is None else (trainable and t.is_floating_point())
+    if analytic:
+        return torch.empty_like(t, device="meta").requires_grad_(requires_grad)
+    return t.detach().requires_grad_(requires_grad)
+
+
+def saved_bytes_by_node(
+    gm: fx.GraphModule,
+    inputs: Sequence[Tensor],
+    *,
+    analytic: bool = False,
+    train_all: bool = False,
+) -> dict[str, int]:
+    """Bytes of unique storages saved for backward, per FX node name, for one forward pass.
+
+    train_all=True makes every parameter require grad (vanilla full-rank training); otherwise
+    parameters keep their own requires_grad (Facto training).
+    """
+    trainable = True if train_all else None
+    state = {
+        f"gm.{name}": _replacement(t, analytic, trainable if isinstance(t, torch.nn.Parameter) else False)
+        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    }
+    excluded = {_storage_key(t) for t in state.values()}
+    args = [torch.empty_like(x, device="meta") if analytic else x for x in inputs]
+    interpreter = _SavingInterpreter(gm)
+    counts: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key not in excluded and key not in seen:
+            seen.add(key)
+            counts[interpreter.current] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = functional_call(_Runner(gm, interpreter), state, tuple(args), strict=False, tie_weights=False)
+    del output
+    return dict(counts)
+
+
+def total(counts: dict[str, int]) -> int:
+    return sum(counts.values())

@@ -1,0 +1,99 @@
+"""facto::batch_norm — batch-norm with frozen statistics: a per-channel affine.
+
+During low-rank training the running statistics are frozen, so batch-norm is y = x̂·γ + β with
+x̂ = (x - μ)/σ fixed per channel. grad_x needs no saved map at all; grad_γ needs x̂, which is
+saved mean-pooled (and only when γ is trained).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from facto_fx.ops.lossy import mean_pool, store, sum_pool
+from facto_fx.ops.scale import pooled_shape, spatial_kernel
+
+
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _normalize(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    return (x - _channel_view(mean, x)) * _channel_view(torch.rsqrt(var + eps), x)
+
+
+@torch.library.custom_op("facto::batch_norm", mutates_args=())
+def batch_norm_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    lossy_kernel: int,
+    storage_dtype: torch.dtype | None,
+    save_pooled: bool,
+) -> tuple[Tensor, Tensor]:
+    x_hat = _normalize(x, running_mean, running_var, eps)
+    y = x_hat if weight is None else x_hat * _channel_view(weight, x)
+    if bias is not None:
+        y = y + _channel_view(bias, x)
+    if not save_pooled:
+        return y, x.new_empty(0)
+    return y, store(mean_pool(x_hat, spatial_kernel(x, lossy_kernel)), storage_dtype)
+
+
+@batch_norm_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled):
+    if not save_pooled:
+        return x.new_empty(x.shape), x.new_empty(0)
+    return x.new_empty(x.shape), x.new_empty(pooled_shape(x, lossy_kernel), dtype=storage_dtype or x.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, weight, bias, _, running_var, eps, lossy_kernel, _, _ = inputs
+    ctx.save_for_backward(output[1], weight, running_var)
+    ctx.eps = eps
+    ctx.has_bias = bias is not None
+    ctx.lossy_kernel = lossy_kernel
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_pooled):
+    pooled, weight, running_var = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    reduce_dims = [d for d in range(grad_y.dim()) if d != 1]
+    if ctx.needs_input_grad[0]:
+        gain = torch.rsqrt(running_var + ctx.eps)
+        if weight is not None:
+            gain = gain * weight
+        grad_x = grad_y * _channel_view(gain.to(grad_y.dtype), grad_y)
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
+        grad_weight = (grad_p * pooled.to(grad_p.dtype)).sum(reduce_dims)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_y.sum(reduce_dims)
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    lossy_kernel: int = 2,
+    storage_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Frozen-statistics batch-norm over dim 1; saves pooled x̂ only if `weight` is trained."""
+    trained = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    if not (torch.is_grad_enabled() and trained):
+        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    save_pooled = weight is not None and weight.requires_grad
+    return torch.ops.facto.batch_norm(
+        x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled
+    )[0]

@@ -1,0 +1,104 @@
+"""facto::conv2d — Y = (W + reshape(M·D)) * X, saving only Z_p = meanpool_k(D_filter * X).
+
+W is frozen and D is random, so the only weight gradient is grad_M (C_O x C_R), computed from
+sumpool_k(grad_Y) and Z_p; grad_X uses Ω = W + ΔW rebuilt in backward (design.md §1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from facto_fx.ops.lossy import conv_output_size, pooled_projection, pooled_size, store, sum_pool
+
+
+def delta_weight(weight: Tensor, M: Tensor, D: Tensor) -> Tensor:
+    """ΔW = reshape(M·D) in the shape of the conv filter."""
+    return (M @ D).view(weight.shape)
+
+
+@torch.library.custom_op("facto::conv2d", mutates_args=())
+def conv2d_fwd(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    D: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    lossy_kernel: int,
+    storage_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    omega = weight + delta_weight(weight, M, D)
+    y = F.conv2d(x, omega, bias, stride, padding, dilation)
+    d_filter = D.view(D.shape[0], *weight.shape[1:])
+    z_p = pooled_projection(x, d_filter, tuple(stride), tuple(padding), tuple(dilation), lossy_kernel)
+    return y, store(z_p, storage_dtype)
+
+
+@conv2d_fwd.register_fake
+def _(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel, storage_dtype):
+    h, w = (
+        conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+        for i in range(2)
+    )
+    y = x.new_empty(x.shape[0], weight.shape[0], h, w)
+    z_p = x.new_empty(
+        x.shape[0], D.shape[0], pooled_size(h, lossy_kernel), pooled_size(w, lossy_kernel),
+        dtype=storage_dtype or x.dtype,
+    )
+    return y, z_p
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, M, D, bias, stride, padding, dilation, lossy_kernel, _ = inputs
+    ctx.save_for_backward(output[1], weight, M, D)
+    ctx.x_shape = x.shape
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.lossy_kernel = lossy_kernel
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_z):
+    z_p, weight, M, D = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    grad_x = grad_M = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        omega = weight + delta_weight(weight, M, D)
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, omega, grad_y, stride, padding, dilation)
+    if ctx.needs_input_grad[2]:
+        grad_p = sum_pool(grad_y, ctx.lossy_kernel)
+        grad_M = torch.einsum("bohw,brhw->or", grad_p, z_p.to(grad_p.dtype))
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_y.sum((0, 2, 3))
+    return grad_x, None, grad_M, None, grad_bias, None, None, None, None, None
+
+
+conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    D: Tensor,
+    bias: Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    lossy_kernel: int = 2,
+    storage_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Facto convolution; outside of training (no grad needed) it is a plain conv with Ω."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or M.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        return F.conv2d(x, weight + delta_weight(weight, M, D), bias, stride, padding, dilation)
+    y, _ = torch.ops.facto.conv2d(
+        x, weight, M, D, bias, list(stride), list(padding), list(dilation), lossy_kernel, storage_dtype
+    )
+    return y

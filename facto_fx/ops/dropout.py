@@ -1,0 +1,45 @@
+"""facto::dropout — inverted dropout whose backward keeps a bit-packed keep-mask."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from facto_fx.ops.bitpack import pack_bits, packed_numel, unpack_bits
+
+
+@torch.library.custom_op("facto::dropout", mutates_args=())
+def dropout_fwd(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    keep = torch.rand_like(x) >= p
+    return x * keep / (1.0 - p), pack_bits(keep, 1)
+
+
+@dropout_fwd.register_fake
+def _(x, p):
+    return x.new_empty(x.shape), x.new_empty(packed_numel(x.numel(), 1), dtype=torch.uint8)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.p = inputs[1]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_mask):
+    (packed,) = ctx.saved_tensors
+    keep = unpack_bits(packed, 1, grad_y.numel()).view(grad_y.shape)
+    return grad_y * keep / (1.0 - ctx.p), None
+
+
+dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Dropout as F.dropout, with a 1-bit saved mask; identity outside training."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1); got {p}")
+    if not training or p == 0.0:
+        return x
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.nn.functional.dropout(x, p, True)
+    return torch.ops.facto.dropout(x, p)[0]

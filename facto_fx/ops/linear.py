@@ -1,0 +1,70 @@
+"""facto::linear — y = x (W + M·D)^T + b, saving only D·x (paper eq. 8, Table 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from facto_fx.ops.lossy import store
+
+
+@torch.library.custom_op("facto::linear", mutates_args=())
+def linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    D: Tensor,
+    bias: Tensor | None,
+    storage_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    y = F.linear(x, weight + M @ D, bias)
+    return y, store(F.linear(x, D), storage_dtype)
+
+
+@linear_fwd.register_fake
+def _(x, weight, M, D, bias, storage_dtype):
+    return (
+        x.new_empty(*x.shape[:-1], weight.shape[0]),
+        x.new_empty(*x.shape[:-1], D.shape[0], dtype=storage_dtype or x.dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, weight, M, D, bias, _ = inputs
+    ctx.save_for_backward(output[1], weight, M, D)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_dx):
+    dx, weight, M, D = ctx.saved_tensors
+    grad_x = grad_M = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y @ (weight + M @ D)
+    if ctx.needs_input_grad[2]:
+        grad_M = grad_y.reshape(-1, grad_y.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]).to(grad_y.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, None, grad_M, None, grad_bias, None
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    D: Tensor,
+    bias: Tensor | None = None,
+    storage_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Facto linear layer; a plain linear with Ω when no gradient is needed."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or M.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        return F.linear(x, weight + M @ D, bias)
+    y, _ = torch.ops.facto.linear(x, weight, M, D, bias, storage_dtype)
+    return y

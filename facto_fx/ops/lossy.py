@@ -1,0 +1,77 @@
+"""Lossy compression by mean-pooling (paper §3.3), and the pooled projection Z_p of the conv.
+
+Pools use ceil mode: a window that hangs over the bottom / right edge averages the values it
+covers, so no row of the feature map is dropped from the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pooled_size(size: int, k: int) -> int:
+    return -(-size // k)
+
+
+def mean_pool(x: Tensor, k: int) -> Tensor:
+    """meanpool_k over the last two dims (identity for k = 1)."""
+    if k == 1:
+        return x
+    return F.avg_pool2d(x, k, k, ceil_mode=True)
+
+
+def sum_pool(x: Tensor, k: int) -> Tensor:
+    """sumpool_k over the last two dims: the adjoint of nearest upsampling."""
+    if k == 1:
+        return x
+    return F.avg_pool2d(x, k, k, ceil_mode=True, divisor_override=1)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _span(kernel: int, stride: int, dilation: int, k: int) -> int:
+    return stride * (k - 1) + dilation * (kernel - 1) + 1
+
+
+def _pooled_filter(weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int], k: int) -> Tensor:
+    """The single filter E with conv(x, E, stride * k) == meanpool_k(conv(x, weight, stride))."""
+    c_out, c_in, kh, kw = weight.shape
+    dil = weight.new_zeros(c_out * c_in, 1, dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    dil[:, :, :: dilation[0], :: dilation[1]] = weight.reshape(c_out * c_in, 1, kh, kw)
+    box = weight.new_zeros(1, 1, stride[0] * (k - 1) + 1, stride[1] * (k - 1) + 1)
+    box[:, :, :: stride[0], :: stride[1]] = 1.0 / (k * k)
+    full = F.conv2d(dil, box, padding=(box.shape[2] - 1, box.shape[3] - 1))
+    return full.reshape(c_out, c_in, full.shape[2], full.shape[3])
+
+
+def pooled_projection(
+    x: Tensor,
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    k: int,
+) -> Tensor:
+    """Z_p = meanpool_k(conv2d(x, weight)) without materialising the full-size conv output.
+
+    When the conv output tiles evenly by k and the merged filter is cheaper than conv + pool, the
+    pool is folded into the filter (design.md §1); otherwise conv then pool.
+    """
+    z_h = conv_output_size(x.shape[-2], weight.shape[2], stride[0], padding[0], dilation[0])
+    z_w = conv_output_size(x.shape[-1], weight.shape[3], stride[1], padding[1], dilation[1])
+    span_h = _span(weight.shape[2], stride[0], dilation[0], k)
+    span_w = _span(weight.shape[3], stride[1], dilation[1], k)
+    folded_cost = span_h * span_w / (k * k)
+    if k > 1 and z_h % k == 0 and z_w % k == 0 and folded_cost < weight.shape[2] * weight.shape[3]:
+        fused = _pooled_filter(weight, stride, dilation, k)
+        return F.conv2d(x, fused, None, (stride[0] * k, stride[1] * k), padding)
+    return mean_pool(F.conv2d(x, weight, None, stride, padding, dilation), k)
+
+
+def store(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Cast a compressed map to its storage dtype (None keeps it)."""
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)

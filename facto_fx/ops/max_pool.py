@@ -1,0 +1,103 @@
+"""facto::max_pool2d — max over each window, saving the argmax's position inside its window.
+
+The code takes ceil(log2(kh·kw)) bits rounded to 1/2/4/8 bits per output element: 2 bits for a
+2×2/2 pool (0.5 bit per input element), 4 bits for torchvision's 3×3/2 pool (1 bit per input).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from facto_fx.ops.bitpack import code_bits, pack_bits, packed_numel, unpack_bits
+
+
+def _window_origin(size: int, stride: int, padding: int, device: torch.device) -> Tensor:
+    return torch.arange(size, device=device) * stride - padding
+
+
+def _pool_output_size(size, kernel, stride, padding, dilation, ceil_mode) -> int:
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+@torch.library.custom_op("facto::max_pool2d", mutates_args=())
+def max_pool2d_fwd(
+    x: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+) -> tuple[Tensor, Tensor]:
+    y, index = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    width = x.shape[-1]
+    h0 = _window_origin(y.shape[-2], stride[0], padding[0], x.device).view(-1, 1)
+    w0 = _window_origin(y.shape[-1], stride[1], padding[1], x.device)
+    row = torch.div(index, width, rounding_mode="floor")
+    local_h = torch.div(row - h0, dilation[0], rounding_mode="floor")
+    local_w = torch.div(index - row * width - w0, dilation[1], rounding_mode="floor")
+    code = local_h * kernel_size[1] + local_w
+    return y, pack_bits(code.to(torch.uint8), code_bits(kernel_size[0] * kernel_size[1]))
+
+
+@max_pool2d_fwd.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode):
+    h, w = (
+        _pool_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+        for i in range(2)
+    )
+    y = x.new_empty(*x.shape[:-2], h, w)
+    bits = code_bits(kernel_size[0] * kernel_size[1])
+    return y, x.new_empty(packed_numel(y.numel(), bits), dtype=torch.uint8)
+
+
+def _setup_context(ctx, inputs, output):
+    x, kernel_size, stride, padding, dilation, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.x_shape = x.shape
+    ctx.pool_args = (kernel_size, stride, padding, dilation)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_code):
+    (packed,) = ctx.saved_tensors
+    kernel_size, stride, padding, dilation = ctx.pool_args
+    height, width = ctx.x_shape[-2:]
+    code = unpack_bits(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.numel())
+    code = code.view(grad_y.shape).long()
+    h0 = _window_origin(grad_y.shape[-2], stride[0], padding[0], grad_y.device).view(-1, 1)
+    w0 = _window_origin(grad_y.shape[-1], stride[1], padding[1], grad_y.device)
+    row = h0 + torch.div(code, kernel_size[1], rounding_mode="floor") * dilation[0]
+    col = w0 + (code % kernel_size[1]) * dilation[1]
+    index = (row * width + col).flatten(-2)
+    grad_x = grad_y.new_zeros(*grad_y.shape[:-2], height * width)
+    grad_x.scatter_add_(-1, index, grad_y.flatten(-2))
+    return grad_x.view(ctx.x_shape), None, None, None, None, None
+
+
+max_pool2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> list[int]:
+    return [value, value] if isinstance(value, int) else list(value)
+
+
+def max_pool2d(
+    x: Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """F.max_pool2d with a compact saved argmax code (at most 8 bits per output element)."""
+    kernel = _pair(kernel_size)
+    stride = kernel if stride is None or stride == [] else _pair(stride)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    return torch.ops.facto.max_pool2d(x, kernel, stride, _pair(padding), _pair(dilation), ceil_mode)[0]

@@ -1,0 +1,40 @@
+"""facto::relu — max(x, 0), saving one bit per element (paper §3.2, Figure 4a)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from facto_fx.ops.bitpack import pack_bits, packed_numel, unpack_bits
+
+
+@torch.library.custom_op("facto::relu", mutates_args=())
+def relu_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
+    mask = x > 0
+    return x * mask, pack_bits(mask, 1)
+
+
+@relu_fwd.register_fake
+def _(x):
+    return x.new_empty(x.shape), x.new_empty(packed_numel(x.numel(), 1), dtype=torch.uint8)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_mask):
+    (packed,) = ctx.saved_tensors
+    mask = unpack_bits(packed, 1, grad_y.numel()).view(grad_y.shape)
+    return grad_y * mask
+
+
+relu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def relu(x: Tensor) -> Tensor:
+    """ReLU whose backward keeps a bit-packed mask instead of the output."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.relu(x)
+    return torch.ops.facto.relu(x)[0]

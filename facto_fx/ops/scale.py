@@ -1,0 +1,66 @@
+"""facto::scale — y = s·x for a learnable scalar s (fixup-ResNet), saving meanpool_k(x)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from facto_fx.ops.lossy import mean_pool, pooled_size, store, sum_pool
+
+
+def spatial_kernel(x: Tensor, lossy_kernel: int) -> int:
+    """Pooling applies to the two trailing spatial dims of NCHW maps only."""
+    return lossy_kernel if x.dim() == 4 else 1
+
+
+def pooled_shape(x: Tensor, lossy_kernel: int) -> tuple[int, ...]:
+    """Shape of mean_pool(x, spatial_kernel(x, lossy_kernel)), for the fake kernels."""
+    k = spatial_kernel(x, lossy_kernel)
+    if k == 1:
+        return tuple(x.shape)
+    return (*x.shape[:-2], pooled_size(x.shape[-2], k), pooled_size(x.shape[-1], k))
+
+
+@torch.library.custom_op("facto::scale", mutates_args=())
+def scale_fwd(
+    x: Tensor, s: Tensor, lossy_kernel: int, storage_dtype: torch.dtype | None, save_pooled: bool
+) -> tuple[Tensor, Tensor]:
+    pooled = store(mean_pool(x, spatial_kernel(x, lossy_kernel)), storage_dtype) if save_pooled else None
+    return x * s, pooled if pooled is not None else x.new_empty(0)
+
+
+@scale_fwd.register_fake
+def _(x, s, lossy_kernel, storage_dtype, save_pooled):
+    if not save_pooled:
+        return x.new_empty(x.shape), x.new_empty(0)
+    return x.new_empty(x.shape), x.new_empty(pooled_shape(x, lossy_kernel), dtype=storage_dtype or x.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, s, lossy_kernel, _, save_pooled = inputs
+    ctx.save_for_backward(s, output[1])
+    ctx.lossy_kernel = lossy_kernel
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_pooled):
+    s, pooled = ctx.saved_tensors
+    grad_x = grad_s = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y * s
+    if ctx.needs_input_grad[1]:
+        grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
+        grad_s = (grad_p * pooled.to(grad_p.dtype)).sum().reshape(s.shape)
+    return grad_x, grad_s, None, None, None
+
+
+scale_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scale(x: Tensor, s: Tensor, lossy_kernel: int = 2, storage_dtype: torch.dtype | None = None) -> Tensor:
+    """Multiply by a one-element tensor `s`; its gradient comes from the pooled input."""
+    if s.numel() != 1:
+        raise ValueError(f"facto scale expects a one-element scale tensor; got shape {tuple(s.shape)}")
+    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+        return x * s
+    return torch.ops.facto.scale(x, s, lossy_kernel, storage_dtype, s.requires_grad)[0]

@@ -1,0 +1,89 @@
+"""The per-layer memory table: layer, op, decision, vanilla bytes, Facto bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from facto_fx.passes.schedule import Decision
+
+MiB = 2**20
+
+
+@dataclass
+class Row:
+    layer: str
+    op: str
+    decision: str
+    vanilla_bytes: int
+    facto_bytes: int
+
+
+@dataclass
+class MemoryReport:
+    """Saved-for-backward bytes of one forward pass, per layer and in total."""
+
+    rows: list[Row]
+    unrewritten: list[Decision]
+
+    @property
+    def vanilla_bytes(self) -> int:
+        return sum(r.vanilla_bytes for r in self.rows)
+
+    @property
+    def facto_bytes(self) -> int:
+        return sum(r.facto_bytes for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.facto_bytes / self.vanilla_bytes if self.vanilla_bytes else float("nan")
+
+    def __str__(self) -> str:
+        width = max([len(r.layer) for r in self.rows] + [5])
+        head = f"{'layer':<{width}}  {'op':<11} {'decision':<10} {'vanilla MiB':>12} {'facto MiB':>10}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.layer:<{width}}  {r.op:<11} {r.decision:<10} "
+                f"{r.vanilla_bytes / MiB:>12.3f} {r.facto_bytes / MiB:>10.3f}"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'total':<{width}}  {'':<11} {'':<10} {self.vanilla_bytes / MiB:>12.3f} "
+            f"{self.facto_bytes / MiB:>10.3f}   ({100 * self.ratio:.2f} % of vanilla)"
+        )
+        if self.unrewritten:
+            lines.append("\nleft unrewritten:")
+            lines.extend(f"  {d.layer} ({d.kind}): {d.reason}" for d in self.unrewritten)
+        return "\n".join(lines)
+
+
+def _decision_label(d: Decision) -> str:
+    if d.rewritten and d.compress:
+        return "facto"
+    if d.rewritten:
+        return "frozen"
+    return "dense"
+
+
+def build_report(
+    decisions: list[Decision], vanilla_gm: fx.GraphModule, vanilla: dict[str, int], facto: dict[str, int]
+) -> MemoryReport:
+    """Join per-node byte counts (node names match between the two graphs) into table rows."""
+    by_node = {d.node: d for d in decisions}
+    rows = []
+    for node in vanilla_gm.graph.nodes:
+        v, f = vanilla.get(node.name, 0), facto.get(node.name, 0)
+        d = by_node.get(node.name)
+        if d is None and v == 0 and f == 0:
+            continue
+        if d is None:
+            op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            rows.append(Row(node.name, str(op)[:11], "-", v, f))
+        else:
+            rows.append(Row(d.layer, d.kind, _decision_label(d), v, f))
+    stray = set(facto) - {n.name for n in vanilla_gm.graph.nodes}
+    rows.extend(Row(name, "?", "-", 0, facto[name]) for name in sorted(stray))
+    unrewritten = [d for d in decisions if not d.rewritten and (d.compress or "not" in d.reason or "only" in d.reason)]
+    return MemoryReport(rows, unrewritten)
