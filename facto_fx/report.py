@@ -85,5 +85,5 @@ def build_report(
             rows.append(Row(d.layer, d.kind, _decision_label(d), v, f))
     stray = set(facto) - {n.name for n in vanilla_gm.graph.nodes}
     rows.extend(Row(name, "?", "-", 0, facto[name]) for name in sorted(stray))
-    unrewritten = [d for d in decisions if not d.rewritten and (d.compress or "not" in d.reason or "only" in d.reason)]
+    unrewritten = [d for d in decisions if d.unsupported]
     return MemoryReport(rows, unrewritten)

@@ -38,14 +38,21 @@ def _span(kernel: int, stride: int, dilation: int, k: int) -> int:
 
 
 def _pooled_filter(weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int], k: int) -> Tensor:
-    """The single filter E with conv(x, E, stride * k) == meanpool_k(conv(x, weight, stride))."""
+    """The single filter E with conv(x, E, stride * k) == meanpool_k(conv(x, weight, stride)).
+
+    E is the (dilated) filter summed over the k×k shifts of the pooling window, divided by k²:
+    one small matmul of the flattened filter taps with a fixed 0/1 placement matrix.
+    """
     c_out, c_in, kh, kw = weight.shape
-    dil = weight.new_zeros(c_out * c_in, 1, dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
-    dil[:, :, :: dilation[0], :: dilation[1]] = weight.reshape(c_out * c_in, 1, kh, kw)
-    box = weight.new_zeros(1, 1, stride[0] * (k - 1) + 1, stride[1] * (k - 1) + 1)
-    box[:, :, :: stride[0], :: stride[1]] = 1.0 / (k * k)
-    full = F.conv2d(dil, box, padding=(box.shape[2] - 1, box.shape[3] - 1))
-    return full.reshape(c_out, c_in, full.shape[2], full.shape[3])
+    span_h, span_w = _span(kh, stride[0], dilation[0], k), _span(kw, stride[1], dilation[1], k)
+    placement = weight.new_zeros(kh, kw, span_h, span_w)
+    for a in range(k):
+        for b in range(k):
+            for i in range(kh):
+                for j in range(kw):
+                    placement[i, j, stride[0] * a + dilation[0] * i, stride[1] * b + dilation[1] * j] += 1.0
+    fused = weight.reshape(-1, kh * kw) @ (placement.reshape(kh * kw, -1) / (k * k))
+    return fused.view(c_out, c_in, span_h, span_w)
 
 
 def pooled_projection(

@@ -30,6 +30,7 @@ class Decision:
     depth: int
     compress: bool
     reason: str
+    unsupported: bool = False
     rewritten: bool = False
 
 
@@ -103,12 +104,13 @@ def schedule(gm: fx.GraphModule, matches: list[Match], config: FactoConfig) -> l
     decisions = []
     for m in matches:
         d = depth[m.node.name]
+        unsupported = m.unsupported is not None or frozen_bn(m)
         if m.unsupported is not None:
             compress, reason = False, m.unsupported
-        elif m.node.name in inputs:
-            compress, reason = False, "input layer: never compressed (paper §4.2)"
         elif frozen_bn(m):
             compress, reason = False, "batch_norm='train': left in training mode"
+        elif m.node.name in inputs:
+            compress, reason = False, "input layer: never compressed (paper §4.2)"
         elif (override := _override(config, m)) is not None:
             compress, reason = override
         elif m.kind in ORDERED_KINDS:
@@ -123,5 +125,5 @@ def schedule(gm: fx.GraphModule, matches: list[Match], config: FactoConfig) -> l
             compress, reason = True, "mask stored as packed bits"
         else:
             compress, reason = False, "binarize_activations=False"
-        decisions.append(Decision(m.layer, m.kind, m.node.name, d, compress, reason))
+        decisions.append(Decision(m.layer, m.kind, m.node.name, d, compress, reason, unsupported))
     return decisions
