@@ -1,0 +1,54 @@
+"""Bit packing of ReLU/dropout masks and max-pool codes: lossless, and exactly ceil(n*bits/8) bytes."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_bits
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+@example(bits=1, n=1, seed=0)
+@example(bits=2, n=1, seed=0)
+@example(bits=4, n=1, seed=0)
+@example(bits=8, n=1, seed=0)
+def test_round_trip_and_size(bits, n, seed):
+    """Every code in [0, 2**bits) survives packing, for lengths that do not fill the last byte too."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n,), generator=g).to(torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    assert packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_extreme_codes(bits):
+    """All-zero and all-max codes exercise every bit position of every byte."""
+    for value in (0, 2**bits - 1):
+        codes = torch.full((13,), value, dtype=torch.uint8)
+        assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, 13), codes)
+
+
+def test_bool_mask_any_shape():
+    """Masks are packed from bool tensors of any shape along their flattened order."""
+    mask = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(1)) > 0.5
+    packed = pack_bits(mask, 1)
+    assert packed.numel() == math.ceil(mask.numel() / 8)
+    assert torch.equal(unpack_bits(packed, 1, mask.numel()).view(mask.shape).bool(), mask)
+
+
+@pytest.mark.parametrize("bits", [0, 3, 16])
+def test_unsupported_width_raises(bits):
+    with pytest.raises(ValueError):
+        pack_bits(torch.zeros(4, dtype=torch.uint8), bits)
+
+
+@pytest.mark.parametrize(("num_codes", "bits"), [(1, 1), (2, 1), (3, 2), (4, 2), (9, 4), (16, 4), (17, 8), (256, 8)])
+def test_code_bits(num_codes, bits):
+    """Max-pool windows of kh*kw positions need the smallest supported width that holds them."""
+    assert code_bits(num_codes) == bits
