@@ -15,7 +15,7 @@ from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import rewrite
 from facto_fx.passes.schedule import Decision, schedule
-from facto_fx.passes.trace import trace
+from facto_fx.passes.trace import propagate_shapes, trace
 from facto_fx.report import MemoryReport, build_report
 
 __all__ = ["FactoState", "attach", "compile", "decisions", "export_dense", "report", "FactoHooks"]
@@ -30,12 +30,19 @@ class FactoState:
     source: nn.Module
 
 
-def compile(model: nn.Module, config: FactoConfig | None = None, **options) -> fx.GraphModule:
+def compile(
+    model: nn.Module,
+    config: FactoConfig | None = None,
+    *,
+    example_inputs: tuple[Tensor, ...] | None = None,
+    **options,
+) -> fx.GraphModule:
     """Trace `model` and rewrite it for Facto low-rank training with compressed feature maps.
 
     Pass a FactoConfig or its fields as keywords (inr=0.3, lossy_kernel=2, apply_ratio=0.6, ...).
-    The result shares parameters with `model`: its frozen weights W are the model's own, so merges
-    update them in place.
+    With `example_inputs`, every node of the result records its output shape and dtype in
+    node.meta["tensor_meta"]. The result shares parameters with `model`: its frozen weights W are
+    the model's own, so merges update them in place.
     """
     if config is not None and options:
         raise ValueError("pass either a FactoConfig or keyword options, not both")
@@ -47,6 +54,8 @@ def compile(model: nn.Module, config: FactoConfig | None = None, **options) -> f
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, config)
     gm.meta["facto"] = FactoState(config, plan, model)
+    if example_inputs is not None:
+        propagate_shapes(gm, *example_inputs)
     return gm
 
 

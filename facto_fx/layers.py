@@ -22,10 +22,13 @@ def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, devi
     """D (rank × features): Gaussian rows of unit norm times α = (I/R)^(1/4) (paper eq. 13).
 
     Drawn on the CPU with its own generator so every device and every process gets the same D.
+    On the meta device (analytic memory reports) nothing is drawn.
     """
+    if torch.device(device).type == "meta":
+        return torch.empty(rank, features, dtype=dtype, device=device)
     generator = torch.Generator().manual_seed(seed)
-    d = torch.randn(rank, features, generator=generator, dtype=torch.float64)
-    d = d / d.norm(dim=1, keepdim=True) * (features / rank) ** 0.25
+    d = torch.randn(rank, features, generator=generator, dtype=torch.float32)
+    d *= (features / rank) ** 0.25 / d.norm(dim=1, keepdim=True)
     return d.to(dtype=dtype, device=device)
 
 

@@ -1,0 +1,30 @@
+"""The issue's headline figures, checked by running the committed benchmarks."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_targets_are_met():
+    """vgg16 / fixup-ResNet18 / resnet18 saved bytes stay within the paper-derived limits."""
+    for target, report in _load("memory_targets").main([]):
+        assert report.ratio <= target.limit, (target, report.ratio)
+
+
+@pytest.mark.slow
+def test_facto_step_is_not_slower_than_vanilla_on_cpu():
+    """CIFAR VGG11, batch 64: a Facto step does less arithmetic than a vanilla one."""
+    result = _load("cpu_step").main(["--steps", "8"])
+    assert result["ratio"] <= 1.0

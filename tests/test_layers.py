@@ -1,0 +1,79 @@
+"""Facto layers: the low-rank re-parameterisation's named methods behave as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from facto_fx.layers import FactoConv2d, FactoLinear, direction_seed, draw_direction
+
+
+def test_direction_rows_have_norm_alpha():
+    """Paper eq. 13: unit-norm Gaussian rows scaled by α = (I/R)^(1/4)."""
+    d = draw_direction(7, 90, seed=3, dtype=torch.float32, device=torch.device("cpu"))
+    assert d.shape == (7, 90)
+    torch.testing.assert_close(d.norm(dim=1), torch.full((7,), (90 / 7) ** 0.25))
+
+
+def test_direction_is_reproducible_and_seed_dependent():
+    draw = lambda seed: draw_direction(4, 12, seed, torch.float64, torch.device("cpu"))  # noqa: E731
+    assert torch.equal(draw(5), draw(5))
+    assert not torch.equal(draw(5), draw(6))
+    assert direction_seed(1, 0) != direction_seed(1, 1) != direction_seed(2, 1)
+
+
+def test_meta_direction_allocates_nothing():
+    d = draw_direction(3, 10**9, seed=0, dtype=torch.float32, device=torch.device("meta"))
+    assert d.is_meta and d.shape == (3, 10**9)
+
+
+@pytest.fixture
+def conv_layer():
+    torch.manual_seed(0)
+    layer = FactoConv2d(nn.Conv2d(4, 6, 3, stride=2, padding=1), rank=2, lossy_kernel=2, storage_dtype=None, seed=9)
+    with torch.no_grad():
+        layer.M.normal_()
+    return layer
+
+
+def test_conv_layer_freezes_weight_and_trains_m_and_bias(conv_layer):
+    assert not conv_layer.weight.requires_grad
+    assert conv_layer.M.requires_grad and conv_layer.bias.requires_grad
+    assert conv_layer.M.shape == (6, 2) and conv_layer.D.shape == (2, 4 * 9)
+
+
+def test_conv_to_dense_computes_the_same_output(conv_layer):
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(conv_layer.to_dense()(x), conv_layer(x))
+
+
+def test_merge_keeps_output_and_zeroes_m(conv_layer):
+    x = torch.randn(2, 4, 9, 9)
+    before = conv_layer(x)
+    conv_layer.merge()
+    assert torch.count_nonzero(conv_layer.M) == 0
+    torch.testing.assert_close(conv_layer(x), before)
+
+
+def test_redraw_changes_d_and_counts(conv_layer):
+    old = conv_layer.D.clone()
+    conv_layer.redraw()
+    assert int(conv_layer.draws) == 1 and not torch.equal(old, conv_layer.D)
+    torch.testing.assert_close(conv_layer.D.norm(dim=1), torch.full((2,), (36 / 2) ** 0.25))
+
+
+def test_regularize_is_weight_decay_on_omega(conv_layer):
+    expected = conv_layer.weight - 0.1 * conv_layer.merged_weight()
+    conv_layer.regularize(0.1)
+    torch.testing.assert_close(conv_layer.weight, expected)
+
+
+def test_linear_to_dense_and_delta():
+    torch.manual_seed(0)
+    layer = FactoLinear(nn.Linear(10, 3), rank=4, storage_dtype=None, seed=1)
+    with torch.no_grad():
+        layer.M.normal_()
+    torch.testing.assert_close(layer.get_delta_weight(), layer.M @ layer.D)
+    x = torch.randn(5, 10)
+    torch.testing.assert_close(layer.to_dense()(x), layer(x))
