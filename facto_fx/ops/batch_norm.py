@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.lossy import mean_pool, store, sum_pool
+from facto_fx.ops.lossy import compress, sum_pool
 from facto_fx.ops.scale import pooled_shape, spatial_kernel
 
 
@@ -40,7 +40,7 @@ def batch_norm_fwd(
         y = y + _channel_view(bias, x)
     if not save_pooled:
         return y, x.new_empty(0)
-    return y, store(mean_pool(x_hat, spatial_kernel(x, lossy_kernel)), storage_dtype)
+    return y, compress(x_hat, spatial_kernel(x, lossy_kernel), storage_dtype)
 
 
 @batch_norm_fwd.register_fake

@@ -82,3 +82,9 @@ def pooled_projection(
 def store(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     """Cast a compressed map to its storage dtype (None keeps it)."""
     return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
+def compress(x: Tensor, k: int, dtype: torch.dtype | None) -> Tensor:
+    """store(mean_pool(x, k), dtype) in storage of its own: a custom op's outputs may not alias."""
+    pooled = store(mean_pool(x, k), dtype)
+    return pooled.clone() if pooled is x else pooled

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.lossy import mean_pool, pooled_size, store, sum_pool
+from facto_fx.ops.lossy import compress, pooled_size, sum_pool
 
 
 def spatial_kernel(x: Tensor, lossy_kernel: int) -> int:
@@ -25,8 +25,8 @@ def pooled_shape(x: Tensor, lossy_kernel: int) -> tuple[int, ...]:
 def scale_fwd(
     x: Tensor, s: Tensor, lossy_kernel: int, storage_dtype: torch.dtype | None, save_pooled: bool
 ) -> tuple[Tensor, Tensor]:
-    pooled = store(mean_pool(x, spatial_kernel(x, lossy_kernel)), storage_dtype) if save_pooled else None
-    return x * s, pooled if pooled is not None else x.new_empty(0)
+    pooled = compress(x, spatial_kernel(x, lossy_kernel), storage_dtype) if save_pooled else x.new_empty(0)
+    return x * s, pooled
 
 
 @scale_fwd.register_fake

@@ -44,9 +44,9 @@ def _upsampled_grad_m(x, D, weight_shape, grad_y, stride, padding, dilation, k):
     return torch.einsum("bohw,brhw->or", grad_y, upsampled)
 
 
-def _run_facto(x, weight, M, D, bias, stride, padding, dilation, k, storage_dtype=None):
+def _run_facto(x, weight, M, D, bias, stride, padding, dilation, k):
     x, M, bias = _leaf(x), _leaf(M), _leaf(bias)
-    y = facto.conv2d(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel=k, storage_dtype=storage_dtype)
+    y = facto.conv2d(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel=k)
     return y, (x, M, bias)
 
 
@@ -85,10 +85,13 @@ def test_k1_forward_and_all_grads_match_dense_reparameterisation(bias):
             torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_pooled_grad_m_equals_upsampled_z_p_formula(k):
-    """With k > 1, grad_M is the paper's upsample-then-multiply; grad_x and grad_bias stay exact."""
-    x, weight, M, D, b = _tensors(2, 2, 3, 2, 3, 3, 9, 8, seed=1)
+@pytest.mark.parametrize(("k", "h", "w"), [(2, 8, 8), (2, 9, 8), (3, 9, 9), (3, 7, 8)])
+def test_pooled_grad_m_equals_upsampled_z_p_formula(k, h, w):
+    """With k > 1, grad_M is the paper's upsample-then-multiply; grad_x and grad_bias stay exact.
+
+    Outputs that tile by k take the folded-filter projection, the others conv-then-pool.
+    """
+    x, weight, M, D, b = _tensors(2, 2, 3, 2, 3, 3, h, w, seed=1)
     args = ((1, 1), (1, 1), (1, 1))
     y, leaves = _run_facto(x, weight, M, D, b, *args, k=k)
     rx, rb = _leaf(x), _leaf(b)
@@ -129,7 +132,7 @@ def test_property_forward_and_grads(case):
     rx, rb = _leaf(x), _leaf(b)
     y_ref = _dense(rx, weight, M, D, rb, *args)
     torch.testing.assert_close(y, y_ref)
-    grad_y = torch.randn_like(y_ref)
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(shape["seed"]), dtype=F64)
     gx, gM, gb = _grads(y, leaves, grad_y)
     rgx, rgb = _grads(y_ref, (rx, rb), grad_y)
     torch.testing.assert_close(gx, rgx)
@@ -156,19 +159,13 @@ def test_bf16_storage_saves_small_map_and_keeps_grad_m_close():
     b, c_in, c_out, c_r, h, w, k = 2, 3, 4, 2, 11, 10, 2
     x, weight, M, D, bias = _tensors(b, c_in, c_out, c_r, 3, 3, h, w, dtype=torch.float32, seed=3)
     args = ((1, 1), (1, 1), (1, 1))
-    leaves = {}
-
-    def forward():
-        y, leaves["leaves"] = _run_facto(x, weight, M, D, bias, *args, k=k, storage_dtype=torch.bfloat16)
-        leaves["y"] = y
-
-    saved = _excluding(_saved(forward), weight, M, D)
-    assert len(saved) == 1
-    assert saved[0].dtype == torch.bfloat16
-    assert saved[0].shape == (b, c_r, -(-h // k), -(-w // k))
-    y = leaves["y"]
-    grad_y = torch.randn_like(y)
-    gM = torch.autograd.grad(y, [leaves["leaves"][1]], grad_y)[0]
+    x, M, bias = _leaf(x), _leaf(M), _leaf(bias)
+    out = []
+    saved = _saved(lambda: out.append(facto.conv2d(x, weight, M, D, bias, *args, k, torch.bfloat16)))
+    saved = _excluding(saved, weight, M, D)
+    assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.bfloat16, (b, c_r, -(-h // k), -(-w // k)))]
+    grad_y = torch.randn_like(out[0])
+    (gM,) = torch.autograd.grad(out[0], [M], grad_y)
     expected = _upsampled_grad_m(x.double(), D.double(), weight.shape, grad_y.double(), *args, k)
     assert ((gM.double() - expected).norm() / expected.norm()).item() < 2e-2
     torch.testing.assert_close(gM.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
@@ -177,16 +174,21 @@ def test_bf16_storage_saves_small_map_and_keeps_grad_m_close():
 def test_saved_map_without_storage_dtype_is_full_precision_z_p():
     """The input X itself is never saved, only Z_p in the input's dtype."""
     x, weight, M, D, bias = _tensors(2, 3, 4, 2, 3, 3, 9, 9, seed=4)
-    saved = _excluding(_saved(lambda: _run_facto(x, weight, M, D, bias, (2, 2), (1, 1), (1, 1), k=2)), weight, M, D)
-    assert [(t.dtype, tuple(t.shape)) for t in saved] == [(F64, (2, 2, 3, 3))]
+    x, M = _leaf(x), _leaf(M)
+    saved = _saved(lambda: facto.conv2d(x, weight, M, D, bias, (2, 2), (1, 1), (1, 1), lossy_kernel=2))
+    assert [(t.dtype, tuple(t.shape)) for t in _excluding(saved, weight, M, D)] == [(F64, (2, 2, 3, 3))]
 
 
 @pytest.mark.parametrize(
     ("shape", "args", "k", "storage_dtype"),
     [
         (dict(b=2, c_in=3, c_out=4, c_r=2, kh=3, kw=3, h=8, w=8), ((1, 1), (1, 1), (1, 1)), 2, None),
-        (dict(b=1, c_in=2, c_out=3, c_r=1, kh=3, kw=1, h=7, w=5, bias=False), ((2, 1), (0, 1), (1, 2)), 3, None),
-        (dict(b=1, c_in=2, c_out=2, c_r=2, kh=1, kw=1, h=5, w=5), ((1, 1), (0, 0), (1, 1)), 1, torch.bfloat16),
+        (
+            dict(b=1, c_in=2, c_out=3, c_r=1, kh=3, kw=1, h=7, w=5, bias=False),
+            ((2, 1), (0, 1), (1, 2)),
+            3,
+            torch.bfloat16,
+        ),
     ],
 )
 def test_opcheck(shape, args, k, storage_dtype):

@@ -1,0 +1,86 @@
+"""facto dropout: inverted dropout whose backward reuses the forward mask from a 1-bit packed copy."""
+
+import math
+
+import pytest
+import torch
+
+import facto_fx.ops as facto
+
+
+def _saved(fn):
+    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def _nonzero_input(shape, seed=0):
+    """Inputs bounded away from 0, so that y / x recovers the mask unambiguously."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    return (x * sign).requires_grad_(True)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_output_is_zero_or_rescaled_and_grad_uses_same_mask(p):
+    torch.manual_seed(0)
+    x = _nonzero_input((3, 5, 7))
+    y = facto.dropout(x, p)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
+    grad_y = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, [x], grad_y)
+    torch.testing.assert_close(gx, (y / x).detach() * grad_y)
+    assert torch.equal(gx == 0, ~kept)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_drop_fraction_close_to_p(p):
+    torch.manual_seed(1)
+    x = torch.ones(400_000, requires_grad=True)
+    dropped = (facto.dropout(x, p) == 0).double().mean().item()
+    assert abs(dropped - p) < 0.01
+
+
+def test_masks_differ_between_calls():
+    """Each call draws a fresh mask."""
+    torch.manual_seed(2)
+    x = torch.ones(1000, requires_grad=True)
+    assert not torch.equal(facto.dropout(x, 0.5), facto.dropout(x, 0.5))
+
+
+@pytest.mark.parametrize("n", [1, 13, 64, 1001])
+def test_saves_one_bit_per_element(n):
+    x = _nonzero_input((n,))
+    saved = _saved(lambda: facto.dropout(x, 0.3))
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, math.ceil(n / 8))]
+
+
+def test_identity_outside_training_or_p_zero():
+    x = _nonzero_input((4, 6))
+    assert torch.equal(facto.dropout(x, 0.5, training=False), x)
+    assert torch.equal(facto.dropout(x, 0.0), x)
+
+
+def test_no_grad_training_still_drops():
+    """Without autograd it falls back to F.dropout, which must still drop and rescale."""
+    torch.manual_seed(3)
+    x = _nonzero_input((2000,)).detach()
+    y = facto.dropout(x, 0.5)
+    kept = y != 0
+    assert 0 < kept.sum() < x.numel()
+    torch.testing.assert_close(y[kept], x[kept] * 2)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_invalid_p_raises(p):
+    with pytest.raises(ValueError):
+        facto.dropout(torch.ones(3, requires_grad=True), p)

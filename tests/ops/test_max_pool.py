@@ -1,0 +1,128 @@
+"""facto max_pool2d: identical to F.max_pool2d forward and backward, saving a compact argmax code."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+import facto_fx.ops as facto
+
+
+def _saved(fn):
+    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def _distinct(shape, seed=0):
+    """Values without ties, so the argmax (and hence the gradient) is unambiguous."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.Size(shape).numel()
+    return torch.randperm(n, generator=g).to(torch.float64).view(shape) / n - 0.5
+
+
+def _pool_out(size, kernel, stride, padding, dilation, ceil_mode):
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    if span < 0:
+        return 0
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _windows_touch_input(size, kernel, stride, padding, dilation, ceil_mode):
+    """False when some window lies wholly in the padding (possible with dilation): F.max_pool2d then
+    returns -inf with an out-of-range index and its own backward corrupts the heap, so there is no
+    reference to compare against."""
+    out = _pool_out(size, kernel, stride, padding, dilation, ceil_mode)
+    taps = [[o * stride - padding + dilation * t for t in range(kernel)] for o in range(out)]
+    return out >= 1 and all(any(0 <= i < size for i in window) for window in taps)
+
+
+def _check_against_torch(x_base, view, kernel, stride, padding, dilation, ceil_mode, seed=0):
+    """Forward equal and gradient equal (through `view`, so non-contiguous inputs are covered)."""
+    fx, rx = x_base.clone().requires_grad_(True), x_base.clone().requires_grad_(True)
+    y = facto.max_pool2d(view(fx), kernel, stride, padding, dilation, ceil_mode)
+    y_ref = F.max_pool2d(view(rx), kernel, stride, padding, dilation, ceil_mode)
+    assert torch.equal(y, y_ref)
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(seed), dtype=y_ref.dtype)
+    y.backward(grad_y)
+    y_ref.backward(grad_y)
+    torch.testing.assert_close(fx.grad, rx.grad)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    channels=st.integers(1, 2),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padded=st.tuples(st.booleans(), st.booleans()),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    ceil_mode=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+# Tiled fast path (kernel == stride, no padding, sizes divisible) and torchvision's 3x3/2 pad 1.
+@example(batch=1, channels=2, h=8, w=6, kernel=(2, 2), stride=(2, 2), padded=(False, False), dilation=(1, 1),
+         ceil_mode=False, seed=0)
+@example(batch=2, channels=1, h=9, w=7, kernel=(3, 3), stride=(2, 2), padded=(True, True), dilation=(1, 1),
+         ceil_mode=True, seed=1)
+def test_matches_torch(batch, channels, h, w, kernel, stride, padded, dilation, ceil_mode, seed):
+    padding = tuple(k // 2 if use else 0 for k, use in zip(kernel, padded, strict=True))
+    dims = zip((h, w), kernel, stride, padding, dilation, strict=True)
+    assume(all(_windows_touch_input(*dim, ceil_mode) for dim in dims))
+    x = _distinct((batch, channels, h, w), seed)
+    _check_against_torch(x, lambda t: t, kernel, stride, padding, dilation, ceil_mode, seed)
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "padding"), [(112, 3, 2, 1), (16, 3, 2, 1), (16, 2, 2, 0), (15, 2, 2, 0)]
+)
+def test_torchvision_pools_save_at_most_one_bit_per_input(size, kernel, stride, padding):
+    """resnet's 3x3/2 pad 1 and vgg's 2x2/2 keep <= 1 bit per input element, and nothing else."""
+    x = _distinct((1, 2, size, size)).requires_grad_(True)
+    saved = _saved(lambda: facto.max_pool2d(x, kernel, stride, padding))
+    assert [t.dtype for t in saved] == [torch.uint8]
+    assert saved[0].numel() * 8 <= x.numel()
+    _check_against_torch(x.detach(), lambda t: t, kernel, stride, padding, 1, False)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [lambda t: t.transpose(-1, -2), lambda t: t[:, 1:, 1:, ::2], lambda t: t.permute(0, 3, 1, 2)],
+    ids=["transposed", "sliced", "permuted"],
+)
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(2, 2, 0), (3, 2, 1)])
+def test_non_contiguous_input(view, kernel, stride, padding):
+    x = _distinct((2, 3, 8, 10), seed=3)
+    _check_against_torch(x, view, kernel, stride, padding, 1, False)
+
+
+def test_default_stride_is_kernel():
+    x = _distinct((1, 1, 6, 6), seed=4)
+    _check_against_torch(x, lambda t: t, 2, None, 0, 1, False)
+
+
+def test_no_grad_path_matches():
+    x = _distinct((1, 2, 7, 7), seed=5)
+    assert torch.equal(facto.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "args"),
+    [((2, 2, 8, 8), ([2, 2], [2, 2], [0, 0], [1, 1], False)), ((2, 2, 7, 8), ([3, 2], [2, 1], [1, 0], [1, 2], True))],
+    ids=["tiled", "general"],
+)
+def test_opcheck(shape, args):
+    torch.library.opcheck(torch.ops.facto.max_pool2d.default, (_distinct(shape, seed=6).requires_grad_(True), *args))

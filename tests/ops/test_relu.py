@@ -1,0 +1,86 @@
+"""facto relu: identical to torch.relu forward and backward, while saving one bit per element."""
+
+import math
+
+import pytest
+import torch
+
+import facto_fx.ops as facto
+
+
+def _saved(fn):
+    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def _input(shape, seed=0):
+    """Random values with a share of exact zeros, where torch's relu gradient is 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    return torch.where(torch.rand(shape, generator=g) < 0.2, torch.zeros_like(x), x)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 7), (2, 3, 4, 5)])
+def test_forward_and_grad_match_torch(shape):
+    x = _input(shape)
+    assert (x == 0).any() or x.numel() == 1
+    fx, rx = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, y_ref = facto.relu(fx), torch.relu(rx)
+    assert torch.equal(y, y_ref)
+    grad_y = torch.randn_like(x)
+    y.backward(grad_y)
+    y_ref.backward(grad_y)
+    assert torch.equal(fx.grad, rx.grad)
+
+
+@pytest.mark.parametrize(
+    "view", [lambda t: t.transpose(0, 2), lambda t: t[1:, ::2]], ids=["transposed", "sliced"]
+)
+def test_non_contiguous_input(view):
+    """The mask is packed in logical order, whatever the input's strides."""
+    x = _input((3, 5, 7), seed=1)
+    fx, rx = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, y_ref = facto.relu(view(fx)), torch.relu(view(rx))
+    assert torch.equal(y, y_ref)
+    grad_y = torch.randn_like(y_ref)
+    y.backward(grad_y)
+    y_ref.backward(grad_y)
+    assert torch.equal(fx.grad, rx.grad)
+
+
+def test_grad_at_exact_zero_is_zero():
+    x = torch.tensor([0.0, -0.0, 1.0, -1.0], requires_grad=True)
+    facto.relu(x).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("shape", [(1,), (13,), (3, 5, 7), (2, 8, 4)])
+def test_saves_one_bit_per_element(shape):
+    """The only saved tensor is the packed mask: ceil(numel / 8) uint8 bytes, odd numel included."""
+    x = _input(shape).requires_grad_(True)
+    saved = _saved(lambda: facto.relu(x))
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, math.ceil(x.numel() / 8))]
+
+
+def test_negative_infinity_maps_to_zero():
+    """-inf * 0 would be nan: the output must come from relu itself, not x * mask."""
+    x = torch.tensor([-float("inf"), -1.0, 2.0], requires_grad=True)
+    assert torch.equal(facto.relu(x), torch.relu(x))
+
+
+def test_no_grad_path_matches():
+    x = _input((4, 5))
+    assert torch.equal(facto.relu(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1,)])
+def test_opcheck(shape):
+    torch.library.opcheck(torch.ops.facto.relu.default, (_input(shape).requires_grad_(True),))
