@@ -87,13 +87,17 @@ def report(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = Fal
 def export_dense(fmodel: fx.GraphModule) -> nn.Module:
     """A fresh copy of the original model with every low-rank layer merged (W + M·D).
 
-    Its state_dict has the original model's keys, so it loads into a new instance strictly.
+    Its state_dict has the original model's keys, so it loads into a new instance strictly; its
+    tensors take the Facto model's current values, dtypes and devices.
     """
     state = _state(fmodel)
-    dense = copy.deepcopy(state.source)
+    current = fmodel.state_dict()
     for name, layer in fmodel.named_modules():
         if isinstance(layer, LOW_RANK_LAYERS):
-            dense.get_submodule(name).weight.copy_(layer.merged_weight())
+            current[f"{name}.weight"] = layer.merged_weight()
+    dense = copy.deepcopy(state.source)
+    wanted = dense.state_dict()
+    dense.load_state_dict({k: current[k].clone() if k in current else v for k, v in wanted.items()}, assign=True)
     for param in dense.parameters():
         param.requires_grad_(True)
     return dense

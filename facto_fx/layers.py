@@ -7,6 +7,8 @@ Like peft's LoRA layers, each keeps the frozen base weight under its original na
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor, nn
 
@@ -14,8 +16,12 @@ from facto_fx import ops
 
 
 def direction_seed(base_seed: int, draws: int) -> int:
-    """A distinct, reproducible seed for every (layer, redraw) pair."""
-    return (base_seed * 1_000_003 + draws * 7_919 + 12_345) % (2**63 - 1)
+    """A distinct, reproducible seed for every (layer, redraw) pair.
+
+    Hashed, because torch.Generator's Mersenne Twister keeps only the low 32 bits of a seed.
+    """
+    digest = hashlib.blake2b(f"{base_seed}/{draws}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -65,24 +65,39 @@ def _is_param(gm: fx.GraphModule, target: str) -> bool:
         return False
 
 
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "transpose", "permute", "squeeze", "unsqueeze",
+    "expand", "expand_as", "narrow", "select", "t", "unflatten", "as_strided", "contiguous", "__getitem__",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+    torch.unsqueeze, torch.narrow, torch.select, torch.t,
+}
+
+
+def _may_alias(node: fx.Node) -> bool:
+    """Whether `node`'s value may share storage with another value of the graph."""
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
 def _inplace_aliasing(node: fx.Node) -> str | None:
-    """An in-place op's input seen by later nodes: rewriting out-of-place would change them."""
+    """Why an in-place op cannot become out-of-place: someone else may see its input change.
+
+    Conservative: the input must be a fresh (non-view) value whose only reader is this op.
+    """
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node):
         return None
-    later = [user for user in source.users if user is not node and _after(user, node)]
-    if later:
-        return f"in-place op whose input is also read by {later[0].name}"
+    others = [user.name for user in source.users if user is not node]
+    if others:
+        return f"in-place op whose input is also read by {others[0]}"
+    if _may_alias(source):
+        return f"in-place op on {source.name}, which may alias another tensor"
     return None
-
-
-def _after(a: fx.Node, b: fx.Node) -> bool:
-    node = b.next
-    while node.op != "root":
-        if node is a:
-            return True
-        node = node.next
-    return False
 
 
 def _conv_problem(conv: nn.Conv2d) -> str | None:

@@ -89,41 +89,53 @@ def schedule(gm: fx.GraphModule, matches: list[Match], config: FactoConfig) -> l
         if match.node.name in inputs and match.layer in config.include:
             raise ValueError(f"include names '{match.layer}', the input layer, which is never compressed")
 
-    def frozen_bn(m: Match) -> bool:
-        return m.kind == BATCH_NORM and config.batch_norm == "train"
-
     ordered = sorted(
         (m for m in matches if m.kind in ORDERED_KINDS and m.unsupported is None
-         and m.node.name not in inputs and not frozen_bn(m)),
+         and m.node.name not in inputs and not _batch_stats(m.kind, config)),
         key=lambda m: depth[m.node.name],
     )
     chosen = {m.node.name for m in ordered[: math.ceil(config.apply_ratio * len(ordered))]}
-    skipped_depths = [depth[m.node.name] for m in ordered if m.node.name not in chosen]
-    cutoff = min(skipped_depths, default=math.inf)
 
-    decisions = []
-    for m in matches:
-        d = depth[m.node.name]
-        unsupported = m.unsupported is not None or frozen_bn(m)
-        if m.unsupported is not None:
-            compress, reason = False, m.unsupported
-        elif frozen_bn(m):
-            compress, reason = False, "batch_norm='train': left in training mode"
-        elif m.node.name in inputs:
-            compress, reason = False, "input layer: never compressed (paper §4.2)"
-        elif (override := _override(config, m)) is not None:
-            compress, reason = override
-        elif m.kind in ORDERED_KINDS:
-            rank = ordered.index(m) + 1
-            compress = m.node.name in chosen
-            verdict = "within" if compress else "beyond"
-            reason = f"#{rank} of {len(ordered)} from the input, {verdict} apply_ratio={config.apply_ratio}"
-        elif m.kind == LINEAR:
-            compress = d < cutoff
-            reason = "all earlier conv layers compressed" if compress else "an earlier conv layer is dense"
-        elif config.binarize_activations:
-            compress, reason = True, "mask stored as packed bits"
-        else:
-            compress, reason = False, "binarize_activations=False"
-        decisions.append(Decision(m.layer, m.kind, m.node.name, d, compress, reason, unsupported))
+    decisions = [_decide(m, depth[m.node.name], config, inputs, chosen, ordered) for m in matches]
+    # A linear layer is compressed only when every conv / scale / batch-norm before it is,
+    # whatever made those dense (apply_ratio, exclude, an unsupported form).
+    dense_depths = [
+        d.depth for d in decisions
+        if d.kind in ORDERED_KINDS and not d.compress and d.node not in inputs and not _batch_stats(d.kind, config)
+    ]
+    cutoff = min(dense_depths, default=math.inf)
+    for d, m in zip(decisions, matches, strict=True):
+        if d.kind == LINEAR and not d.unsupported and d.node not in inputs and _override(config, m) is None:
+            d.compress = d.depth < cutoff
+            d.reason = "all earlier conv layers compressed" if d.compress else "an earlier conv layer is dense"
     return decisions
+
+
+def _batch_stats(kind: str, config: FactoConfig) -> bool:
+    """Batch-norm kept in training mode (batch statistics): not a Facto layer at all."""
+    return kind == BATCH_NORM and config.batch_norm == "train"
+
+
+def _decide(
+    m: Match, depth: int, config: FactoConfig, inputs: set[str], chosen: set[str], ordered: list[Match]
+) -> Decision:
+    batch_stats = _batch_stats(m.kind, config)
+    if m.unsupported is not None:
+        compress, reason = False, m.unsupported
+    elif batch_stats:
+        compress, reason = False, "batch_norm='train': left in training mode"
+    elif m.node.name in inputs:
+        compress, reason = False, "input layer: never compressed (paper §4.2)"
+    elif (override := _override(config, m)) is not None:
+        compress, reason = override
+    elif m.kind in ORDERED_KINDS:
+        compress = m.node.name in chosen
+        verdict = "within" if compress else "beyond"
+        reason = f"#{ordered.index(m) + 1} of {len(ordered)} from the input, {verdict} apply_ratio={config.apply_ratio}"
+    elif m.kind == LINEAR:
+        compress, reason = False, "decided after the conv layers"
+    elif config.binarize_activations:
+        compress, reason = True, "mask stored as packed bits"
+    else:
+        compress, reason = False, "binarize_activations=False"
+    return Decision(m.layer, m.kind, m.node.name, depth, compress, reason, m.unsupported is not None or batch_stats)

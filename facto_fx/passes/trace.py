@@ -21,17 +21,19 @@ class FactoTracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[str] = ()) -> None:
         super().__init__()
         self.user_leaves = set(leaf_modules)
-        self.entered: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.user_leaves or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
-        self.entered.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.entered.pop()
+        except Exception:
+            # The innermost module sees the error first; outer modules keep its name.
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def _user_frame(error: BaseException) -> str:
@@ -54,7 +56,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as error:
-        failing = tracer.entered[-1] if tracer.entered else ""
+        failing = tracer.failed_in or ""
         where = f"sub-module '{failing}'" if failing else f"{type(model).__name__}.forward"
         hint = (
             f"pass leaf_modules=['{failing}'] to facto_fx.compile to keep that sub-module as an "

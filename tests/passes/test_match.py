@@ -179,11 +179,6 @@ def test_max_pool_window_limits(module, supported):
     assert kind == "max_pool2d" and (problem is None) == supported
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_inplace_aliasing only looks at direct users of the in-place op's input; a view taken "
-    "before the in-place ReLU aliases the same storage, yet the ReLU is rewritten out of place",
-)
 def test_inplace_relu_seen_through_an_earlier_view_is_not_rewritten():
     class ViewThenInplace(nn.Module):
         def forward(self, x):

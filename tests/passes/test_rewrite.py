@@ -76,7 +76,7 @@ def test_parameter_names_stay_readable():
     assert params["features.18.weight"].requires_grad  # beyond apply_ratio: dense and trained
 
 
-def _trainable_kinds(fmodel: nn.Module) -> dict[str, bool]:
+def _requires_grad(fmodel: nn.Module) -> dict[str, bool]:
     """Every parameter name -> requires_grad; the frozen ones must be exactly the low-rank W."""
     frozen = {f"{name}.weight" for name, m in fmodel.named_modules() if isinstance(m, LOW_RANK_LAYERS)}
     params = dict(fmodel.named_parameters())
@@ -86,14 +86,14 @@ def _trainable_kinds(fmodel: nn.Module) -> dict[str, bool]:
 
 def test_only_m_biases_input_bn_and_scales_trained():
     fmodel = facto_fx.compile(cifar_vgg11(batch_norm=True), apply_ratio=1.0)
-    trainable = {n for n, g in _trainable_kinds(fmodel).items() if g}
+    trainable = {n for n, g in _requires_grad(fmodel).items() if g}
     bn = {n for n in trainable if isinstance(fmodel.get_submodule(n.rpartition(".")[0]), FactoBatchNorm)}
     assert {"features.1.weight", "features.1.bias"} <= bn
     rest = trainable - bn - {"features.0.weight", "features.0.bias"}
     assert rest and all(n.endswith((".M", ".bias")) for n in rest)
 
     fixup = facto_fx.compile(fixup_resnet18(num_classes=4), apply_ratio=1.0)
-    trainable = {n for n, g in _trainable_kinds(fixup).items() if g}
+    trainable = {n for n, g in _requires_grad(fixup).items() if g}
     assert {"conv1.weight", "layer1.0.scale", "layer1.0.bias1a", "layer2.0.downsample.M", "fc.M"} <= trainable
     assert not fixup.get_parameter("layer2.0.downsample.weight").requires_grad
 
@@ -103,20 +103,20 @@ class Tiny(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
         self.relu1 = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
         self.relu2 = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(4 * 4 * 4, 3)
+        self.fc = nn.Linear(2 * 4 * 4, 2)
 
     def forward(self, x):
         x = self.pool(self.relu1(self.conv1(x)))
         return self.fc(torch.flatten(self.relu2(self.conv2(x)), 1))
 
 
-def _tiny_facto(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
+def _tiny_facto() -> nn.Module:
+    torch.manual_seed(0)
     fmodel = facto_fx.compile(Tiny().double(), inr=0.5, lossy_kernel=1, apply_ratio=1.0)
     with torch.no_grad():
         for layer in fmodel.modules():
@@ -138,7 +138,7 @@ def test_gradcheck_inputs_and_all_trainables_at_lossy_kernel_1():
     fmodel = _tiny_facto()
     params = _trainable(fmodel)
     names = list(params)
-    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
     inputs = (x, *(p.detach().clone().requires_grad_() for p in params.values()))
 
     def run(x, *values):
@@ -154,7 +154,7 @@ def _grads(fmodel: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def test_pool_before_relu_changes_nothing_but_the_order(monkeypatch):
-    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     reordered = _tiny_facto()
     order = [n.target for n in reordered.graph.nodes if n.target in (relu, max_pool2d)]
     assert order == [max_pool2d, relu, relu]
@@ -172,7 +172,7 @@ def test_lossy_kernel_1_gradients_equal_dense_autograd():
     """grad_M = grad_W · Dᵀ for W + M·D: the chain rule of the dense model with Ω as its weight."""
     fmodel = _tiny_facto()
     dense = facto_fx.export_dense(fmodel)
-    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     y, grad_x, *grads = _grads(fmodel, x)
     facto = dict(zip(_trainable(fmodel), grads, strict=True))
 

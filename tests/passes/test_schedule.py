@@ -89,12 +89,6 @@ def test_including_the_input_layer_rejected(vgg11):
         facto_fx.compile(vgg11, include=["features.0"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the linear switch uses only the apply_ratio cut-off, computed before include/exclude: with "
-    "features.18 excluded by name the classifier is still compressed, with the reason 'all earlier conv "
-    "layers compressed', contradicting schedule.py ('no uncompressed conv ... layer lies before it')",
-)
 def test_excluded_conv_keeps_later_linears_dense(vgg11):
     decisions = _decide(vgg11, apply_ratio=1.0, exclude=["features.18"])
     assert not decisions["features.18"].compress

@@ -51,11 +51,6 @@ def test_trace_error_points_at_source_line_and_suggests_leaf_modules():
     assert "leaf_modules" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FactoTracer.call_module pops `entered` in a finally block, so the stack is empty when "
-    "trace() handles the error: the message blames Gated.forward, not sub-module 'gate'",
-)
 def test_trace_error_names_the_failing_submodule():
     message = _trace_error()
     assert "'gate'" in message
