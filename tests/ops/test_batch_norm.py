@@ -3,24 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
 
 F64 = torch.float64
 EPS = 1e-3
-
-
-def _saved(fn):
-    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
 
 
 def _excluding(saved, *params):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
 
@@ -48,19 +49,6 @@ def _run_facto(x, weight, M, D, bias, stride, padding, dilation, k):
     x, M, bias = _leaf(x), _leaf(M), _leaf(bias)
     y = facto.conv2d(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel=k)
     return y, (x, M, bias)
-
-
-def _saved(fn):
-    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
 
 
 def _excluding(saved, *params):

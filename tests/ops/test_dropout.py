@@ -4,21 +4,9 @@ import math
 
 import pytest
 import torch
+from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
-
-
-def _saved(fn):
-    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
 
 
 def _nonzero_input(shape, seed=0):

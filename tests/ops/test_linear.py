@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
 
@@ -21,19 +22,6 @@ def _tensors(lead, i, o, r, bias=True, dtype=F64, seed=0):
 
 def _leaf(t):
     return None if t is None else t.detach().clone().requires_grad_(True)
-
-
-def _saved(fn):
-    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
 
 
 def _excluding(saved, *params):

@@ -5,21 +5,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
+from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
-
-
-def _saved(fn):
-    """Tensors autograd saves while `fn` runs, as seen by saved_tensors_hooks (design.md §5)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
 
 
 def _distinct(shape, seed=0):
