@@ -69,6 +69,8 @@ def _backward(ctx, grad_y, _grad_pooled):
             gain = gain * weight
         grad_x = grad_y * _channel_view(gain.to(grad_y.dtype), grad_y)
     if weight is not None and ctx.needs_input_grad[1]:
+        if pooled.numel() == 0:
+            raise RuntimeError("facto::batch_norm ran with save_pooled=False, so no map was kept for γ's gradient")
         grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
         grad_weight = (grad_p * pooled.to(grad_p.dtype)).sum(reduce_dims)
     if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -49,6 +49,8 @@ def _backward(ctx, grad_y, _grad_pooled):
     if ctx.needs_input_grad[0]:
         grad_x = grad_y * s
     if ctx.needs_input_grad[1]:
+        if pooled.numel() == 0:
+            raise RuntimeError("facto::scale ran with save_pooled=False, so no map was kept for the scale's gradient")
         grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
         grad_s = (grad_p * pooled.to(grad_p.dtype)).sum().reshape(s.shape)
     return grad_x, grad_s, None, None, None

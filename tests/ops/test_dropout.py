@@ -72,3 +72,9 @@ def test_no_grad_training_still_drops():
 def test_invalid_p_raises(p):
     with pytest.raises(ValueError):
         facto.dropout(torch.ones(3, requires_grad=True), p)
+
+
+def test_opcheck():
+    """p = 0 keeps every element, so the op is deterministic enough for opcheck's comparisons."""
+    x = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.facto.dropout.default, (x, 0.0))

@@ -85,3 +85,18 @@ def test_no_grad_path_matches():
     x, s = _inputs((2, 3, 4, 4), seed=5)
     with torch.no_grad():
         assert torch.equal(facto.scale(x, s), x * s)
+
+
+@pytest.mark.parametrize(("k", "save_pooled"), [(2, True), (1, True), (2, False)])
+def test_opcheck(k, save_pooled):
+    """Without a saved map the scale cannot have a gradient, so it is passed frozen."""
+    x, s = _inputs((2, 3, 5, 6), seed=3)
+    s.requires_grad_(save_pooled)
+    torch.library.opcheck(torch.ops.facto.scale.default, (x, s, k, None, save_pooled))
+
+
+def test_gradient_without_saved_map_is_a_clear_error():
+    x, s = _inputs((2, 3, 4, 4))
+    y, _ = torch.ops.facto.scale(x, s, 2, None, False)
+    with pytest.raises(RuntimeError, match="save_pooled=False"):
+        y.sum().backward()

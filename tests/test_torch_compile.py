@@ -1,0 +1,67 @@
+"""A Facto model under torch.compile: one graph, the same outputs and gradients as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+import facto_fx
+
+
+class TinyNet(nn.Module):
+    """Every Facto op in a few milliseconds: conv, BN, ReLU, max-pool, scale, dropout, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+        self.drop = nn.Dropout(0.0)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.stem(x)))
+        x = self.relu(self.bn(self.conv(x))) * self.scale
+        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+
+
+def _fmodel():
+    torch.manual_seed(0)
+    fmodel = facto_fx.compile(TinyNet(), apply_ratio=1.0)
+    with torch.no_grad():
+        for layer in fmodel.modules():
+            if hasattr(layer, "M"):
+                layer.M.normal_(std=0.1)
+    return fmodel
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def test_facto_model_compiles_to_a_single_graph():
+    fmodel = _fmodel()
+    explanation = torch._dynamo.explain(fmodel)(torch.randn(2, 3, 16, 16))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_matches_eager(backend):
+    torch._dynamo.reset()
+    fmodel = _fmodel()
+    x = torch.randn(2, 3, 16, 16)
+    eager_out, eager_grads = _grads(fmodel, x)
+    compiled_out, compiled_grads = _grads(torch.compile(fmodel, fullgraph=True, backend=backend), x)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
