@@ -3,6 +3,7 @@
 from facto_fx import ops
 from facto_fx.api import FactoState, attach, compile, decisions, export_dense, report
 from facto_fx.config import FactoConfig
+from facto_fx.inspection import GraphInspection, inspect
 from facto_fx.memory import saved_bytes_by_node
 from facto_fx.passes.hooks import FactoHooks
 from facto_fx.passes.trace import FactoTraceError
@@ -13,11 +14,13 @@ __all__ = [
     "FactoHooks",
     "FactoState",
     "FactoTraceError",
+    "GraphInspection",
     "MemoryReport",
     "attach",
     "compile",
     "decisions",
     "export_dense",
+    "inspect",
     "ops",
     "report",
     "saved_bytes_by_node",

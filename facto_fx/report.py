@@ -26,6 +26,8 @@ class MemoryReport:
 
     rows: list[Row]
     unrewritten: list[Decision]
+    vanilla_by_node: dict[str, int]
+    facto_by_node: dict[str, int]
 
     @property
     def vanilla_bytes(self) -> int:
@@ -86,4 +88,4 @@ def build_report(
     stray = set(facto) - {n.name for n in vanilla_gm.graph.nodes}
     rows.extend(Row(name, "?", "-", 0, facto[name]) for name in sorted(stray))
     unrewritten = [d for d in decisions if d.unsupported]
-    return MemoryReport(rows, unrewritten)
+    return MemoryReport(rows, unrewritten, vanilla, facto)
