@@ -71,4 +71,6 @@ def compiled_saved_values(
 
 
 def compiled_saved_bytes(model: nn.Module, *inputs: Tensor, activation_memory_budget: float | None = None) -> int:
-    return sum(v.nbytes for v in compiled_saved_values(model, *inputs, activation_memory_budget=activation_memory_budget))
+    """Total bytes of `compiled_saved_values`."""
+    values = compiled_saved_values(model, *inputs, activation_memory_budget=activation_memory_budget)
+    return sum(v.nbytes for v in values)
