@@ -1,8 +1,9 @@
 """facto_fx: Facto-CNN (low-rank training + lossy feature-map compression) as a torch.fx pass."""
 
-from facto_fx import ops
+from facto_fx import dynamo_backend, ops
 from facto_fx.api import FactoState, attach, compile, decisions, export_dense, report
 from facto_fx.config import FactoConfig
+from facto_fx.dynamo_backend import facto_backend, low_rank_parameters
 from facto_fx.inspection import GraphInspection, inspect
 from facto_fx.memory import saved_bytes_by_node
 from facto_fx.passes.hooks import FactoHooks
@@ -20,9 +21,13 @@ __all__ = [
     "compile",
     "decisions",
     "export_dense",
+    "facto_backend",
+    "low_rank_parameters",
     "inspect",
     "ops",
     "report",
     "saved_bytes_by_node",
 ]
 __version__ = "0.1.0"
+
+dynamo_backend.register()

@@ -48,8 +48,7 @@ class _LowRankMixin:
     seed: int
 
     def _init_low_rank(self, weight: nn.Parameter, rank: int, features: int, seed: int) -> None:
-        weight.requires_grad_(False)
-        self.weight = weight
+        """M = 0 and a first D for `self.weight`, which the caller has set."""
         self.seed = seed
         self.M = nn.Parameter(weight.new_zeros(weight.shape[0], rank))
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
@@ -99,6 +98,7 @@ class FactoConv2d(_LowRankMixin, nn.Module):
         self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
         self.padding = conv.padding
         self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
+        self.weight = conv.weight.requires_grad_(False)
         self._init_low_rank(conv.weight, rank, conv.weight[0].numel(), seed)
         self.bias = conv.bias
 
@@ -133,6 +133,7 @@ class FactoLinear(_LowRankMixin, nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.storage_dtype = storage_dtype
+        self.weight = linear.weight.requires_grad_(False)
         self._init_low_rank(linear.weight, rank, linear.in_features, seed)
         self.bias = linear.bias
 
