@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from facto_fx import ops
 from facto_fx.config import FactoConfig
 from facto_fx.layers import _LowRankMixin
-from facto_fx.passes.match import BATCH_NORM, CONV, DROPOUT, LINEAR, MAX_POOL, RELU, SCALE, Match, _inplace_aliasing
+from facto_fx.passes.match import BATCH_NORM, CONV, DROPOUT, LINEAR, MAX_POOL, RELU, SCALE, Match, inplace_aliasing
 from facto_fx.passes.rewrite import layer_seed
 from facto_fx.passes.schedule import schedule
 
@@ -90,7 +90,7 @@ def _find_matches(gm: fx.GraphModule, params: dict[fx.Node, Tensor]) -> list[Mat
             matches.append(Match(node, LINEAR, _qualified_name(node.args[1]).removesuffix(".weight")))
         elif (node.op == "call_function" and target in _RELU) or (node.op == "call_method" and target == "relu"):
             inplace = target is torch.relu_ or node.kwargs.get("inplace", False)
-            matches.append(Match(node, RELU, node.name, None, _inplace_aliasing(node) if inplace else None))
+            matches.append(Match(node, RELU, node.name, None, inplace_aliasing(node) if inplace else None))
         elif node.op == "call_function" and target in _MAX_POOL:
             problem = "return_indices=True is not supported" if _arg(node, 6, "return_indices") else None
             matches.append(Match(node, MAX_POOL, node.name, None, problem))

@@ -51,18 +51,13 @@ class Match:
 
 
 def _get_attr_param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        value = gm.get_parameter(node.target) if _is_param(gm, node.target) else None
-        return value
-    return None
-
-
-def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    """The Parameter a get_attr node reads, or None for anything else."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
     try:
-        gm.get_parameter(target)
-        return True
+        return gm.get_parameter(node.target)
     except AttributeError:
-        return False
+        return None
 
 
 _VIEW_METHODS = {
@@ -84,7 +79,7 @@ def _may_alias(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
-def _inplace_aliasing(node: fx.Node) -> str | None:
+def inplace_aliasing(node: fx.Node) -> str | None:
     """Why an in-place op cannot become out-of-place: someone else may see its input change.
 
     Conservative: the input must be a fresh (non-view) value whose only reader is this op.
@@ -125,7 +120,7 @@ def _match_module(gm: fx.GraphModule, node: fx.Node) -> Match | None:
     if isinstance(module, nn.Linear):
         return Match(node, LINEAR, layer, module)
     if isinstance(module, nn.ReLU):
-        return Match(node, RELU, layer, module, _inplace_aliasing(node) if module.inplace else None)
+        return Match(node, RELU, layer, module, inplace_aliasing(node) if module.inplace else None)
     if isinstance(module, nn.MaxPool2d):
         problem = "return_indices=True is not supported" if module.return_indices else None
         return Match(node, MAX_POOL, layer, module, problem or _max_pool_problem(module.kernel_size))
@@ -133,7 +128,7 @@ def _match_module(gm: fx.GraphModule, node: fx.Node) -> Match | None:
         problem = None if module.track_running_stats else "no running statistics to freeze"
         return Match(node, BATCH_NORM, layer, module, problem)
     if isinstance(module, nn.Dropout):
-        problem = _inplace_aliasing(node) if module.inplace else None
+        problem = inplace_aliasing(node) if module.inplace else None
         return Match(node, DROPOUT, layer, module, problem)
     for cls, reason in _UNSUPPORTED_MODULES.items():
         if type(module) is cls:
@@ -145,7 +140,7 @@ def _match_function(gm: fx.GraphModule, node: fx.Node) -> Match | None:
     target = node.target
     if node.op == "call_method" and target in _RELU_METHODS or target in _RELU_FUNCTIONS:
         inplace = target in ("relu_", torch.relu_, F.relu_) or node.kwargs.get("inplace", False)
-        return Match(node, RELU, node.name, None, _inplace_aliasing(node) if inplace else None)
+        return Match(node, RELU, node.name, None, inplace_aliasing(node) if inplace else None)
     if node.op != "call_function":
         return None
     if target in _MAX_POOL_FUNCTIONS:
