@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from facto_fx.dynamo_backend import low_rank_states
 from facto_fx.layers import LOW_RANK_LAYERS
 
 
 def low_rank_layers(model: nn.Module) -> list[nn.Module]:
     """Facto layers of a compiled model, or the "facto" torch.compile backend's states of a model."""
-    from facto_fx.dynamo_backend import low_rank_states
-
     return [m for m in model.modules() if isinstance(m, LOW_RANK_LAYERS)] or low_rank_states(model)
 
 
