@@ -28,14 +28,13 @@ from facto_fx import ops
 from facto_fx.config import FactoConfig
 from facto_fx.layers import _LowRankMixin
 from facto_fx.passes.match import BATCH_NORM, CONV, DROPOUT, LINEAR, MAX_POOL, RELU, SCALE, Match, inplace_aliasing
-from facto_fx.passes.rewrite import layer_seed
+from facto_fx.passes.rewrite import functional_max_pool_kwargs, layer_seed
 from facto_fx.passes.schedule import schedule
 
 _CONV = {torch.conv2d, F.conv2d}
 _LINEAR = {torch._C._nn.linear, F.linear}
 _RELU = {torch.relu, F.relu, torch.relu_}
 _MAX_POOL = {F.max_pool2d, torch.max_pool2d}
-_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
 class LowRankState(_LowRankMixin, nn.Module):
@@ -134,9 +133,8 @@ def _rewrite(
         m, d = _low_rank_node(gm, node, params[w], config.rank(params[w].shape[1]), seed, extra)
         stride, padding, dilation = (_arg(node, i, n, v) for i, n, v in ((3, "stride", 1), (4, "padding", 0),
                                                                           (5, "dilation", 1)))
-        pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
         node.target = ops.conv2d
-        node.args = (x, w, m, d, _arg(node, 2, "bias"), pair(stride), pair(padding), pair(dilation), k, dtype)
+        node.args = (x, w, m, d, _arg(node, 2, "bias"), stride, padding, dilation, k, dtype)
         node.kwargs = {}
     elif match.kind == LINEAR:
         x, w = node.args[0], node.args[1]
@@ -145,9 +143,7 @@ def _rewrite(
     elif match.kind == RELU:
         node.op, node.target, node.args, node.kwargs = "call_function", ops.relu, (node.args[0],), {}
     elif match.kind == MAX_POOL:
-        values = dict(zip(_MAX_POOL_ARGS, node.args[1:], strict=False)) | dict(node.kwargs)
-        values.pop("return_indices", None)
-        node.target, node.args, node.kwargs = ops.max_pool2d, (node.args[0],), values
+        node.target, node.args, node.kwargs = ops.max_pool2d, (node.args[0],), functional_max_pool_kwargs(node)
     elif match.kind == SCALE:
         x, s = node.args if node.args[1] in params else node.args[::-1]
         node.target, node.args = ops.scale, (x, s)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.lossy import conv_output_size, pooled_projection, pooled_size, store, sum_pool
+from facto_fx.ops.lossy import conv_output_size, pair, pooled_projection, pooled_size, store, sum_pool
 
 
 def delta_weight(weight: Tensor, M: Tensor, D: Tensor) -> Tensor:
@@ -86,9 +86,9 @@ def conv2d(
     M: Tensor,
     D: Tensor,
     bias: Tensor | None = None,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
     lossy_kernel: int = 2,
     storage_dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -99,6 +99,6 @@ def conv2d(
     if not needs_grad:
         return F.conv2d(x, weight + delta_weight(weight, M, D), bias, stride, padding, dilation)
     y, _ = torch.ops.facto.conv2d(
-        x, weight, M, D, bias, list(stride), list(padding), list(dilation), lossy_kernel, storage_dtype
+        x, weight, M, D, bias, pair(stride), pair(padding), pair(dilation), lossy_kernel, storage_dtype
     )
     return y

@@ -29,6 +29,11 @@ def sum_pool(x: Tensor, k: int) -> Tensor:
     return F.avg_pool2d(x, k, k, ceil_mode=True, divisor_override=1)
 
 
+def pair(value: int | tuple[int, ...] | list[int]) -> list[int]:
+    """An int or a 2-sequence of a 2-D op's size argument, as the list a custom-op schema takes."""
+    return [value, value] if isinstance(value, int) else list(value)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 

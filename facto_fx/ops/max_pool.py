@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.bitpack import code_bits, pack_bits, packed_numel, unpack_bits
+from facto_fx.ops.lossy import pair
 
 
 def _window_origin(size: int, stride: int, padding: int, device: torch.device) -> Tensor:
@@ -106,10 +107,6 @@ def _backward(ctx, grad_y, _grad_code):
 max_pool2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _pair(value: int | tuple[int, ...] | list[int]) -> list[int]:
-    return [value, value] if isinstance(value, int) else list(value)
-
-
 def max_pool2d(
     x: Tensor,
     kernel_size: int | tuple[int, int],
@@ -119,8 +116,8 @@ def max_pool2d(
     ceil_mode: bool = False,
 ) -> Tensor:
     """F.max_pool2d with a compact saved argmax code (at most 8 bits per output element)."""
-    kernel = _pair(kernel_size)
-    stride = kernel if stride is None or stride == [] else _pair(stride)
+    kernel = pair(kernel_size)
+    stride = kernel if stride is None or stride == [] else pair(stride)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
-    return torch.ops.facto.max_pool2d(x, kernel, stride, _pair(padding), _pair(dilation), ceil_mode)[0]
+    return torch.ops.facto.max_pool2d(x, kernel, stride, pair(padding), pair(dilation), ceil_mode)[0]

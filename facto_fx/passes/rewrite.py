@@ -30,14 +30,18 @@ def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def _max_pool_kwargs(gm: fx.GraphModule, match: Match) -> dict:
-    if match.module is not None:
-        return {name: getattr(match.module, name) for name in _MAX_POOL_ARGS}
-    node = match.node
+def functional_max_pool_kwargs(node: fx.Node) -> dict:
+    """The keyword arguments of facto max_pool2d for an F.max_pool2d call node."""
     values = dict(_MAX_POOL_DEFAULTS)
     values.update(zip(_MAX_POOL_ARGS, node.args[1:], strict=False))
     values.update({k: v for k, v in node.kwargs.items() if k in _MAX_POOL_ARGS})
     return values
+
+
+def _max_pool_kwargs(match: Match) -> dict:
+    if match.module is not None:
+        return {name: getattr(match.module, name) for name in _MAX_POOL_ARGS}
+    return functional_max_pool_kwargs(match.node)
 
 
 def _to_function(node: fx.Node, function, args: tuple, kwargs: dict | None = None) -> None:
@@ -67,7 +71,7 @@ def _rewrite_one(gm: fx.GraphModule, match: Match, decision: Decision, config: F
     elif kind == RELU:
         _to_function(node, ops.relu, (node.args[0],))
     elif kind == MAX_POOL:
-        _to_function(node, ops.max_pool2d, (node.args[0],), _max_pool_kwargs(gm, match))
+        _to_function(node, ops.max_pool2d, (node.args[0],), _max_pool_kwargs(match))
     elif kind == SCALE:
         x, s = node.args if getattr(node.args[1], "op", None) == "get_attr" else node.args[::-1]
         _to_function(node, ops.scale, (x, s), {"lossy_kernel": k, "storage_dtype": dtype})
