@@ -9,6 +9,7 @@ from facto_fx.memory import saved_bytes_by_node
 from facto_fx.passes.hooks import FactoHooks
 from facto_fx.passes.trace import FactoTraceError
 from facto_fx.report import MemoryReport
+from facto_fx.triton_ops.dispatch import use_kernels
 
 __all__ = [
     "FactoConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "ops",
     "report",
     "saved_bytes_by_node",
+    "use_kernels",
 ]
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ from facto_fx.passes.rewrite import rewrite
 from facto_fx.passes.schedule import Decision, schedule
 from facto_fx.passes.trace import propagate_shapes, trace
 from facto_fx.report import MemoryReport, build_report
+from facto_fx.triton_ops.dispatch import KernelScope
 
 __all__ = ["FactoState", "attach", "compile", "decisions", "export_dense", "report", "FactoHooks"]
 
@@ -54,6 +55,8 @@ def compile(
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, config)
     gm.meta["facto"] = FactoState(config, plan, model)
+    if config.kernels != "auto":
+        KernelScope(config.kernels).attach(gm)
     if example_inputs is not None:
         propagate_shapes(gm, *example_inputs)
     return gm

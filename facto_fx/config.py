@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from facto_fx.triton_ops.dispatch import Kernels, check_mode
+
 _DTYPE_NAMES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -52,6 +54,9 @@ class FactoConfig:
     leaf_modules: qualified names the tracer must not enter (for untraceable sub-modules).
     binarize_activations: store ReLU / max-pool / dropout masks as packed bits.
     seed: seeds the random direction matrices D, per layer and per redraw.
+    kernels: "auto" runs the Triton kernels on CUDA tensors and PyTorch elsewhere; "torch" always
+        PyTorch; "triton" always Triton, failing with a RuntimeError where it cannot run. "auto"
+        leaves the choice to an enclosing `facto_fx.use_kernels(...)` block, if any.
     """
 
     inr: float = 0.3
@@ -65,6 +70,7 @@ class FactoConfig:
     leaf_modules: Sequence[str] = field(default_factory=tuple)
     binarize_activations: bool = True
     seed: int = 0
+    kernels: Kernels = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.inr, bool) or not isinstance(self.inr, (int, float)) or not (
@@ -97,6 +103,7 @@ class FactoConfig:
             raise ValueError("layer_filter must be callable as layer_filter(name, module) -> bool")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
+        check_mode(self.kernels)
 
     def rank(self, features: int) -> int:
         """Internal rank for a layer with `features` input channels / nodes (at least 1)."""

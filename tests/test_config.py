@@ -85,3 +85,16 @@ def test_config_object_is_used():
     """A FactoConfig passed positionally reaches the rewriter (rank = round(inr · C_I))."""
     fmodel = facto_fx.compile(_tiny(), FactoConfig(inr=0.5, apply_ratio=1.0))
     assert fmodel.get_submodule("2").M.shape == (4, 2)
+
+
+@pytest.mark.parametrize("value", ["cuda", "Triton", None, 1])
+def test_bad_kernels_names_argument_and_choices(value):
+    with pytest.raises(ValueError, match=r"kernels must be one of \('auto', 'triton', 'torch'\)"):
+        FactoConfig(kernels=value)
+    with pytest.raises(ValueError, match=r"kernels must be one of"):
+        facto_fx.compile(_tiny(), kernels=value)
+
+
+@pytest.mark.parametrize("value", ["auto", "triton", "torch"])
+def test_kernels_choices_accepted(value):
+    assert FactoConfig(kernels=value).kernels == value

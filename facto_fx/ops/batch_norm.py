@@ -12,6 +12,7 @@ from torch import Tensor
 
 from facto_fx.ops.lossy import compress, sum_pool
 from facto_fx.ops.scale import pooled_shape, spatial_kernel
+from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
@@ -34,10 +35,18 @@ def batch_norm_fwd(
     storage_dtype: torch.dtype | None,
     save_pooled: bool,
 ) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        from facto_fx.triton_ops.affine import affine_forward
+
+        rstd = torch.rsqrt(running_var + eps)
+        return affine_forward(
+            x, x.shape[1], lossy_kernel, storage_dtype, save_pooled, running_mean, rstd, weight, bias
+        )
     x_hat = _normalize(x, running_mean, running_var, eps)
     y = x_hat if weight is None else x_hat * _channel_view(weight, x)
     if bias is not None:
         y = y + _channel_view(bias, x)
+    y = y.to(x.dtype)  # fp32 statistics must not promote a 16-bit map (the fake kernel says x's dtype)
     if not save_pooled:
         return y, x.new_empty(0)
     return y, compress(x_hat, spatial_kernel(x, lossy_kernel), storage_dtype)
@@ -56,24 +65,33 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
     ctx.has_bias = bias is not None
     ctx.lossy_kernel = lossy_kernel
+    ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_pooled):
     pooled, weight, running_var = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_weight, need_bias = need_weight and weight is not None, need_bias and ctx.has_bias
+    if need_weight and pooled.numel() == 0:
+        raise RuntimeError("facto::batch_norm ran with save_pooled=False, so no map was kept for γ's gradient")
+    gain = torch.rsqrt(running_var + ctx.eps)
+    if weight is not None:
+        gain = gain * weight
+    if use_triton(grad_y, ctx.kernels):
+        from facto_fx.triton_ops.affine import affine_backward
+
+        needs = (need_x, need_weight, need_bias)
+        grads = affine_backward(grad_y, pooled, gain, grad_y.shape[1], ctx.lossy_kernel, needs)
+        return *grads, None, None, None, None, None, None
     grad_x = grad_weight = grad_bias = None
     reduce_dims = [d for d in range(grad_y.dim()) if d != 1]
-    if ctx.needs_input_grad[0]:
-        gain = torch.rsqrt(running_var + ctx.eps)
-        if weight is not None:
-            gain = gain * weight
+    if need_x:
         grad_x = grad_y * _channel_view(gain.to(grad_y.dtype), grad_y)
-    if weight is not None and ctx.needs_input_grad[1]:
-        if pooled.numel() == 0:
-            raise RuntimeError("facto::batch_norm ran with save_pooled=False, so no map was kept for γ's gradient")
+    if need_weight:
         grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
         grad_weight = (grad_p * pooled.to(grad_p.dtype)).sum(reduce_dims)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+    if need_bias:
         grad_bias = grad_y.sum(reduce_dims)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.lossy import conv_output_size, pair, pooled_projection, pooled_size, store, sum_pool
+from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 def delta_weight(weight: Tensor, M: Tensor, D: Tensor) -> Tensor:
@@ -52,6 +53,15 @@ def _(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel, storage_dt
     return y, z_p
 
 
+def _grad_m(grad_y: Tensor, z_p: Tensor, lossy_kernel: int, kernels: str) -> Tensor:
+    if use_triton(grad_y, kernels):
+        from facto_fx.triton_ops.conv import grad_m
+
+        return grad_m(grad_y, z_p, lossy_kernel)
+    grad_p = sum_pool(grad_y, lossy_kernel)
+    return torch.einsum("bohw,brhw->or", grad_p, z_p.to(grad_p.dtype))
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, M, D, bias, stride, padding, dilation, lossy_kernel, _ = inputs
     ctx.save_for_backward(output[1], weight, M, D)
@@ -59,6 +69,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation)
     ctx.lossy_kernel = lossy_kernel
+    ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
 
@@ -67,11 +78,11 @@ def _backward(ctx, grad_y, _grad_z):
     stride, padding, dilation = ctx.conv_args
     grad_x = grad_M = grad_bias = None
     if ctx.needs_input_grad[0]:
-        omega = weight + delta_weight(weight, M, D)
+        # under autocast grad_y is 16-bit while the parameters stay fp32
+        omega = (weight + delta_weight(weight, M, D)).to(grad_y.dtype)
         grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, omega, grad_y, stride, padding, dilation)
     if ctx.needs_input_grad[2]:
-        grad_p = sum_pool(grad_y, ctx.lossy_kernel)
-        grad_M = torch.einsum("bohw,brhw->or", grad_p, z_p.to(grad_p.dtype))
+        grad_M = _grad_m(grad_y, z_p, ctx.lossy_kernel, ctx.kernels).to(M.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad_y.sum((0, 2, 3))
     return grad_x, None, grad_M, None, grad_bias, None, None, None, None, None

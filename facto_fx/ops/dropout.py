@@ -6,10 +6,15 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, packed_numel, unpack_bits
+from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 @torch.library.custom_op("facto::dropout", mutates_args=())
 def dropout_fwd(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        from facto_fx.triton_ops.dropout import dropout_forward
+
+        return dropout_forward(x, p)
     keep = torch.rand_like(x) >= p
     return x * keep / (1.0 - p), pack_bits(keep, 1)
 
@@ -22,11 +27,16 @@ def _(x, p):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.p = inputs[1]
+    ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_mask):
     (packed,) = ctx.saved_tensors
+    if use_triton(grad_y, ctx.kernels):
+        from facto_fx.triton_ops.dropout import dropout_backward
+
+        return dropout_backward(grad_y, packed, ctx.p), None
     keep = unpack_bits(packed, 1, grad_y.numel()).view(grad_y.shape)
     return grad_y * keep / (1.0 - ctx.p), None
 

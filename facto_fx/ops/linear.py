@@ -41,7 +41,7 @@ def _backward(ctx, grad_y, _grad_dx):
     dx, weight, M, D = ctx.saved_tensors
     grad_x = grad_M = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad_y @ (weight + M @ D)
+        grad_x = grad_y @ (weight + M @ D).to(grad_y.dtype)  # 16-bit grad_y under autocast
     if ctx.needs_input_grad[2]:
         grad_M = grad_y.reshape(-1, grad_y.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]).to(grad_y.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:

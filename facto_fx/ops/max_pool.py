@@ -12,13 +12,14 @@ from torch import Tensor
 
 from facto_fx.ops.bitpack import code_bits, pack_bits, packed_numel, unpack_bits
 from facto_fx.ops.lossy import pair
+from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 def _window_origin(size: int, stride: int, padding: int, device: torch.device) -> Tensor:
     return torch.arange(size, device=device) * stride - padding
 
 
-def _pool_output_size(size, kernel, stride, padding, dilation, ceil_mode) -> int:
+def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode) -> int:
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
@@ -61,6 +62,10 @@ def max_pool2d_fwd(
     dilation: list[int],
     ceil_mode: bool,
 ) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        from facto_fx.triton_ops.max_pool import max_pool_forward
+
+        return max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
     if _tiles_exactly(x, kernel_size, stride, padding, dilation):
         y, code = _tiled_max(x, *kernel_size)
     else:
@@ -72,7 +77,7 @@ def max_pool2d_fwd(
 @max_pool2d_fwd.register_fake
 def _(x, kernel_size, stride, padding, dilation, ceil_mode):
     h, w = (
-        _pool_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+        pool_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
         for i in range(2)
     )
     y = x.new_empty(*x.shape[:-2], h, w)
@@ -85,12 +90,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.x_shape = x.shape
     ctx.pool_args = (kernel_size, stride, padding, dilation)
+    ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_code):
     (packed,) = ctx.saved_tensors
     kernel_size, stride, padding, dilation = ctx.pool_args
+    if use_triton(grad_y, ctx.kernels):
+        from facto_fx.triton_ops.max_pool import max_pool_backward
+
+        grad_x = max_pool_backward(grad_y, packed, ctx.x_shape, kernel_size, stride, padding, dilation)
+        return grad_x, None, None, None, None, None
     height, width = ctx.x_shape[-2:]
     code = unpack_bits(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.numel())
     code = code.view(grad_y.shape).long()

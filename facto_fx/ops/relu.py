@@ -6,10 +6,15 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, packed_numel, unpack_bits
+from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 @torch.library.custom_op("facto::relu", mutates_args=())
 def relu_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        from facto_fx.triton_ops.relu import relu_forward
+
+        return relu_forward(x)
     return torch.relu(x), pack_bits(x > 0, 1)
 
 
@@ -20,11 +25,16 @@ def _(x):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_mask):
     (packed,) = ctx.saved_tensors
+    if use_triton(grad_y, ctx.kernels):
+        from facto_fx.triton_ops.relu import relu_backward
+
+        return relu_backward(grad_y, packed)
     mask = unpack_bits(packed, 1, grad_y.numel()).view(grad_y.shape)
     return grad_y * mask
 

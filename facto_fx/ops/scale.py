@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.lossy import compress, pooled_size, sum_pool
+from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 def spatial_kernel(x: Tensor, lossy_kernel: int) -> int:
@@ -25,6 +26,10 @@ def pooled_shape(x: Tensor, lossy_kernel: int) -> tuple[int, ...]:
 def scale_fwd(
     x: Tensor, s: Tensor, lossy_kernel: int, storage_dtype: torch.dtype | None, save_pooled: bool
 ) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        from facto_fx.triton_ops.affine import affine_forward
+
+        return affine_forward(x, 1, lossy_kernel, storage_dtype, save_pooled, weight=s)
     pooled = compress(x, spatial_kernel(x, lossy_kernel), storage_dtype) if save_pooled else x.new_empty(0)
     return x * s, pooled
 
@@ -40,17 +45,24 @@ def _setup_context(ctx, inputs, output):
     _, s, lossy_kernel, _, save_pooled = inputs
     ctx.save_for_backward(s, output[1])
     ctx.lossy_kernel = lossy_kernel
+    ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_pooled):
     s, pooled = ctx.saved_tensors
+    need_x, need_s = ctx.needs_input_grad[:2]
+    if need_s and pooled.numel() == 0:
+        raise RuntimeError("facto::scale ran with save_pooled=False, so no map was kept for the scale's gradient")
+    if use_triton(grad_y, ctx.kernels):
+        from facto_fx.triton_ops.affine import affine_backward
+
+        grad_x, grad_s, _ = affine_backward(grad_y, pooled, s, 1, ctx.lossy_kernel, (need_x, need_s, False))
+        return grad_x, None if grad_s is None else grad_s.reshape(s.shape).to(s.dtype), None, None, None
     grad_x = grad_s = None
-    if ctx.needs_input_grad[0]:
+    if need_x:
         grad_x = grad_y * s
-    if ctx.needs_input_grad[1]:
-        if pooled.numel() == 0:
-            raise RuntimeError("facto::scale ran with save_pooled=False, so no map was kept for the scale's gradient")
+    if need_s:
         grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
         grad_s = (grad_p * pooled.to(grad_p.dtype)).sum().reshape(s.shape)
     return grad_x, grad_s, None, None, None

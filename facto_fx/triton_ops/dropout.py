@@ -1,0 +1,64 @@
+"""Dropout: forward turns uniform draws into the scaled output and the packed keep-mask in one
+pass; backward unpacks the mask and applies it with the same 1/(1-p) scale.
+
+The draws come from torch.rand_like, so a seeded run keeps exactly the elements that
+facto::dropout's PyTorch path keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from facto_fx.ops.bitpack import packed_numel
+from facto_fx.triton_ops.bitpack import load_codes, store_packed
+
+BLOCK = 1024
+
+
+@triton.jit
+def _dropout_fwd_kernel(x_ptr, u_ptr, y_ptr, mask_ptr, threshold, scale, n, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offsets = start + tl.arange(0, BLOCK)
+    in_bounds = offsets < n
+    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    keep = u >= threshold
+    tl.store(y_ptr + offsets, tl.where(keep, x / scale, 0.0).to(y_ptr.dtype.element_ty), mask=in_bounds)
+    store_packed(mask_ptr, keep, start, n, BLOCK, 1)
+
+
+@triton.jit
+def _dropout_bwd_kernel(grad_y_ptr, mask_ptr, grad_x_ptr, scale, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n
+    grad = tl.load(grad_y_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    keep = load_codes(mask_ptr, offsets, in_bounds, 1)
+    grad_x = tl.where(keep != 0, grad / scale, 0.0)
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def dropout_forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(x · keep / (1 - p), pack_bits(keep, 1)) with keep = torch.rand_like(x) >= p."""
+    x = x.contiguous()
+    u = torch.rand_like(x)
+    # The reference compares draws of x's dtype with p rounded to that dtype: use the same threshold.
+    threshold = torch.tensor(p, dtype=x.dtype).item()
+    y = torch.empty_like(x)
+    mask = torch.empty(packed_numel(x.numel(), 1), dtype=torch.uint8, device=x.device)
+    if x.numel():
+        grid = (triton.cdiv(x.numel(), BLOCK),)
+        _dropout_fwd_kernel[grid](x, u, y, mask, threshold, 1.0 - p, x.numel(), BLOCK=BLOCK)
+    return y, mask
+
+
+def dropout_backward(grad_y: Tensor, mask: Tensor, p: float) -> Tensor:
+    """grad_y · keep / (1 - p), keep read from the packed mask."""
+    grad_y = grad_y.contiguous()
+    grad_x = torch.empty_like(grad_y)
+    if grad_y.numel():
+        grid = (triton.cdiv(grad_y.numel(), BLOCK),)
+        _dropout_bwd_kernel[grid](grad_y, mask, grad_x, 1.0 - p, grad_y.numel(), BLOCK=BLOCK)
+    return grad_x

@@ -1,0 +1,75 @@
+"""Triton affine (facto::scale and frozen batch-norm): y and the mean-pooled map equal the PyTorch
+reference, and the fused backward's grad_x and per-channel sums equal sumpool_k(grad_y)·pooled."""
+
+import pytest
+import torch
+from kernel_cases import DTYPES, noncontiguous, randn, tolerance
+
+from facto_fx.ops.batch_norm import batch_norm_fwd
+from facto_fx.ops.lossy import sum_pool
+from facto_fx.ops.scale import scale_fwd, spatial_kernel
+from facto_fx.triton_ops.affine import affine_backward, affine_forward
+
+# shape, lossy_kernel: even and odd maps (ceil-mode edge windows), k = 1 and 3, non-NCHW inputs
+CASES = [((2, 3, 4, 4), 2), ((1, 2, 5, 7), 2), ((2, 2, 5, 4), 3), ((2, 3, 3, 3), 1), ((3, 4), 2), ((2, 3, 5), 2)]
+
+
+def _stats(channels):
+    g = torch.Generator().manual_seed(7)
+    mean, var = torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5
+    return mean, var, torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "k"), CASES, ids=str)
+def test_scale_forward_matches_reference(shape, k, dtype):
+    x, s = randn(shape, dtype), torch.tensor([1.7])
+    y, pooled = affine_forward(x, 1, k, None, True, weight=s)
+    y_ref, pooled_ref = scale_fwd(x, s, k, None, True)
+    torch.testing.assert_close(y, y_ref.to(dtype), **tolerance(dtype))
+    torch.testing.assert_close(pooled, pooled_ref, **tolerance(dtype))
+    assert affine_forward(x, 1, k, None, False, weight=s)[1].numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "k"), CASES, ids=str)
+def test_batch_norm_forward_matches_reference(shape, k, dtype):
+    x = randn(shape, dtype)
+    mean, var, weight, bias = _stats(shape[1])
+    y, pooled = affine_forward(x, shape[1], k, torch.bfloat16, True, mean, torch.rsqrt(var + 1e-5), weight, bias)
+    y_ref, pooled_ref = batch_norm_fwd(x, weight, bias, mean, var, 1e-5, k, torch.bfloat16, True)
+    torch.testing.assert_close(y, y_ref.to(dtype), **tolerance(dtype))
+    assert pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(pooled, pooled_ref, **tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "k"), CASES, ids=str)
+def test_backward_matches_reference(shape, k, dtype):
+    channels = shape[1]
+    grad_y, pooled = randn(shape, dtype, seed=1), randn(shape, dtype, seed=2)
+    kk = spatial_kernel(grad_y, k)
+    pooled = sum_pool(pooled.float(), kk).to(dtype)
+    gain = torch.randn(channels)
+    grad_x, grad_gamma, grad_beta = affine_backward(grad_y, pooled, gain, channels, k, (True, True, True))
+    view = gain.view(1, -1, *([1] * (len(shape) - 2)))
+    reduce_dims = [d for d in range(len(shape)) if d != 1]
+    torch.testing.assert_close(grad_x, (grad_y.float() * view).to(dtype), **tolerance(dtype))
+    expected_gamma = (sum_pool(grad_y.float(), kk) * pooled.float()).sum(reduce_dims)
+    torch.testing.assert_close(grad_gamma, expected_gamma, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_beta, grad_y.float().sum(reduce_dims), rtol=1e-4, atol=1e-4)
+
+
+def test_backward_computes_only_what_is_needed():
+    grad_y = randn((2, 3, 4, 4), torch.float32)
+    grad_x, grad_s, grad_b = affine_backward(grad_y, torch.empty(0), 2.0, 1, 2, (True, False, False))
+    assert grad_s is None and grad_b is None
+    assert torch.equal(grad_x, grad_y * 2.0)
+
+
+def test_noncontiguous_input():
+    x, s = noncontiguous((2, 3, 5, 4), torch.float32), torch.tensor([0.5])
+    y, pooled = affine_forward(x, 1, 2, None, True, weight=s)
+    y_ref, pooled_ref = scale_fwd(x, s, 2, None, True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(pooled, pooled_ref)

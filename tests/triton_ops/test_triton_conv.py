@@ -1,0 +1,31 @@
+"""Triton grad_M: the fused sum-pool + split-K matmul equals einsum(sumpool_k(grad_Y), Z_p)."""
+
+import pytest
+import torch
+from kernel_cases import DTYPES, noncontiguous, randn
+
+from facto_fx.ops.lossy import pooled_size, sum_pool
+from facto_fx.triton_ops.conv import grad_m
+
+
+def _reference(grad_y, z_p, k):
+    return torch.einsum("bohw,brhw->or", sum_pool(grad_y.float(), k), z_p.float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "c_out", "rank", "height", "width", "k"),
+    [(2, 5, 3, 7, 9, 2), (1, 40, 35, 6, 6, 2), (3, 4, 2, 5, 5, 1), (2, 3, 2, 7, 8, 3)],
+)
+def test_matches_reference(batch, c_out, rank, height, width, k, dtype):
+    grad_y = randn((batch, c_out, height, width), dtype)
+    z_p = randn((batch, rank, pooled_size(height, k), pooled_size(width, k)), dtype, seed=1)
+    out = grad_m(grad_y, z_p, k)
+    assert out.dtype == torch.float32 and out.shape == (c_out, rank)
+    torch.testing.assert_close(out, _reference(grad_y, z_p, k), rtol=1e-4, atol=1e-4)
+
+
+def test_noncontiguous_inputs():
+    grad_y = noncontiguous((2, 3, 5, 6), torch.float32)
+    z_p = noncontiguous((2, 2, 3, 3), torch.float32, seed=1)
+    torch.testing.assert_close(grad_m(grad_y, z_p, 2), _reference(grad_y, z_p, 2), rtol=1e-4, atol=1e-4)

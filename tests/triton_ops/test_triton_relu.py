@@ -1,0 +1,38 @@
+"""Triton relu: y and the packed mask equal torch.relu and pack_bits; backward equals the reference."""
+
+import pytest
+import torch
+from kernel_cases import DTYPES, noncontiguous, randn
+
+from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.triton_ops.relu import relu_backward, relu_forward
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 7), (1, 3, 9, 11), (2, 1030)])
+def test_forward_and_mask_match_reference(shape, dtype):
+    x = randn(shape, dtype)
+    x.view(-1)[::5] = 0  # zeros pass no gradient, as in torch.relu
+    y, mask = relu_forward(x)
+    assert torch.equal(y, torch.relu(x))
+    assert mask.dtype == torch.uint8 and torch.equal(mask, pack_bits(x > 0, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_applies_the_mask(dtype):
+    x, grad_y = randn((2, 3, 5, 7), dtype), randn((2, 3, 5, 7), dtype, seed=1)
+    mask = pack_bits(x > 0, 1)
+    assert torch.equal(relu_backward(grad_y, mask), grad_y * unpack_bits(mask, 1, x.numel()).view(x.shape))
+
+
+def test_noncontiguous_input():
+    x = noncontiguous((2, 3, 5, 6), torch.float32)
+    y, mask = relu_forward(x)
+    assert torch.equal(y, torch.relu(x)) and torch.equal(mask, pack_bits(x > 0, 1))
+    grad_y = noncontiguous((2, 3, 5, 6), torch.float32, seed=1)
+    assert torch.equal(relu_backward(grad_y, mask), grad_y * (x > 0))
+
+
+def test_empty_input():
+    y, mask = relu_forward(torch.empty(0, 3))
+    assert y.shape == (0, 3) and mask.numel() == 0
