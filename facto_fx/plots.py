@@ -37,6 +37,47 @@ def plot_memory_breakdown(report: MemoryReport, path: str | Path, title: str = "
     ax.set_ylabel("saved for backward (MiB)")
     ax.set_title(title)
     ax.legend(fontsize="small")
+    return _save(fig, plt, path)
+
+
+def plot_layer_memory(report: MemoryReport, path: str | Path, title: str = "") -> Path:
+    """Saved bytes layer by layer, vanilla beside Facto, coloured by op kind (paper Figure 6)."""
+    plt = _pyplot()
+    kinds = sorted({r.op for r in report.rows})
+    colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(report.rows)), 4))
+    for i, row in enumerate(report.rows):
+        ax.bar(i - 0.2, row.vanilla_bytes / MiB, 0.4, color=colours[row.op], alpha=0.35)
+        ax.bar(i + 0.2, row.facto_bytes / MiB, 0.4, color=colours[row.op])
+    for kind in kinds:
+        ax.bar(0, 0, color=colours[kind], label=kind)
+    ax.set_xticks(range(len(report.rows)), [r.layer for r in report.rows], rotation=90, fontsize="small")
+    ax.set_ylabel("saved for backward (MiB)")
+    ax.set_title(title or f"per layer: vanilla (pale) vs facto, {100 * report.ratio:.1f} % in total")
+    ax.legend(fontsize="small", ncol=2)
+    return _save(fig, plt, path)
+
+
+def plot_training_curves(histories: dict, path: str | Path) -> Path:
+    """Train loss and test accuracy per epoch for each named run (lists of EpochRecord)."""
+    plt = _pyplot()
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, history in histories.items():
+        epochs = [r.epoch for r in history]
+        loss_ax.plot(epochs, [r.train_loss for r in history], marker="o", label=name)
+        acc_ax.plot(epochs, [r.test_accuracy for r in history], marker="o", label=name)
+        switch = next((r.epoch - 0.5 for r in history if r.phase == "facto"), None)
+        if switch is not None:
+            for ax in (loss_ax, acc_ax):
+                ax.axvline(switch, color="grey", linestyle=":", linewidth=1)
+    loss_ax.set(xlabel="epoch", ylabel="train loss", yscale="log")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy")
+    acc_ax.legend(fontsize="small")
+    fig.suptitle("dotted line: low-rank (Facto) training starts")
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 """The paper's models that torchvision lacks: fixup-ResNet (ImageNet) and CIFAR-size VGG.
 
-``MODELS`` maps a name to its constructor, for the CLI, examples and benchmarks.
+``MODELS`` maps a name to its constructor, for the CLI, examples and benchmarks; the CIFAR VGGs
+come with and without batch-norm ("_bn", as torchvision names them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
@@ -34,6 +36,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_vgg13": cifar_vgg13,
     "cifar_vgg16": cifar_vgg16,
     "cifar_vgg19": cifar_vgg19,
+    **{f"{name}_bn": partial(ctor, batch_norm=True) for name, ctor in
+       [("cifar_vgg11", cifar_vgg11), ("cifar_vgg13", cifar_vgg13), ("cifar_vgg16", cifar_vgg16),
+        ("cifar_vgg19", cifar_vgg19)]},
 }
 
 __all__ = [

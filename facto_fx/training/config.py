@@ -1,0 +1,109 @@
+"""TrainConfig: every option of `facto-fx train`, validated before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from facto_fx.config import FactoConfig
+from facto_fx.training.data import DATASETS
+
+OPTIMIZERS = ("sgd", "adamw")
+#: Options that may differ between a run and its resumption (they do not change the numbers).
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "out", "resume", "checkpoint_every", "progress", "workers"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: full-rank for `frt_epochs`, then Facto low-rank training until `epochs`.
+
+    frt_epochs == epochs trains full-rank throughout (the vanilla baseline). The learning rate is
+    multiplied by lr_gamma at each epoch in lr_milestones; by default once, where low-rank
+    training starts, as in the paper (FRT ends at a learning-rate drop). merge_every counts
+    optimizer steps (default: one epoch). limit_batches caps the batches per epoch, train and
+    test, for quick checks.
+    """
+
+    model: str = "cifar_vgg11_bn"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    epochs: int = 3
+    frt_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    lr_milestones: tuple[int, ...] | None = None
+    lr_gamma: float = 0.1
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    inr: float = 0.3
+    lossy_kernel: int = 2
+    apply_ratio: float = 0.6
+    storage_dtype: str | None = None
+    merge_every: int | None = None
+    amp: bool = False
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    checkpoint_every: int | None = None
+    limit_batches: int | None = None
+    workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid names: {', '.join(DATASETS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid names: {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("frt_epochs", self.frt_epochs, minimum=0)
+        if self.frt_epochs > self.epochs:
+            raise ValueError(f"frt_epochs ({self.frt_epochs}) cannot exceed epochs ({self.epochs})")
+        for name in ("merge_every", "checkpoint_every", "limit_batches", "image_size"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        _check_int("workers", self.workers, minimum=0)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        if self.lr_milestones is not None:
+            if isinstance(self.lr_milestones, (str, int)) or not all(
+                isinstance(m, int) and 0 < m < self.epochs for m in self.lr_milestones
+            ):
+                raise ValueError(f"lr_milestones must be epochs in (0, {self.epochs}); got {self.lr_milestones!r}")
+            object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must be in (0, 1]; got {self.lr_gamma!r}")
+        if not (self.momentum >= 0 and self.weight_decay >= 0):
+            raise ValueError("momentum and weight_decay must be >= 0")
+        if self.resume and self.out is None:
+            raise ValueError("resume needs out: the folder whose checkpoint.pt to continue from")
+        self.facto_config()
+
+    def facto_config(self) -> FactoConfig:
+        return FactoConfig(
+            inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
+            storage_dtype=self.storage_dtype, seed=self.seed,
+        )
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of a 0-based epoch."""
+        milestones = self.lr_milestones
+        if milestones is None:
+            milestones = (self.frt_epochs,) if 0 < self.frt_epochs < self.epochs else ()
+        return self.lr * self.lr_gamma ** sum(epoch >= m for m in milestones)
+
+    def conflicts_with(self, saved: dict) -> list[str]:
+        """Options that differ from a checkpoint's and would change the run's numbers."""
+        fields = {f.name for f in dataclasses.fields(self)} - RESUMABLE_CHANGES
+        return sorted(f for f in fields if f in saved and saved[f] != getattr(self, f))
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")

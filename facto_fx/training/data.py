@@ -1,0 +1,127 @@
+"""Data for `facto-fx train` and `demo`: digits (bundled), CIFAR-10 and any ImageFolder tree.
+
+Every data set yields 3-channel float images, so any torchvision model takes them unchanged.
+Shuffling is a pure function of (seed, epoch, rank): a resumed or multi-process run sees exactly
+the batches an uninterrupted single run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler, TensorDataset
+
+DATASETS = ("digits", "cifar10", "imagefolder")
+_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    image_size: int
+
+
+def load_digits_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
+    """scikit-learn's 1,797 8×8 digits in [0, 1], upsampled, as 3 channels; a seeded 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise RuntimeError('the digits data set needs scikit-learn: pip install "facto-fx[demo]"') from error
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    split = int(0.8 * len(y))
+    train, test = order[:split], order[split:]
+    return DataSplits(TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]), 10, image_size)
+
+
+def _transform(image_size: int, resize: bool):
+    from torchvision import transforms
+
+    steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)] if resize else []
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(_MEAN, _STD)])
+
+
+def load_cifar10_splits(data_dir: str | Path, download: bool) -> DataSplits:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(data_dir)
+    if not download and not (root / "cifar-10-batches-py").is_dir():
+        raise ValueError(
+            f"--data-dir {root} has no 'cifar-10-batches-py' folder (the CIFAR-10 python archive, extracted); "
+            f"pass --download to fetch it there"
+        )
+    transform = _transform(32, resize=False)
+    train = CIFAR10(str(root), train=True, download=download, transform=transform)
+    test = CIFAR10(str(root), train=False, download=download, transform=transform)
+    return DataSplits(train, test, 10, 32)
+
+
+def load_imagefolder_splits(data_dir: str | Path, image_size: int) -> DataSplits:
+    """`data_dir/train/<class>/*.jpg` and `data_dir/val/<class>/*.jpg` (or `test/`), as ImageFolder."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(data_dir)
+    test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise ValueError(
+            f"--data-dir {root} must hold 'train/' and 'val/' (or 'test/'), each with one sub-folder of images "
+            f"per class, e.g. {root}/train/cat/1.jpg and {root}/val/cat/9.jpg"
+        )
+    transform = _transform(image_size, resize=True)
+    train, test = ImageFolder(str(root / "train"), transform), ImageFolder(str(test_dir), transform)
+    if train.classes != test.classes:
+        raise ValueError(f"{root}/train and {test_dir} have different class folders: {train.classes} vs {test.classes}")
+    return DataSplits(train, test, len(train.classes), image_size)
+
+
+def load_splits(
+    name: str, data_dir: str | Path | None = None, download: bool = False, image_size: int | None = None
+) -> DataSplits:
+    """The train and test sets of a data set by name; errors say what is missing and how to fix it."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name == "digits":
+        return load_digits_splits(image_size or 32)
+    if data_dir is None:
+        raise ValueError(f"--dataset {name} needs --data-dir (the folder that holds, or will hold, the data)")
+    if not Path(data_dir).is_dir() and not (name == "cifar10" and download):
+        raise ValueError(f"--data-dir {data_dir} does not exist")
+    if name == "cifar10":
+        return load_cifar10_splits(data_dir, download)
+    return load_imagefolder_splits(data_dir, image_size or 224)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles by (seed, epoch), shards by rank, and can start part-way into an epoch.
+
+    Like DistributedSampler, it pads the permutation so every rank gets the same number of samples.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Shuffle for `epoch`, skipping this rank's first `skip` samples (to resume mid-epoch)."""
+        self.epoch, self.skip = epoch, skip
+
+    def _shard(self) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = order.tolist()
+        order += order[: (-len(order)) % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._shard()[self.skip :])
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size) - self.skip

@@ -1,0 +1,322 @@
+"""The training loop behind `facto-fx train` and `demo`: full-rank first, then Facto, resumable.
+
+A checkpoint holds everything the numbers depend on (weights, M, D and its draw count, optimizer
+and merge-hook state, the RNG, the position in the epoch and its running metrics), so a resumed
+run continues bit-identically to one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import facto_fx
+from facto_fx.layers import LOW_RANK_LAYERS
+from facto_fx.model_zoo import build_model
+from facto_fx.report import MemoryReport
+from facto_fx.training import checkpoint, distributed
+from facto_fx.training.config import TrainConfig
+from facto_fx.training.data import EpochSampler, load_splits
+
+CHECKPOINT, DENSE, HISTORY = "checkpoint.pt", "model_dense.pt", "history.json"
+FULL_RANK, FACTO = "full-rank", "facto"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    phase: str
+    train_loss: float
+    train_accuracy: float
+    test_accuracy: float
+    images_per_s: float
+    merges: int
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    history: list[EpochRecord]
+    model: nn.Module
+    report: MemoryReport | None = None
+    out: Path | None = None
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.history[-1].test_accuracy
+
+
+@dataclass
+class _Position:
+    """Where the run is, and the running sums of the epoch in progress."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    phase: str = FULL_RANK
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss·n, correct, n
+
+
+class Trainer:
+    """One run of `TrainConfig`; `fit()` trains, checkpoints, and exports the dense model."""
+
+    def __init__(self, config: TrainConfig, on_step: Callable[[int], None] | None = None) -> None:
+        self.config = config
+        self.on_step = on_step
+        self.topology, self.device = distributed.setup(config.device)
+        self.out = Path(config.out) if config.out else None
+        self.data = load_splits(config.dataset, config.data_dir, config.download, config.image_size)
+        self.sampler = EpochSampler(len(self.data.train), config.seed, self.topology.rank, self.topology.world_size)
+        self.train_loader = DataLoader(
+            self.data.train, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers
+        )
+        shard = range(self.topology.rank, len(self.data.test), self.topology.world_size)
+        self.test_loader = DataLoader(Subset(self.data.test, shard), batch_size=256, num_workers=config.workers)
+        self.steps_per_epoch = min(len(self.train_loader), config.limit_batches or math.inf)
+        self.position = _Position()
+        self.history: list[EpochRecord] = []
+        self.hooks: facto_fx.FactoHooks | None = None
+        self.report: MemoryReport | None = None
+        self.amp_dtype = _amp_dtype(self.device) if config.amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        torch.manual_seed(config.seed)
+        self.raw = build_model(config.model, num_classes=self.data.num_classes).to(self.device)
+        self.model = self.raw
+        self._build_full_rank()
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _build_full_rank(self) -> None:
+        self.optimizer = self._optimizer([{"params": list(self.raw.parameters())}])
+        self.model = self._wrap(self.raw, broadcast_buffers=True)
+
+    def _switch_to_facto(self, recalibrate: bool = True) -> None:
+        """Compile the full-rank model for Facto; a fresh optimizer over M and the other trainables.
+
+        Batch-norm statistics are frozen from here on, so they are first re-estimated on the
+        current weights: the running averages lag the weights by many steps after a short FRT.
+        """
+        config = self.config
+        if recalibrate:
+            self._recalibrate_batch_norm()
+        fmodel = facto_fx.compile(self.raw, config.facto_config())
+        low_rank = [m.M for m in fmodel.modules() if isinstance(m, LOW_RANK_LAYERS)]
+        low_rank_ids = {id(p) for p in low_rank}
+        others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in low_rank_ids]
+        # W is regularised by the hooks (paper eq. 14), not by decaying M.
+        self.optimizer = self._optimizer([{"params": low_rank, "weight_decay": 0.0}, {"params": others}])
+        merge_every = config.merge_every or self.steps_per_epoch
+        w_decay = config.lr_at(config.frt_epochs) * config.weight_decay
+        self.hooks = facto_fx.attach(fmodel, self.optimizer, merge_every, w_decay=w_decay)
+        self.raw = fmodel
+        # Frozen statistics and deterministic D: no buffer needs broadcasting once Facto is on.
+        self.model = self._wrap(fmodel, broadcast_buffers=False)
+        self.position.phase = FACTO
+        if self.topology.is_main:
+            x = torch.empty(self.config.batch_size, 3, self.data.image_size, self.data.image_size, device="meta")
+            self.report = facto_fx.report(fmodel, x, analytic=True)
+
+    @torch.no_grad()
+    def _recalibrate_batch_norm(self) -> None:
+        norms = [m for m in self.raw.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or self.config.facto_config().batch_norm != "freeze":
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        self.raw.train()
+        self.sampler.set_epoch(self.position.epoch)
+        for x, _ in islice(self.train_loader, self.steps_per_epoch):
+            with self._autocast():
+                self.raw(x.to(self.device))
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        distributed.average_buffers([t for m in norms for t in (m.running_mean, m.running_var)], self.topology)
+
+    def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        config = self.config
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+    def _wrap(self, module: nn.Module, broadcast_buffers: bool) -> nn.Module:
+        wrapped = distributed.wrap(module, self.topology, self.device, broadcast_buffers)
+        return torch.compile(wrapped) if self.config.compile else wrapped
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "format": 1,
+            "config": dataclasses.asdict(self.config),
+            "position": dataclasses.asdict(self.position),
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "hooks": self.hooks.state_dict() if self.hooks else None,
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "history": [dataclasses.asdict(r) for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        conflicts = self.config.conflicts_with(state["config"])
+        if conflicts:
+            changes = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.config, k)!r}" for k in conflicts)
+            raise ValueError(f"cannot resume: options differ from the checkpoint's ({changes})")
+        position = _Position(**state["position"])
+        if position.phase == FACTO:
+            self._switch_to_facto(recalibrate=False)
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.hooks is not None:
+            self.hooks.load_state_dict(state["hooks"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.position = position
+
+    def save_checkpoint(self) -> None:
+        if self.out is not None and self.topology.is_main:
+            checkpoint.save_atomic(self.state_dict(), self.out / CHECKPOINT)
+
+    def _restore_or_start(self) -> None:
+        path = self.out / CHECKPOINT if self.out else None
+        if path is not None and path.exists():
+            if not self.config.resume:
+                raise ValueError(f"{path} exists; pass --resume to continue that run, or choose another --out")
+            self.load_state_dict(checkpoint.load(path))
+        elif self.config.resume:
+            raise ValueError(f"--resume: no checkpoint at {path} to continue from")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train to `config.epochs`, checkpointing each epoch, then export the dense model."""
+        try:
+            self._restore_or_start()
+            while self.position.epoch < self.config.epochs:
+                if self.position.epoch == self.config.frt_epochs and self.position.phase == FULL_RANK:
+                    self._switch_to_facto()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.config.lr_at(self.position.epoch)
+                self._train_epoch()
+            self._export()
+        finally:
+            distributed.teardown(self.topology)
+        return TrainResult(self.config, self.history, self.raw, self.report, self.out)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_epoch(self) -> None:
+        position, config = self.position, self.config
+        self.sampler.set_epoch(position.epoch, skip=position.step_in_epoch * config.batch_size)
+        batches = islice(self.train_loader, self.steps_per_epoch - position.step_in_epoch)
+        bar = _progress(
+            batches, self.steps_per_epoch, position.step_in_epoch,
+            f"epoch {position.epoch + 1}/{config.epochs} {position.phase}", config.progress and self.topology.is_main,
+        )
+        self.model.train()
+        start, images = time.perf_counter(), 0
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, y)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            position.sums[0] += loss.item() * len(y)
+            position.sums[1] += (logits.argmax(1) == y).sum().item()
+            position.sums[2] += len(y)
+            position.step_in_epoch += 1
+            position.global_step += 1
+            images += len(y)
+            rate = images * self.topology.world_size / (time.perf_counter() - start)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{position.sums[1] / position.sums[2]:.3f}",
+                                img_s=f"{rate:.0f}")
+            if config.checkpoint_every and position.global_step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.on_step is not None:
+                self.on_step(position.global_step)
+        loss_sum, correct, seen = distributed.all_sum(position.sums, self.topology, self.device)
+        self.history.append(EpochRecord(
+            position.epoch + 1, position.phase, loss_sum / seen, correct / seen, self.evaluate(),
+            images * self.topology.world_size / (time.perf_counter() - start), self.hooks.merges if self.hooks else 0,
+        ))
+        if self.topology.is_main:
+            _print_epoch(self.history[-1], config.progress)
+        self.position = _Position(position.epoch + 1, 0, position.global_step, position.phase)
+        self.save_checkpoint()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Test accuracy over all processes' shards of the test set."""
+        self.raw.eval()
+        correct = seen = 0
+        for x, y in islice(self.test_loader, self.config.limit_batches):
+            with self._autocast():
+                correct += (self.raw(x.to(self.device)).argmax(1).cpu() == y).sum().item()
+            seen += len(y)
+        correct, seen = distributed.all_sum([correct, seen], self.topology, self.device)
+        return correct / seen
+
+    def _export(self) -> None:
+        if self.out is None or not self.topology.is_main:
+            return
+        dense = facto_fx.export_dense(self.raw) if self.position.phase == FACTO else self.raw
+        state = {"model": self.config.model, "num_classes": self.data.num_classes, "state_dict": dense.state_dict()}
+        checkpoint.save_atomic(state, self.out / DENSE)
+        (self.out / HISTORY).write_text(json.dumps([dataclasses.asdict(r) for r in self.history], indent=1))
+
+
+def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Run `config` to completion (resuming from `config.out` with `config.resume`)."""
+    return Trainer(config, on_step).fit()
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device supports it (CPU, recent GPUs), else fp16 with loss scaling."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _progress(batches, total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _print_epoch(record: EpochRecord, enabled: bool) -> None:
+    if enabled:
+        print(
+            f"epoch {record.epoch} ({record.phase}): train loss {record.train_loss:.4f}, "
+            f"train acc {record.train_accuracy:.3f}, test acc {record.test_accuracy:.3f}, "
+            f"{record.images_per_s:.0f} img/s, {record.merges} merges"
+        )
+
+
+
