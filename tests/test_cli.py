@@ -44,3 +44,43 @@ def test_unknown_model_lists_the_valid_names(capsys):
 def test_invalid_option_names_the_argument(capsys):
     assert main(["report", "--model", "cifar_vgg11", "--inr", "1.5"]) == 2
     assert "inr must be a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_train_on_an_image_folder_writes_checkpoint_dense_model_and_history(tmp_path, capsys):
+    from training.test_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    code = main(["train", "--model", "cifar_vgg11_bn", "--dataset", "imagefolder", "--data-dir", str(data),
+                 "--image-size", "32", "--epochs", "2", "--frt-epochs", "1", "--batch-size", "4",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1 (full-rank)" in printed and "epoch 2 (facto)" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "history.json", "model_dense.pt"]
+
+
+def test_demo_prints_the_comparison_and_writes_both_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code = main(["demo", "--epochs", "2", "--limit-batches", "2", "--batch-size", "16", "--out", str(tmp_path),
+                 "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"vanilla\s+0\.\d{4}\s+[\d.]+\nfacto\s+0\.\d{4}\s+[\d.]+\s+\([\d.]+ % of vanilla", printed)
+    assert "features.2    relu" in printed  # the per-layer table
+    for name in ("memory_per_layer.png", "training_curves.png"):
+        assert (tmp_path / name).stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'; valid names: digits, cifar10, imagefolder"),
+        (["--model", "resnet81"], "unknown model 'resnet81'. Did you mean"),
+        (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
+        (["--frt-epochs", "5", "--epochs", "2"], "frt_epochs (5) cannot exceed epochs (2)"),
+    ],
+)
+def test_train_errors_name_the_bad_option(tmp_path, capsys, args, message):
+    assert main(["train", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err

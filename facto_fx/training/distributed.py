@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+# Newer torch renames DDP's per-forward buffer broadcast; the old name still works but warns.
+_SYNC_BUFFERS = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else "broadcast_buffers"
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ def wrap(model: nn.Module, topology: Topology, device: torch.device, broadcast_b
     if not topology.distributed:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+    return DistributedDataParallel(model, device_ids=device_ids, **{_SYNC_BUFFERS: broadcast_buffers})
 
 
 def all_sum(values: list[float], topology: Topology, device: torch.device) -> list[float]:

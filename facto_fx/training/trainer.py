@@ -265,7 +265,7 @@ class Trainer:
             images * self.topology.world_size / (time.perf_counter() - start), self.hooks.merges if self.hooks else 0,
         ))
         if self.topology.is_main:
-            _print_epoch(self.history[-1], config.progress)
+            _print_epoch(self.history[-1])
         self.position = _Position(position.epoch + 1, 0, position.global_step, position.phase)
         self.save_checkpoint()
 
@@ -310,13 +310,12 @@ def _progress(batches, total: int, initial: int, desc: str, enabled: bool):
     return tqdm(batches, total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def _print_epoch(record: EpochRecord, enabled: bool) -> None:
-    if enabled:
-        print(
-            f"epoch {record.epoch} ({record.phase}): train loss {record.train_loss:.4f}, "
-            f"train acc {record.train_accuracy:.3f}, test acc {record.test_accuracy:.3f}, "
-            f"{record.images_per_s:.0f} img/s, {record.merges} merges"
-        )
+def _print_epoch(record: EpochRecord) -> None:
+    print(
+        f"epoch {record.epoch} ({record.phase}): train loss {record.train_loss:.4f}, "
+        f"train acc {record.train_accuracy:.3f}, test acc {record.test_accuracy:.3f}, "
+        f"{record.images_per_s:.0f} img/s, {record.merges} merges"
+    )
 
 
 

@@ -1,0 +1,39 @@
+"""TrainConfig validation and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from facto_fx.training import TrainConfig
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"dataset": "mnist"}, "valid names: digits, cifar10, imagefolder"),
+        ({"optimizer": "lion"}, "valid names: sgd, adamw"),
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"frt_epochs": 4, "epochs": 3}, r"frt_epochs \(4\) cannot exceed epochs \(3\)"),
+        ({"merge_every": 0}, "merge_every must be an integer >= 1"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr_milestones": (0,)}, r"lr_milestones must be epochs in \(0, 3\)"),
+        ({"resume": True}, "resume needs out"),
+        ({"inr": 1.5}, r"inr must be a number in \(0, 1\]"),
+    ],
+)
+def test_bad_options_are_named(options, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**options)
+
+
+def test_learning_rate_drops_where_facto_starts_by_default():
+    config = TrainConfig(lr=0.1, epochs=4, frt_epochs=2)
+    assert [round(config.lr_at(e), 6) for e in range(4)] == [0.1, 0.1, 0.01, 0.01]
+    assert TrainConfig(lr=0.1, epochs=2, frt_epochs=2).lr_at(1) == 0.1  # vanilla: no switch, no drop
+    custom = TrainConfig(lr=1.0, epochs=5, lr_milestones=(1, 3), lr_gamma=0.5)
+    assert [custom.lr_at(e) for e in range(5)] == [1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_resume_conflicts_name_the_changed_options():
+    saved = {**TrainConfig().__dict__, "inr": 0.2, "epochs": 9}
+    assert TrainConfig().conflicts_with(saved) == ["inr"]

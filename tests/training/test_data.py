@@ -1,0 +1,70 @@
+"""Data sets and the epoch sampler of `facto-fx train`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from facto_fx.training.data import EpochSampler, load_splits
+
+
+def test_sampler_shards_cover_the_epoch_once_and_depend_only_on_seed_and_epoch():
+    shards = [list(EpochSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]  # padded like DistributedSampler
+    assert set(sum(shards, [])) == set(range(10))
+    again = EpochSampler(10, seed=3, rank=1, world_size=3)
+    assert list(again) == shards[1]
+    again.set_epoch(1)
+    assert list(again) != shards[1]
+
+
+def test_sampler_skip_resumes_part_way_into_the_same_order():
+    sampler = EpochSampler(20, seed=0)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, skip=6)
+    assert list(sampler) == full[6:] and len(sampler) == 14
+
+
+def test_digits_are_three_channel_images_with_a_fixed_split():
+    data = load_splits("digits", image_size=16)
+    x, y = data.train[0]
+    assert x.shape == (3, 16, 16) and 0 <= int(y) < 10
+    assert len(data.train) + len(data.test) == 1797 and data.num_classes == 10
+    assert torch.equal(load_splits("digits", image_size=16).test[5][0], data.test[5][0])
+
+
+def make_image_folder(root, classes=("cat", "dog"), per_class=3, size=20):
+    """A tiny ImageFolder tree: root/{train,val}/<class>/<i>.png."""
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (torch.rand(size, size, 3, generator=g) * 120 + 100 * c).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folder_is_resized_and_normalised(tmp_path):
+    data = load_splits("imagefolder", make_image_folder(tmp_path), image_size=12)
+    assert data.num_classes == 2 and len(data.train) == 6 and len(data.test) == 6
+    assert data.train[0][0].shape == (3, 12, 12)
+
+
+@pytest.mark.parametrize(
+    "name, make, match",
+    [
+        ("mnist", None, "unknown dataset 'mnist'; valid names: digits, cifar10, imagefolder"),
+        ("cifar10", None, "needs --data-dir"),
+        ("cifar10", "empty", "no 'cifar-10-batches-py' folder .* pass --download"),
+        ("imagefolder", "missing", "does not exist"),
+        ("imagefolder", "empty", "must hold 'train/' and 'val/'"),
+    ],
+)
+def test_bad_data_names_and_folders_say_what_is_expected(tmp_path, name, make, match):
+    data_dir = {"empty": tmp_path, "missing": tmp_path / "nope", None: None}[make]
+    with pytest.raises(ValueError, match=match):
+        load_splits(name, data_dir)
