@@ -9,7 +9,7 @@ figures come out for batch 256 at 224² without allocating them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -87,3 +87,24 @@ def saved_bytes_by_node(
 
 def total(counts: dict[str, int]) -> int:
     return sum(counts.values())
+
+
+def saved_bytes(fn: Callable[..., object], *inputs: Tensor, exclude: Sequence[Tensor] = ()) -> int:
+    """Bytes of unique storages autograd saves during one call of `fn(*inputs)`, `exclude` aside.
+
+    The count of `saved_bytes_by_node`, for code that is not a graph: torch.utils.checkpoint's
+    reentrant form, for one, saves each segment's input through these hooks.
+    """
+    excluded = {_storage_key(t) for t in exclude}
+    sizes: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key not in excluded:
+            sizes.setdefault(key, t.untyped_storage().nbytes())
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = fn(*inputs)
+    del output
+    return sum(sizes.values())

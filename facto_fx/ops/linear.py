@@ -1,4 +1,9 @@
-"""facto::linear — y = x (W + M·D)^T + b, saving only D·x (paper eq. 8, Table 2)."""
+"""facto::linear — y = x (W + M·D)^T + b, saving only D·x (paper eq. 8, Table 2).
+
+Forming M·D costs out·R·in multiply-adds, as much as the layer itself at `R` rows of input; with
+fewer rows (a CNN classifier at a small batch) the low-rank term goes through D·x instead:
+y = x·Wᵀ + (D·x)·Mᵀ, and the backward likewise.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,18 @@ def linear_fwd(
     bias: Tensor | None,
     storage_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:
-    y = F.linear(x, weight + M @ D, bias)
-    return y, store(F.linear(x, D), storage_dtype)
+    dx = F.linear(x, D)
+    if _factored(x, weight):
+        y = F.linear(x, weight, bias) + F.linear(dx, M)
+    else:
+        y = F.linear(x, weight + M @ D, bias)
+    return y, store(dx, storage_dtype)
+
+
+def _factored(x: Tensor, weight: Tensor) -> bool:
+    """Whether the rank-R path (rows·R·(in+out)) is cheaper than forming M·D (out·R·in)."""
+    rows = x.numel() // x.shape[-1]
+    return rows * sum(weight.shape) < weight.numel()
 
 
 @linear_fwd.register_fake
@@ -41,7 +56,10 @@ def _backward(ctx, grad_y, _grad_dx):
     dx, weight, M, D = ctx.saved_tensors
     grad_x = grad_M = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad_y @ (weight + M @ D).to(grad_y.dtype)  # 16-bit grad_y under autocast
+        if _factored(grad_y, weight.T):
+            grad_x = grad_y @ weight.to(grad_y.dtype) + (grad_y @ M.to(grad_y.dtype)) @ D.to(grad_y.dtype)
+        else:
+            grad_x = grad_y @ (weight + M @ D).to(grad_y.dtype)  # 16-bit grad_y under autocast
     if ctx.needs_input_grad[2]:
         grad_M = grad_y.reshape(-1, grad_y.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]).to(grad_y.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:

@@ -34,19 +34,24 @@ def _excluding(saved, *params):
 def test_forward_and_grads_match_dense_reparameterisation(lead, bias):
     """grad_x, grad_M and grad_bias equal autograd of F.linear(x, W + M·D, b), for 2-D and 3-D inputs."""
     x, weight, M, D, b = _tensors(lead, 6, 4, 3, bias=bias)
+    assert _check_against_dense(x, weight, M, D, b).shape == (*lead, 4)
+
+
+def _check_against_dense(x, weight, M, D, b):
+    """facto.linear's output and every gradient equal autograd of F.linear(x, W + M·D, b)."""
     fx, fM, fb = _leaf(x), _leaf(M), _leaf(b)
     rx, rM, rb = _leaf(x), _leaf(M), _leaf(b)
     y = facto.linear(fx, weight, fM, D, fb)
     y_ref = F.linear(rx, weight + rM @ D, rb)
-    assert y.shape == (*lead, 4)
     torch.testing.assert_close(y, y_ref)
     grad_y = torch.randn_like(y_ref)
     y.backward(grad_y)
     y_ref.backward(grad_y)
     torch.testing.assert_close(fx.grad, rx.grad)
     torch.testing.assert_close(fM.grad, rM.grad)
-    if bias:
+    if b is not None:
         torch.testing.assert_close(fb.grad, rb.grad)
+    return y
 
 
 def test_only_m_trained():
@@ -108,3 +113,13 @@ def test_no_grad_path_matches():
     assert not y_nograd.requires_grad and y_grad.requires_grad
     torch.testing.assert_close(y_nograd, F.linear(x, weight + M.detach() @ D, b))
     torch.testing.assert_close(y_nograd, y_grad.detach())
+
+
+@pytest.mark.parametrize("rows", [2, 64], ids=["few-rows-through-Dx", "many-rows-through-MD"])
+def test_both_low_rank_paths_match_the_dense_reparameterisation(rows):
+    """Few rows take y = x·Wᵀ + (D·x)·Mᵀ, many rows form M·D; both are the same function."""
+    from facto_fx.ops.linear import _factored
+
+    x, weight, M, D, b = _tensors((rows,), 16, 8, 5, seed=2)
+    assert _factored(x, weight) == (rows == 2)
+    _check_against_dense(x, weight, M, D, b)
