@@ -30,3 +30,12 @@ def test_facto_step_is_not_slower_than_vanilla_on_cpu():
     """CIFAR VGG11, batch 64: a Facto step does less arithmetic than a vanilla one."""
     result = _load("cpu_step").main(["--steps", "8"])
     assert result["ratio"] <= 1.0
+
+
+@pytest.mark.slow
+def test_peer_benchmark_ranks_facto_lowest_in_saved_bytes():
+    """Facto keeps less than every peer method, compiled or checkpointed (resnet18, small input)."""
+    results = _load("peer").main(["--models", "resnet18", "--batch-size", "2", "--image-size", "64",
+                                  "--steps", "1", "--warmup", "1"])["resnet18"]
+    facto = results["facto"][0]
+    assert all(facto < saved for name, (saved, _) in results.items() if not name.startswith("facto"))

@@ -95,3 +95,19 @@ def test_saved_bytes_by_node_counts_activations_not_parameters():
     gm.requires_grad_(False)
     assert facto_fx.saved_bytes_by_node(gm, [x]) == {}
     assert facto_fx.saved_bytes_by_node(gm, [x], train_all=True) == {"_0": 2 * 4 * 4, "_1": 2 * 3 * 4}
+
+
+def test_saved_bytes_of_a_call_equals_the_per_node_total_and_sees_checkpoint_segments():
+    """The graph-free count agrees with the per-node one; a reentrant checkpoint keeps only its input."""
+    from torch.utils.checkpoint import checkpoint
+
+    from facto_fx.memory import saved_bytes, saved_bytes_by_node
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    params = list(model.parameters())
+    per_node = saved_bytes_by_node(torch.fx.symbolic_trace(model), [x])
+    assert saved_bytes(model, x, exclude=params) == sum(per_node.values()) > 0
+    checkpointed = saved_bytes(lambda t: checkpoint(model, t, use_reentrant=True), x, exclude=params)
+    assert checkpointed == x.numel() * x.element_size()
