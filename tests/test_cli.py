@@ -47,7 +47,7 @@ def test_invalid_option_names_the_argument(capsys):
 
 
 def test_train_on_an_image_folder_writes_checkpoint_dense_model_and_history(tmp_path, capsys):
-    from training.test_data import make_image_folder
+    from training.image_folder import make_image_folder
 
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
+from image_folder import make_image_folder
 
 from facto_fx.training.data import EpochSampler, load_splits
 
@@ -33,19 +33,6 @@ def test_digits_are_three_channel_images_with_a_fixed_split():
     assert x.shape == (3, 16, 16) and 0 <= int(y) < 10
     assert len(data.train) + len(data.test) == 1797 and data.num_classes == 10
     assert torch.equal(load_splits("digits", image_size=16).test[5][0], data.test[5][0])
-
-
-def make_image_folder(root, classes=("cat", "dog"), per_class=3, size=20):
-    """A tiny ImageFolder tree: root/{train,val}/<class>/<i>.png."""
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = (torch.rand(size, size, 3, generator=g) * 120 + 100 * c).to(torch.uint8)
-                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
-    return root
 
 
 def test_image_folder_is_resized_and_normalised(tmp_path):
