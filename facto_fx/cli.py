@@ -15,7 +15,7 @@ import sys
 import torch
 
 import facto_fx
-from facto_fx.model_zoo import build_model, model_names
+from facto_fx.model_zoo import build_model, check_model_name
 from facto_fx.training import TrainConfig
 from facto_fx.training.config import OPTIMIZERS
 from facto_fx.training.data import DATASETS
@@ -75,14 +75,13 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     _add_facto_options(parser)
 
 
-def _train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     if values.get("lr_milestones") is not None:
         values["lr_milestones"] = tuple(values["lr_milestones"])
-    if values["model"] not in model_names():
-        build_model(values["model"], device="meta")  # raises with the close and valid names
-    return TrainConfig(**{**values, **overrides})
+    check_model_name(values["model"])  # before any data is loaded
+    return TrainConfig(**values)
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -25,8 +25,8 @@ def run_demo(config: TrainConfig, out: str | Path, plots: bool = True) -> DemoRe
     """Train `config` as given (Facto) and with frt_epochs = epochs (vanilla); print and plot both."""
     if config.frt_epochs >= config.epochs:
         raise ValueError(f"the demo needs Facto epochs: frt_epochs ({config.frt_epochs}) < epochs ({config.epochs})")
-    milestones = config.lr_milestones if config.lr_milestones is not None else (config.frt_epochs,)
-    facto_config = dataclasses.replace(config, lr_milestones=milestones, out=None, resume=False)
+    # The vanilla run never switches, so it takes the Facto run's schedule explicitly.
+    facto_config = dataclasses.replace(config, lr_milestones=config.milestones, out=None, resume=False)
     vanilla_config = dataclasses.replace(facto_config, frt_epochs=config.epochs)
     print(f"1/2 vanilla: {config.model} on {config.dataset}, {config.epochs} full-rank epochs")
     vanilla = train(vanilla_config)

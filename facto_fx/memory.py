@@ -9,7 +9,8 @@ figures come out for batch 256 at 224² without allocating them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, fx, nn
@@ -42,6 +43,22 @@ class _Runner(nn.Module):
         return self.interpreter.run(*args)
 
 
+@contextmanager
+def _counting_saved(counts: dict[str, int], excluded: set[int], owner: Callable[[], str]) -> Iterator[None]:
+    """Add the bytes of each storage autograd saves inside the block, once, to counts[owner()]."""
+    seen: set[int] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key not in excluded and key not in seen:
+            seen.add(key)
+            counts[owner()] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
 def _replacement(t: Tensor, analytic: bool, trainable: bool | None) -> Tensor:
     requires_grad = t.requires_grad if trainable is None else (trainable and t.is_floating_point())
     if analytic:
@@ -70,16 +87,7 @@ def saved_bytes_by_node(
     args = [torch.empty_like(x, device="meta") if analytic else x for x in inputs]
     interpreter = _SavingInterpreter(gm)
     counts: dict[str, int] = defaultdict(int)
-    seen: set[int] = set()
-
-    def pack(t: Tensor) -> Tensor:
-        key = _storage_key(t)
-        if key not in excluded and key not in seen:
-            seen.add(key)
-            counts[interpreter.current] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _counting_saved(counts, excluded, lambda: interpreter.current):
         output = functional_call(_Runner(gm, interpreter), state, tuple(args), strict=False, tie_weights=False)
     del output
     return dict(counts)
@@ -95,16 +103,8 @@ def saved_bytes(fn: Callable[..., object], *inputs: Tensor, exclude: Sequence[Te
     The count of `saved_bytes_by_node`, for code that is not a graph: torch.utils.checkpoint's
     reentrant form, for one, saves each segment's input through these hooks.
     """
-    excluded = {_storage_key(t) for t in exclude}
-    sizes: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        key = _storage_key(t)
-        if key not in excluded:
-            sizes.setdefault(key, t.untyped_storage().nbytes())
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    counts: dict[str, int] = defaultdict(int)
+    with _counting_saved(counts, {_storage_key(t) for t in exclude}, lambda: "call"):
         output = fn(*inputs)
     del output
-    return sum(sizes.values())
+    return total(counts)

@@ -16,13 +16,19 @@ def model_names() -> list[str]:
     return sorted(MODELS) + torchvision.models.list_models(module=torchvision.models)
 
 
-def build_model(name: str, num_classes: int = 1000, device: torch.device | str = "cpu") -> nn.Module:
-    """An untrained model; an unknown name raises ValueError listing the close and valid names."""
-    with torch.device(device):
-        if name in MODELS:
-            return MODELS[name](num_classes=num_classes)
-        if name in torchvision.models.list_models(module=torchvision.models):
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+def check_model_name(name: str) -> None:
+    """Raise a ValueError listing the close and the valid names if `build_model` does not know `name`."""
+    if name in MODELS or name in torchvision.models.list_models(module=torchvision.models):
+        return
     close = difflib.get_close_matches(name, model_names(), n=3)
     hint = f" Did you mean {close}?" if close else ""
     raise ValueError(f"unknown model '{name}'.{hint} Valid names: {', '.join(model_names())}")
+
+
+def build_model(name: str, num_classes: int = 1000, device: torch.device | str = "cpu") -> nn.Module:
+    """An untrained model; an unknown name raises ValueError listing the close and valid names."""
+    check_model_name(name)
+    with torch.device(device):
+        if name in MODELS:
+            return MODELS[name](num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)

@@ -32,7 +32,10 @@ def linear_fwd(
 
 
 def _factored(x: Tensor, weight: Tensor) -> bool:
-    """Whether the rank-R path (rows·R·(in+out)) is cheaper than forming M·D (out·R·in)."""
+    """Whether the rank-R path (rows·R·(in+out)) is cheaper than forming M·D (out·R·in).
+
+    Symmetric in in/out, so the same test serves the forward (x) and the backward (grad_y).
+    """
     rows = x.numel() // x.shape[-1]
     return rows * sum(weight.shape) < weight.numel()
 
@@ -56,7 +59,7 @@ def _backward(ctx, grad_y, _grad_dx):
     dx, weight, M, D = ctx.saved_tensors
     grad_x = grad_M = grad_bias = None
     if ctx.needs_input_grad[0]:
-        if _factored(grad_y, weight.T):
+        if _factored(grad_y, weight):
             grad_x = grad_y @ weight.to(grad_y.dtype) + (grad_y @ M.to(grad_y.dtype)) @ D.to(grad_y.dtype)
         else:
             grad_x = grad_y @ (weight + M @ D).to(grad_y.dtype)  # 16-bit grad_y under autocast

@@ -91,12 +91,16 @@ class TrainConfig:
             storage_dtype=self.storage_dtype, seed=self.seed,
         )
 
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        """lr_milestones, or by default the epoch where Facto starts (none if it never does)."""
+        if self.lr_milestones is not None:
+            return self.lr_milestones
+        return (self.frt_epochs,) if 0 < self.frt_epochs < self.epochs else ()
+
     def lr_at(self, epoch: int) -> float:
         """The learning rate of a 0-based epoch."""
-        milestones = self.lr_milestones
-        if milestones is None:
-            milestones = (self.frt_epochs,) if 0 < self.frt_epochs < self.epochs else ()
-        return self.lr * self.lr_gamma ** sum(epoch >= m for m in milestones)
+        return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones)
 
     def conflicts_with(self, saved: dict) -> list[str]:
         """Options that differ from a checkpoint's and would change the run's numbers."""

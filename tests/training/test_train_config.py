@@ -30,6 +30,7 @@ def test_learning_rate_drops_where_facto_starts_by_default():
     config = TrainConfig(lr=0.1, epochs=4, frt_epochs=2)
     assert [round(config.lr_at(e), 6) for e in range(4)] == [0.1, 0.1, 0.01, 0.01]
     assert TrainConfig(lr=0.1, epochs=2, frt_epochs=2).lr_at(1) == 0.1  # vanilla: no switch, no drop
+    assert TrainConfig(epochs=2, frt_epochs=0).milestones == ()  # Facto from the start: nothing to drop at
     custom = TrainConfig(lr=1.0, epochs=5, lr_milestones=(1, 3), lr_gamma=0.5)
     assert [custom.lr_at(e) for e in range(5)] == [1.0, 0.5, 0.5, 0.25, 0.25]
 

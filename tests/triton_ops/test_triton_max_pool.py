@@ -19,12 +19,6 @@ CASES = [
 ]
 
 
-def _reference(x, args):
-    leaf = x.detach().clone().requires_grad_(True)
-    y, code = max_pool2d_fwd(leaf, *args)
-    return leaf, y, code
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_and_code_match_reference(case, dtype):
