@@ -15,7 +15,9 @@ from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import rewrite
 from facto_fx.passes.schedule import Decision, schedule
-from facto_fx.passes.trace import propagate_shapes, trace
+from facto_fx.passes.trace import OPAQUE_META, propagate_shapes, trace
+from facto_fx.passes.verify import example_inputs as verification_inputs
+from facto_fx.passes.verify import verify as check
 from facto_fx.report import MemoryReport, build_report
 from facto_fx.triton_ops.dispatch import KernelScope
 
@@ -36,12 +38,16 @@ def compile(
     config: FactoConfig | None = None,
     *,
     example_inputs: tuple[Tensor, ...] | None = None,
+    verify: bool = True,
     **options,
 ) -> fx.GraphModule:
     """Trace `model` and rewrite it for Facto low-rank training with compressed feature maps.
 
     Pass a FactoConfig or its fields as keywords (inr=0.3, lossy_kernel=2, apply_ratio=0.6, ...).
-    With `example_inputs`, every node of the result records its output shape and dtype in
+    Before returning, the result is run against `model` on `example_inputs` (or on a small random
+    batch shaped for the first layer) in eval mode: at M = 0 both must compute the same output, or
+    FactoVerificationError names the first diverging node. verify=False skips that check. With
+    `example_inputs`, every node also records its output shape and dtype in
     node.meta["tensor_meta"]. The result shares parameters with `model`: its frozen weights W are
     the model's own, so merges update them in place.
     """
@@ -50,16 +56,27 @@ def compile(
     config = config or FactoConfig(**options)
     if isinstance(model, fx.GraphModule) and "facto" in model.meta:
         raise ValueError("this model is already a Facto model; compile the original model instead")
-    gm = trace(model, config.leaf_modules)
+    if verify and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError("a model on the meta device cannot be verified: pass verify=False (nothing can run on it)")
+    gm = _trace(model, config)
     matches = find_matches(gm)
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, config)
     gm.meta["facto"] = FactoState(config, plan, model)
     if config.kernels != "auto":
         KernelScope(config.kernels).attach(gm)
+    if verify:
+        inputs = example_inputs if example_inputs is not None else verification_inputs(model, gm)
+        check(model, gm, inputs, plan, lambda: _trace(model, config, gm))
     if example_inputs is not None:
         propagate_shapes(gm, *example_inputs)
     return gm
+
+
+def _trace(model: nn.Module, config: FactoConfig, like: fx.GraphModule | None = None) -> fx.GraphModule:
+    """The pass's trace of `model`; `like` reuses the leaves an earlier trace chose, to skip retries."""
+    leaves = list(like.meta[OPAQUE_META]) if like is not None else config.leaf_modules
+    return trace(model, leaves, freeze_batch_norm=config.batch_norm == "freeze", strict=config.strict)
 
 
 def _state(fmodel: nn.Module) -> FactoState:
@@ -80,7 +97,7 @@ def report(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = Fal
     analytic=True computes the same figures on meta tensors, allocating nothing.
     """
     state = _state(fmodel)
-    vanilla_gm = trace(state.source, state.config.leaf_modules)
+    vanilla_gm = _trace(state.source, state.config, fmodel)
     vanilla = saved_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic, train_all=True)
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic)
     return build_report(state.decisions, vanilla_gm, vanilla, facto)

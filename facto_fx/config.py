@@ -51,7 +51,9 @@ class FactoConfig:
         in training mode, unrewritten, for models that need batch statistics.
     include / exclude / layer_filter: force layers in or out by qualified name or by a function
         ``(name, module_or_None) -> bool`` returning False to exclude.
-    leaf_modules: qualified names the tracer must not enter (for untraceable sub-modules).
+    leaf_modules: qualified names the tracer must not enter; they are kept as one call, dense.
+    strict: raise FactoTraceError when a sub-module cannot be traced, instead of keeping it as
+        one opaque (dense) call and listing it in the report.
     binarize_activations: store ReLU / max-pool / dropout masks as packed bits.
     seed: seeds the random direction matrices D, per layer and per redraw.
     kernels: "auto" runs the Triton kernels on CUDA tensors and PyTorch elsewhere; "torch" always
@@ -68,6 +70,7 @@ class FactoConfig:
     exclude: Sequence[str] = field(default_factory=tuple)
     layer_filter: LayerFilter | None = None
     leaf_modules: Sequence[str] = field(default_factory=tuple)
+    strict: bool = False
     binarize_activations: bool = True
     seed: int = 0
     kernels: Kernels = "auto"
@@ -101,6 +104,8 @@ class FactoConfig:
             raise ValueError(f"layers {sorted(overlap)} are in both include and exclude")
         if self.layer_filter is not None and not callable(self.layer_filter):
             raise ValueError("layer_filter must be callable as layer_filter(name, module) -> bool")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"strict must be True or False; got {self.strict!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         check_mode(self.kernels)

@@ -173,7 +173,9 @@ def rewrite_captured(gm: fx.GraphModule, example_inputs: list, config: FactoConf
     decisions = schedule(gm, matches, config)
     for match, decision in zip(matches, decisions, strict=True):
         train_bn = match.kind == BATCH_NORM and config.batch_norm == "train"
-        if match.unsupported is None and not train_bn and (decision.compress or match.kind == BATCH_NORM):
+        if match.unsupported is None and not train_bn and (
+            decision.compress or match.kind == BATCH_NORM and not decision.excluded
+        ):
             if match.kind == BATCH_NORM and not decision.compress:
                 _rewrite(gm, match, params, dataclasses.replace(config, lossy_kernel=1, storage_dtype=None), extra)
             else:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from facto_fx import ops
+from facto_fx.ops.lossy import pair
 
 
 def direction_seed(base_seed: int, draws: int) -> int:
@@ -91,16 +92,34 @@ class FactoConv2d(_LowRankMixin, nn.Module):
     """A Conv2d trained as W + reshape(M·D), saving a pooled, channel-projected input."""
 
     def __init__(
-        self, conv: nn.Conv2d, rank: int, lossy_kernel: int, storage_dtype: torch.dtype | None, seed: int
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int],
+        dilation: int | tuple[int, int],
+        rank: int,
+        lossy_kernel: int,
+        storage_dtype: torch.dtype | None,
+        seed: int,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
-        self.padding = conv.padding
+        self.out_channels, self.in_channels = weight.shape[:2]
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride, self.padding, self.dilation = tuple(pair(stride)), tuple(pair(padding)), tuple(pair(dilation))
         self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
-        self.weight = conv.weight.requires_grad_(False)
-        self._init_low_rank(conv.weight, rank, conv.weight[0].numel(), seed)
-        self.bias = conv.bias
+        self.weight = weight.requires_grad_(False)
+        self._init_low_rank(weight, rank, weight[0].numel(), seed)
+        self.bias = bias
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, rank: int, lossy_kernel: int, storage_dtype: torch.dtype | None, seed: int
+    ) -> FactoConv2d:
+        """The Facto layer for an nn.Conv2d, sharing its weight and bias."""
+        return cls(
+            conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, rank, lossy_kernel, storage_dtype, seed
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.conv2d(
@@ -129,13 +148,20 @@ class FactoConv2d(_LowRankMixin, nn.Module):
 class FactoLinear(_LowRankMixin, nn.Module):
     """A Linear trained as W + M·D, saving D·x instead of x."""
 
-    def __init__(self, linear: nn.Linear, rank: int, storage_dtype: torch.dtype | None, seed: int) -> None:
+    def __init__(
+        self, weight: nn.Parameter, bias: nn.Parameter | None, rank: int, storage_dtype: torch.dtype | None, seed: int
+    ) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.storage_dtype = storage_dtype
-        self.weight = linear.weight.requires_grad_(False)
-        self._init_low_rank(linear.weight, rank, linear.in_features, seed)
-        self.bias = linear.bias
+        self.weight = weight.requires_grad_(False)
+        self._init_low_rank(weight, rank, self.in_features, seed)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, storage_dtype: torch.dtype | None, seed: int) -> FactoLinear:
+        """The Facto layer for an nn.Linear, sharing its weight and bias."""
+        return cls(linear.weight, linear.bias, rank, storage_dtype, seed)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.linear(x, self.weight, self.M, self.D, self.bias, self.storage_dtype)

@@ -31,7 +31,8 @@ def test_meta_direction_allocates_nothing():
 @pytest.fixture
 def conv_layer():
     torch.manual_seed(0)
-    layer = FactoConv2d(nn.Conv2d(4, 6, 3, stride=2, padding=1), rank=2, lossy_kernel=2, storage_dtype=None, seed=9)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    layer = FactoConv2d.from_conv(conv, rank=2, lossy_kernel=2, storage_dtype=None, seed=9)
     with torch.no_grad():
         layer.M.normal_()
     return layer
@@ -71,7 +72,7 @@ def test_regularize_is_weight_decay_on_omega(conv_layer):
 
 def test_linear_to_dense_and_delta():
     torch.manual_seed(0)
-    layer = FactoLinear(nn.Linear(10, 3), rank=4, storage_dtype=None, seed=1)
+    layer = FactoLinear.from_linear(nn.Linear(10, 3), rank=4, storage_dtype=None, seed=1)
     with torch.no_grad():
         layer.M.normal_()
     torch.testing.assert_close(layer.get_delta_weight(), layer.M @ layer.D)

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from facto_fx.ops.bitpack import SUPPORTED_BITS, code_bits
+from facto_fx.passes.trace import OPAQUE_META, hook_reason, owner_module
 
 CONV, LINEAR, RELU, MAX_POOL, SCALE, BATCH_NORM, DROPOUT = (
     "conv2d", "linear", "relu", "max_pool2d", "scale", "batch_norm", "dropout"
 )
+OPAQUE = "opaque"  # a sub-module kept as one call: never rewritten, listed with the tracer's reason
 LOW_RANK_KINDS = (CONV, LINEAR)
 ORDERED_KINDS = (CONV, SCALE, BATCH_NORM)  # what apply_ratio counts (paper §4.2)
 
@@ -26,6 +28,23 @@ _RELU_METHODS = {"relu", "relu_"}
 _MAX_POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d}
 _MUL_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
 _DROPOUT_FUNCTIONS = {F.dropout}
+_CONV_FUNCTIONS = {F.conv2d, torch.conv2d}
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+_BATCH_NORM_FUNCTIONS = {F.batch_norm}
+
+# The module classes a Facto layer replaces whole, and the methods that define what they compute:
+# a subclass overriding one of them computes something else, so it is never swapped.
+_EXACT_MODULES = {
+    CONV: (nn.Conv2d, ("forward", "_conv_forward")),
+    LINEAR: (nn.Linear, ("forward",)),
+    RELU: (nn.ReLU, ("forward",)),
+    MAX_POOL: (nn.MaxPool2d, ("forward",)),
+    BATCH_NORM: (nn.modules.batchnorm._BatchNorm, ("forward",)),
+    DROPOUT: (nn.Dropout, ("forward",)),
+}
+# Other forwards that compute the same as the base class in the form the pass uses: frozen
+# statistics are SyncBatchNorm's eval-mode forward.
+_EQUIVALENT_FORWARDS = {nn.SyncBatchNorm.forward}
 _UNSUPPORTED_MODULES = {
     nn.Conv1d: "only 2-D convolutions are rewritten",
     nn.Conv3d: "only 2-D convolutions are rewritten",
@@ -58,6 +77,37 @@ def _get_attr_param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
         return gm.get_parameter(node.target)
     except AttributeError:
         return None
+
+
+def _get_attr_buffer(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The buffer a get_attr node reads, or None for anything else."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    try:
+        return gm.get_buffer(node.target)
+    except AttributeError:
+        return None
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument `name` of a call node, given by position `index` or by keyword."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def module_problem(module: nn.Module, kind: str) -> str | None:
+    """Why swapping `module` for the Facto layer of `kind` would change what the model computes."""
+    reason = hook_reason(module)
+    if reason is not None:
+        return reason
+    base, methods = _EXACT_MODULES[kind]
+    for method in methods:
+        impl = getattr(type(module), method)
+        if method in vars(module) or impl is not getattr(base, method) and impl not in _EQUIVALENT_FORWARDS:
+            return (
+                f"{type(module).__name__} overrides {base.__name__}.{method}, so a Facto layer would compute "
+                f"only the {base.__name__} part; left dense"
+            )
+    return None
 
 
 _VIEW_METHODS = {
@@ -115,25 +165,70 @@ def _max_pool_problem(kernel_size) -> str | None:
 def _match_module(gm: fx.GraphModule, node: fx.Node) -> Match | None:
     module = gm.get_submodule(node.target)
     layer = node.target
-    if isinstance(module, nn.Conv2d):
-        return Match(node, CONV, layer, module, _conv_problem(module))
-    if isinstance(module, nn.Linear):
-        return Match(node, LINEAR, layer, module)
-    if isinstance(module, nn.ReLU):
-        return Match(node, RELU, layer, module, inplace_aliasing(node) if module.inplace else None)
-    if isinstance(module, nn.MaxPool2d):
-        problem = "return_indices=True is not supported" if module.return_indices else None
-        return Match(node, MAX_POOL, layer, module, problem or _max_pool_problem(module.kernel_size))
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        problem = None if module.track_running_stats else "no running statistics to freeze"
-        return Match(node, BATCH_NORM, layer, module, problem)
-    if isinstance(module, nn.Dropout):
+    kind = next((k for k, (base, _) in _EXACT_MODULES.items() if isinstance(module, base)), None)
+    problem = module_problem(module, kind) if kind is not None else None
+    opaque = gm.meta.get(OPAQUE_META, {}).get(layer)
+    if opaque is not None and (kind is None or problem is not None):
+        reasons = [opaque] + ([problem] if problem not in (None, opaque) else [])
+        return Match(node, kind or OPAQUE, layer, module, f"{type(module).__name__} {'; '.join(reasons)}")
+    if kind is None or problem is not None:
+        for cls, reason in _UNSUPPORTED_MODULES.items():
+            if type(module) is cls:
+                return Match(node, type(module).__name__, layer, module, reason)
+        return None if kind is None else Match(node, kind, layer, module, problem)
+    if kind == CONV:
+        problem = _conv_problem(module)
+    elif kind == RELU:
         problem = inplace_aliasing(node) if module.inplace else None
-        return Match(node, DROPOUT, layer, module, problem)
-    for cls, reason in _UNSUPPORTED_MODULES.items():
-        if type(module) is cls:
-            return Match(node, type(module).__name__, layer, module, reason)
+    elif kind == MAX_POOL:
+        problem = "return_indices=True is not supported" if module.return_indices else None
+        problem = problem or _max_pool_problem(module.kernel_size)
+    elif kind == BATCH_NORM:
+        problem = None if module.track_running_stats else "no running statistics to freeze"
+    elif kind == DROPOUT:
+        problem = inplace_aliasing(node) if module.inplace else None
+    return Match(node, kind, layer, module, problem)
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _weighted_function_problem(gm: fx.GraphModule, node: fx.Node, kind: str) -> str | None:
+    """Why a functional conv / linear cannot become a Facto layer in place of its weight's module."""
+    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if _get_attr_param(gm, weight) is None:
+        return f"functional {kind} whose weight is computed in forward (weight standardisation, ...); left dense"
+    if bias is not None and _get_attr_param(gm, bias) is None:
+        return f"functional {kind} whose bias is not a parameter; left dense"
+    if len(weight.users) > 1:
+        return f"weight '{weight.target}' is also read elsewhere in forward; left dense"
+    owner = _owner(weight.target)
+    expected = {f"{owner}.weight", f"{owner}.bias"}
+    if not owner or weight.target != f"{owner}.weight" or bias is not None and bias.target != f"{owner}.bias":
+        return f"functional {kind} on parameters not named <module>.weight / <module>.bias; left dense"
+    others = [
+        n.name for n in gm.graph.nodes
+        if n.op in ("get_attr", "call_module") and (n.target == owner or str(n.target).startswith(f"{owner}."))
+        and n.target not in expected
+    ]
+    if others:
+        return f"module '{owner}' is also used by {others[0]}; left dense"
     return None
+
+
+def _match_batch_norm_function(gm: fx.GraphModule, node: fx.Node) -> Match | None:
+    mean, var = arg(node, 1, "running_mean"), arg(node, 2, "running_var")
+    if _get_attr_buffer(gm, mean) is None or _get_attr_buffer(gm, var) is None:
+        return Match(node, BATCH_NORM, node.name, None, "batch statistics only (no running statistics to freeze)")
+    layer = _owner(mean.target) or node.name
+    if arg(node, 5, "training", False) is True:
+        return Match(node, BATCH_NORM, layer, None, "uses batch statistics in every mode; left dense")
+    for name, index in (("weight", 3), ("bias", 4)):
+        value = arg(node, index, name)
+        if value is not None and _get_attr_param(gm, value) is None:
+            return Match(node, BATCH_NORM, layer, None, f"functional batch-norm whose {name} is not a parameter")
+    return Match(node, BATCH_NORM, layer)
 
 
 def _match_function(gm: fx.GraphModule, node: fx.Node) -> Match | None:
@@ -148,20 +243,31 @@ def _match_function(gm: fx.GraphModule, node: fx.Node) -> Match | None:
         problem = "return_indices=True is not supported" if node.kwargs.get("return_indices") else None
         return Match(node, MAX_POOL, node.name, None, problem or _max_pool_problem(kernel))
     if target in _MUL_FUNCTIONS and len(node.args) == 2:
-        for position, arg in enumerate(node.args):
-            param = _get_attr_param(gm, arg)
+        for position, operand in enumerate(node.args):
+            param = _get_attr_param(gm, operand)
             if param is not None and param.numel() == 1:
                 problem = "in-place multiply" if target is operator.imul else None
                 other = node.args[1 - position]
                 if not isinstance(other, fx.Node):
                     problem = "scale of a constant"
-                return Match(node, SCALE, arg.target, None, problem)
+                return Match(node, SCALE, operand.target, None, problem)
     if target in _DROPOUT_FUNCTIONS:
-        return Match(node, DROPOUT, node.name, None, "functional dropout: its training flag is traced as a constant")
-    if target in (F.conv2d, torch.conv2d):
-        return Match(node, CONV, node.name, None, "functional conv2d: only nn.Conv2d modules are rewritten")
-    if target is F.linear:
-        return Match(node, LINEAR, node.name, None, "functional linear: only nn.Linear modules are rewritten")
+        problem = inplace_aliasing(node) if arg(node, 3, "inplace", False) else None
+        return Match(node, DROPOUT, node.name, None, problem)
+    if target in _CONV_FUNCTIONS or target in _LINEAR_FUNCTIONS:
+        kind = CONV if target in _CONV_FUNCTIONS else LINEAR
+        weight = arg(node, 1, "weight")
+        layer = _owner(weight.target) if _get_attr_param(gm, weight) is not None else owner_module(node)
+        problem = _weighted_function_problem(gm, node, kind)
+        if kind == CONV and problem is None:
+            groups, padding = arg(node, 6, "groups", 1), arg(node, 4, "padding", 0)
+            if groups != 1:
+                problem = f"grouped convolution (groups={groups}) is not supported; left dense and trainable"
+            elif isinstance(padding, str):
+                problem = f"padding='{padding}' is not supported; left dense and trainable"
+        return Match(node, kind, layer or node.name, None, problem)
+    if target in _BATCH_NORM_FUNCTIONS:
+        return _match_batch_norm_function(gm, node)
     return None
 
 
@@ -190,11 +296,15 @@ def find_matches(gm: fx.GraphModule) -> list[Match]:
 
 
 def _mark_shared_modules(matches: list[Match]) -> None:
-    """A stateful module called from several places cannot be swapped for just one of them."""
-    calls: dict[int, list[Match]] = {}
+    """A stateful layer called from several places cannot be swapped for just one of them."""
+    calls: dict[object, list[Match]] = {}
     for match in matches:
-        if match.module is not None and match.kind in (CONV, LINEAR, BATCH_NORM, DROPOUT):
+        if match.kind not in (CONV, LINEAR, BATCH_NORM, DROPOUT):
+            continue
+        if match.module is not None:
             calls.setdefault(id(match.module), []).append(match)
+        elif match.kind != DROPOUT:
+            calls.setdefault(match.layer.partition("#")[0], []).append(match)
     for shared in calls.values():
         if len(shared) > 1:
             for match in shared:

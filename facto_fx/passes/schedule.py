@@ -32,6 +32,7 @@ class Decision:
     reason: str
     unsupported: bool = False
     rewritten: bool = False
+    excluded: bool = False  # by exclude / layer_filter: left exactly as it is (batch-norm not even frozen)
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -120,13 +121,14 @@ def _decide(
     m: Match, depth: int, config: FactoConfig, inputs: set[str], chosen: set[str], ordered: list[Match]
 ) -> Decision:
     batch_stats = _batch_stats(m.kind, config)
+    override = _override(config, m)
     if m.unsupported is not None:
         compress, reason = False, m.unsupported
     elif batch_stats:
         compress, reason = False, "batch_norm='train': left in training mode"
     elif m.node.name in inputs:
         compress, reason = False, "input layer: never compressed (paper §4.2)"
-    elif (override := _override(config, m)) is not None:
+    elif override is not None:
         compress, reason = override
     elif m.kind in ORDERED_KINDS:
         compress = m.node.name in chosen
@@ -138,4 +140,6 @@ def _decide(
         compress, reason = True, "mask stored as packed bits"
     else:
         compress, reason = False, "binarize_activations=False"
-    return Decision(m.layer, m.kind, m.node.name, depth, compress, reason, m.unsupported is not None or batch_stats)
+    excluded = override is not None and not override[0]
+    unsupported = m.unsupported is not None or batch_stats
+    return Decision(m.layer, m.kind, m.node.name, depth, compress, reason, unsupported, excluded=excluded)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,10 +165,16 @@ def test_functional_inplace_relu_with_later_read_unsupported():
     assert matches["relu"][0] == "relu" and "in-place" in matches["relu"][1]
 
 
-def test_functional_dropout_unsupported():
-    """Its `training` flag is baked into the trace, so it cannot follow fmodel.train()/eval()."""
-    matches = _kinds(_Fn(lambda m, x: F.dropout(x, 0.5, m.training)))
-    assert matches["dropout"][0] == "dropout" and "training flag" in matches["dropout"][1]
+def test_functional_dropout_follows_the_mode():
+    """F.dropout(x, p, self.training): the trace reads the flag at run time, so it is rewritten and
+    follows fmodel.train() / .eval() like the original."""
+    model = _Fn(lambda m, x: F.dropout(x, 0.5, m.training))
+    assert _kinds(model) == {"dropout": ("dropout", None)}
+    fmodel = facto_fx.compile(model, example_inputs=(torch.randn(2, 8),))
+    x = torch.ones(64, 8, requires_grad=True)
+    assert torch.equal(fmodel.eval()(x), x)
+    dropped = fmodel.train()(x)
+    assert 0 < (dropped == 0).sum() < x.numel() and set(dropped.unique().tolist()) == {0.0, 2.0}
 
 
 @pytest.mark.parametrize(("module", "supported"), [
@@ -187,6 +195,164 @@ def test_inplace_relu_seen_through_an_earlier_view_is_not_rewritten():
             return y.sum() + flat.sum()
 
     model = ViewThenInplace()
-    fmodel = facto_fx.compile(model)
     x = torch.randn(2, 4, 4, 4)
+    fmodel = facto_fx.compile(model, example_inputs=(x.clone(),))
     torch.testing.assert_close(fmodel(x.clone()), model(x.clone()))
+
+
+# Subclasses of the matched module types that change what the base class computes. None may be
+# swapped whole; the pass traces into them and matches their functional calls one by one.
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: batch-norm and an activation in one forward."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return self.act(x)
+
+
+class PadInForward(nn.Conv2d):
+    """Asymmetric padding applied in forward from static sizes (traceable)."""
+
+    def forward(self, x):
+        return self._conv_forward(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias)
+
+
+class SamePadFromShape(nn.Conv2d):
+    """Padding computed from the input's shape with Python math, like timm's Conv2dSame: untraceable."""
+
+    def forward(self, x):
+        size, stride, kernel = x.shape[-1], self.stride[0], self.kernel_size[0]
+        pad = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        return F.conv2d(F.pad(x, (pad // 2, pad - pad // 2) * 2), self.weight, self.bias, self.stride)
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardisation, like timm's StdConv2d: the weight is computed in forward."""
+
+    def forward(self, x):
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        weight = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class PlainConv(nn.Conv2d):
+    """A subclass that changes nothing: rewritten like nn.Conv2d."""
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class LeakyReLU(nn.ReLU):
+    def forward(self, x):
+        return F.leaky_relu(x, 0.1)
+
+
+class AveragingPool(nn.MaxPool2d):
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride)
+
+
+class HalfDropout(nn.Dropout):
+    def forward(self, x):
+        return F.dropout(x, self.p / 2, self.training)
+
+
+class Subclassed(nn.Module):
+    """Every override above, on a 2x3x16x16 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pad_conv = PadInForward(8, 8, 2)
+        self.bn1 = BatchNormAct(8)
+        self.same_conv = SamePadFromShape(8, 8, 3, stride=2)
+        self.std_conv = StandardizedConv(8, 8, 3, padding=1)
+        self.bn2 = BatchNormAct(8)
+        self.plain = PlainConv(8, 8, 3, padding=1)
+        self.pool = AveragingPool(2)
+        self.act = LeakyReLU()
+        self.drop = HalfDropout(0.5)
+        self.fc = ScaledLinear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.bn1(self.pad_conv(self.stem(x)))
+        x = self.bn2(self.std_conv(self.same_conv(x)))
+        x = self.act(self.pool(self.plain(x)))
+        return self.fc(self.drop(torch.flatten(x, 1)))
+
+
+def _trained_statistics(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics, so frozen batch-norm is not the identity."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def subclassed():
+    torch.manual_seed(0)
+    model = _trained_statistics(Subclassed())
+    fmodel = facto_fx.compile(model, apply_ratio=1.0, include=["fc"])  # after dense convs: not by default
+    return model, fmodel, {d.layer: d for d in facto_fx.decisions(fmodel)}
+
+
+def test_subclasses_compute_the_original_function_and_train(subclassed):
+    model, fmodel, _ = subclassed
+    x = torch.randn(2, 3, 16, 16)
+    model.eval(), fmodel.eval()
+    with torch.enable_grad():
+        torch.testing.assert_close(fmodel(x), model(x), rtol=1e-5, atol=1e-6)
+    fmodel.train()
+    fmodel(x).square().mean().backward()
+    trained = [p for p in fmodel.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+    fmodel.zero_grad(set_to_none=True)
+
+
+def test_subclasses_matched_by_their_functional_calls(subclassed):
+    _, fmodel, by_layer = subclassed
+    for layer, kind in [("pad_conv", "conv2d"), ("plain", "conv2d"), ("fc", "linear"), ("bn1", "batch_norm"),
+                        ("bn2", "batch_norm"), ("bn1.act", "relu"), ("dropout", "dropout")]:
+        assert by_layer[layer].kind == kind and by_layer[layer].rewritten, layer
+    assert isinstance(fmodel.get_submodule("pad_conv"), facto_fx.layers.FactoConv2d)
+    assert isinstance(fmodel.get_submodule("fc"), facto_fx.layers.FactoLinear)
+    assert "cannot trace" in by_layer["same_conv"].reason and not by_layer["same_conv"].rewritten
+    assert "weight is computed" in by_layer["std_conv"].reason and not by_layer["std_conv"].rewritten
+    assert "leaky_relu" not in by_layer and "max_pool2d" not in {d.kind for d in by_layer.values()}
+
+
+@pytest.mark.parametrize("name", ["pad_conv", "bn1", "pool", "act", "drop", "fc"])
+def test_a_subclass_kept_whole_is_never_swapped(name):
+    torch.manual_seed(0)
+    model = _trained_statistics(Subclassed())
+    fmodel = facto_fx.compile(model, apply_ratio=1.0, leaf_modules=[name])
+    decision = {d.layer: d for d in facto_fx.decisions(fmodel)}[name]
+    assert "overrides" in decision.reason and not decision.rewritten
+    assert type(fmodel.get_submodule(name)) is type(model.get_submodule(name))
+
+
+def test_functional_conv_on_a_module_with_other_state_is_left_dense():
+    class ConvWithGain(nn.Conv2d):
+        def __init__(self) -> None:
+            super().__init__(4, 4, 3, padding=1)
+            self.gain = nn.Parameter(torch.full((1, 4, 1, 1), 2.0))
+
+        def forward(self, x):
+            return super().forward(x) * self.gain
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), ConvWithGain())
+    fmodel = facto_fx.compile(model, apply_ratio=1.0)
+    decision = {d.layer: d for d in facto_fx.decisions(fmodel)}["1"]
+    assert "also used by" in decision.reason and not decision.rewritten

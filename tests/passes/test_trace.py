@@ -1,4 +1,5 @@
-"""Tracing errors must point at the untraceable sub-module and say how to work around it."""
+"""The tracer: untraceable parts stay opaque instead of stopping the model, the graph follows
+train / eval mode like the model does, and tracing leaves the model as it found it."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import facto_fx
+from facto_fx.passes.trace import OPAQUE_META, trace
 
 
 class Gate(nn.Module):
@@ -39,35 +42,148 @@ def _gate_line() -> str:
     return f"{inspect.getsourcefile(Gate)}:{first + offset}"
 
 
-def _trace_error() -> str:
+def _strict_error() -> str:
     with pytest.raises(facto_fx.FactoTraceError) as info:
-        facto_fx.compile(Gated())
+        facto_fx.compile(Gated(), strict=True)
     return str(info.value)
 
 
-def test_trace_error_points_at_source_line_and_suggests_leaf_modules():
-    message = _trace_error()
+def test_strict_trace_error_points_at_source_line_and_names_the_submodule():
+    message = _strict_error()
     assert _gate_line() in message
-    assert "leaf_modules" in message
+    assert "'gate'" in message and "leaf_modules=['gate']" in message
 
 
-def test_trace_error_names_the_failing_submodule():
-    message = _trace_error()
-    assert "'gate'" in message
-    assert "leaf_modules=['gate']" in message
+def test_untraceable_submodule_is_kept_opaque_and_the_rest_compressed():
+    torch.manual_seed(0)
+    model = Gated()
+    fmodel = facto_fx.compile(model, apply_ratio=1.0)
+    by_layer = {d.layer: d for d in facto_fx.decisions(fmodel)}
+    assert by_layer["gate"].kind == "opaque" and not by_layer["gate"].rewritten
+    assert _gate_line() in by_layer["gate"].reason
+    assert by_layer["conv2"].rewritten and by_layer["conv3"].rewritten
+    report = facto_fx.report(fmodel, torch.randn(2, 3, 8, 8))
+    assert any(d.layer == "gate" for d in report.unrewritten) and "gate (opaque)" in str(report)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    for sample in (x, -x):  # both branches of the gate, decided at run time
+        torch.testing.assert_close(fmodel(sample), model(sample), rtol=1e-5, atol=1e-6)
+
+
+def test_error_in_the_root_forward_still_raises():
+    class RootBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.mean() > 0 else x
+
+    with pytest.raises(facto_fx.FactoTraceError, match="RootBranch.forward"):
+        facto_fx.compile(RootBranch())
 
 
 def test_leaf_module_makes_it_traceable_with_the_same_output():
     torch.manual_seed(0)
     model = Gated()
-    fmodel = facto_fx.compile(model, leaf_modules=["gate"], apply_ratio=1.0)
+    fmodel = facto_fx.compile(model, leaf_modules=["gate"], apply_ratio=1.0, strict=True)
     assert any(n.op == "call_module" and n.target == "gate" for n in fmodel.graph.nodes)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
-    expected = model(x)
-    torch.testing.assert_close(fmodel(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fmodel(x), model(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fmodel(-x), model(-x), rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_leaf_module_rejected():
     with pytest.raises(ValueError, match="gat"):
         facto_fx.compile(Gated(), leaf_modules=["gat"])
+
+
+class HalveInTraining(nn.Module):
+    """Different code in train and eval mode, like timm's DropPath or DropBlock."""
+
+    def forward(self, x):
+        if self.training:
+            return x * 0.5
+        return x
+
+
+class ModeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.halve = HalveInTraining()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.halve(self.conv1(x))
+        return F.dropout(self.conv2(x), 0.5, self.training)  # the root's own flag
+
+
+@pytest.mark.parametrize("mode_at_compile", ["train", "eval"])
+def test_graph_follows_the_mode_whatever_the_mode_at_compile(mode_at_compile):
+    torch.manual_seed(0)
+    model = ModeNet().train(mode_at_compile == "train")
+    gm = trace(model)
+    assert gm.meta[OPAQUE_META].keys() == {"halve"}
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm.eval()(x), model.eval()(x))
+    model.train(), gm.train()
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(gm(x), expected)
+    assert (expected == 0).any()
+
+
+def test_mode_dependent_code_in_the_root_forward_raises():
+    class RootMode(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            x = self.conv(x)
+            return x * 2 if self.training else x
+
+    with pytest.raises(facto_fx.FactoTraceError, match="train and eval mode"):
+        trace(RootMode())
+
+
+def test_tracing_leaves_modes_and_buffers_as_they_were():
+    class Counter(nn.Module):
+        """Updates a buffer in place, which a graph would silently drop."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Counter(), nn.BatchNorm2d(3))
+    model[2].eval()
+    gm = trace(model, freeze_batch_norm=True)
+    assert model.training and not model[2].training
+    assert model[1].calls.item() == 0 and model[2].num_batches_tracked.item() == 0
+    assert "'calls' in place" in gm.meta[OPAQUE_META]["1"]
+    gm(torch.randn(1, 3, 4, 4))
+    assert model[1].calls.item() == 1  # the opaque call still runs it
+
+
+def test_hooks_and_parametrizations_keep_the_module_whole():
+    torch.manual_seed(0)
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 2, 1))
+    model[1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    nn.utils.parametrizations.weight_norm(model[3])
+    fmodel = facto_fx.compile(model, apply_ratio=1.0)
+    by_layer = {d.layer: d for d in facto_fx.decisions(fmodel)}
+    assert "forward hooks" in by_layer["1"].reason and not by_layer["1"].rewritten
+    assert "parametrized (weight)" in by_layer["3"].reason and not by_layer["3"].rewritten
+    assert by_layer["4"].rewritten
+    seen.clear()
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(fmodel(x), model(x))
+    assert len(seen) == 2  # the hook ran in both models
+    fmodel(x).sum().backward()
+    assert model[3].parametrizations.weight.original1.grad is not None
