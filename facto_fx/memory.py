@@ -53,7 +53,9 @@ def _counting_saved(counts: dict[str, int], excluded: set[int], owner: Callable[
         if key not in excluded and key not in seen:
             seen.add(key)
             counts[owner()] += t.untyped_storage().nbytes()
-        return t
+        # Detached: a saved output packed as itself would hold its own grad_fn, a reference cycle
+        # through autograd's C++ graph that the garbage collector cannot see.
+        return t.detach()
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield
@@ -89,6 +91,9 @@ def saved_bytes_by_node(
     counts: dict[str, int] = defaultdict(int)
     with _counting_saved(counts, excluded, lambda: interpreter.current):
         output = functional_call(_Runner(gm, interpreter), state, tuple(args), strict=False, tie_weights=False)
+    # The interpreter keeps the output, whose autograd graph holds the pack hook, which holds the
+    # interpreter: a cycle through C++ that would keep the model alive.
+    interpreter.env.clear()
     del output
     return dict(counts)
 

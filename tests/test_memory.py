@@ -112,3 +112,18 @@ def test_saved_bytes_of_a_call_equals_the_per_node_total_and_sees_checkpoint_seg
     assert saved_bytes(model, x, exclude=params) == sum(per_node.values()) > 0
     checkpointed = saved_bytes(lambda t: checkpoint(model, t, use_reentrant=True), x, exclude=params)
     assert checkpointed == x.numel() * x.element_size()
+
+
+def test_measuring_does_not_keep_the_model_alive():
+    """Autograd's graph holds the saved-tensor hooks; no cycle through it may outlive the call."""
+    import gc
+    import weakref
+
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    fmodel = facto_fx.compile(model, apply_ratio=1.0, example_inputs=(x,))
+    facto_fx.report(fmodel, x)
+    refs = [weakref.ref(model), weakref.ref(fmodel)]
+    del model, fmodel
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
