@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 import facto_fx
-from facto_fx.passes.verify import FactoVerificationError, relative_error
+from facto_fx.passes.verify import relative_error
 
 EXACT = 1e-5
 TIMM_MODELS = (
@@ -91,7 +91,7 @@ def check(spec: str, size: int, batch: int = 2) -> Row:
     x = torch.randn(batch, 3, image_size(spec, size), image_size(spec, size))
     try:
         fmodel = facto_fx.compile(model, inr=0.3, lossy_kernel=2, apply_ratio=1.0, example_inputs=(x,))
-    except (facto_fx.FactoTraceError, FactoVerificationError) as error:
+    except (facto_fx.FactoTraceError, facto_fx.FactoVerificationError) as error:
         return Row(spec, "refused", seconds=time.perf_counter() - start, note=_first_line(error))
     except Exception as error:
         return Row(spec, "FAILED", seconds=time.perf_counter() - start, note=f"compile: {_first_line(error)}")

@@ -8,6 +8,7 @@ from facto_fx.inspection import GraphInspection, inspect
 from facto_fx.memory import saved_bytes_by_node
 from facto_fx.passes.hooks import FactoHooks
 from facto_fx.passes.trace import FactoTraceError
+from facto_fx.passes.verify import FactoVerificationError
 from facto_fx.report import MemoryReport
 from facto_fx.triton_ops.dispatch import use_kernels
 
@@ -16,6 +17,7 @@ __all__ = [
     "FactoHooks",
     "FactoState",
     "FactoTraceError",
+    "FactoVerificationError",
     "GraphInspection",
     "MemoryReport",
     "attach",

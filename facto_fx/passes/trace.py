@@ -254,7 +254,9 @@ def _mode_error(model: nn.Module, node: fx.Node) -> FactoTraceError:
     return FactoTraceError(
         f"{type(model).__name__}.forward computes differently in train and eval mode (first at node "
         f"'{node.name}'), and a traced graph records only one of the two\n"
-        "  fix: move the mode-dependent code into a sub-module of its own; it is then kept as one call"
+        "  fix: move the mode-dependent code into a sub-module of its own; it is then kept as one call. If the "
+        "difference is an auxiliary output used only in training, build the model without it (torchvision's "
+        "inception_v3 / googlenet: aux_logits=False)"
     )
 
 

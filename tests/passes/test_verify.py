@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import facto_fx
+from facto_fx import FactoVerificationError
 from facto_fx.passes import match
-from facto_fx.passes.verify import FactoVerificationError, relative_error
+from facto_fx.passes.verify import relative_error
 
 
 class BatchNormThenReLU(nn.BatchNorm2d):
