@@ -65,7 +65,7 @@ class _LowRankMixin:
 
     def merged_weight(self) -> Tensor:
         """Ω = W + ΔW: the weight the layer computes with."""
-        return self.weight + self.get_delta_weight()
+        return ops.merged_weight(self.weight, self.M, self.D)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -84,3 +84,12 @@ def test_demo_prints_the_comparison_and_writes_both_plots(tmp_path, capsys):
 def test_train_errors_name_the_bad_option(tmp_path, capsys, args, message):
     assert main(["train", "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_with_amp_and_compile_runs_through_the_switch_to_facto(tmp_path, capsys):
+    """bf16 autocast + torch.compile (inductor): the compiled Facto model's fakes agree with its ops."""
+    code = main(["train", "--model", "cifar_vgg11_bn", "--dataset", "digits", "--amp", "--compile", "--epochs", "2",
+                 "--frt-epochs", "1", "--limit-batches", "2", "--batch-size", "8", "--out", str(tmp_path),
+                 "--no-progress"])
+    assert code == 0 and "epoch 2 (facto)" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import facto_fx
 
 
 class TinyNet(nn.Module):
-    """Every Facto op in a few milliseconds: conv, BN, ReLU, max-pool, scale, dropout, linear."""
+    """Every Facto op in a few milliseconds: conv, BN, ReLU, max-pool, scale, dropout (p > 0), linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -21,7 +21,7 @@ class TinyNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2)
         self.scale = nn.Parameter(torch.tensor([1.5]))
-        self.drop = nn.Dropout(0.0)
+        self.drop = nn.Dropout(0.25)
         self.fc = nn.Linear(8 * 4 * 4, 5)
 
     def forward(self, x):
@@ -42,6 +42,7 @@ def _fmodel():
 
 def _grads(model, x):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout mask in eager and compiled runs
     out = model(x)
     out.square().sum().backward()
     grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -65,3 +66,63 @@ def test_compiled_matches_eager(backend):
     assert compiled_grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+SETTINGS = {
+    "bf16-autocast": (True, False),
+    "channels_last": (False, True),
+    "bf16-autocast-channels_last": (True, True),
+}
+
+
+def _real_model(name: str):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)  # vgg11's classifier has Dropout(0.5)
+    fmodel = facto_fx.compile(model, inr=0.1, apply_ratio=1.0)
+    with torch.no_grad():
+        for layer in fmodel.modules():
+            if hasattr(layer, "M"):
+                layer.M.normal_(std=0.01)
+    return fmodel
+
+
+def _step(model, x, autocast: bool, seed: int = 0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # dropout draws the same masks in eager and compiled runs (an opaque op)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().mean().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads
+
+
+def _compiled_matches_eager(name: str, setting: str, backend: str):
+    autocast, channels_last = SETTINGS[setting]
+    torch._dynamo.reset()
+    fmodel = _real_model(name).train()
+    x = torch.randn(2, 3, 32, 32)
+    if channels_last:
+        fmodel, x = fmodel.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    eager_out, eager_grads = _step(fmodel, x, autocast)
+    compiled_out, compiled_grads = _step(torch.compile(fmodel, fullgraph=True, backend=backend), x, autocast)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(compiled_out, eager_out, **tol)
+    assert compiled_grads.keys() == eager_grads.keys() and any(n.endswith(".M") for n in eager_grads)
+    for grad_name, grad in eager_grads.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(compiled_grads[grad_name] / scale, grad / scale, **tol, msg=grad_name)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_real_models_compile_under_autocast_and_channels_last(name, setting):
+    _compiled_matches_eager(name, setting, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_real_models_compile_with_inductor(name, setting):
+    _compiled_matches_eager(name, setting, "inductor")

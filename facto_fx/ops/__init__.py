@@ -1,15 +1,19 @@
 """Facto operators: torch.library custom ops in the "facto" namespace, pure PyTorch.
 
 Each module declares one op with its fake (meta) kernel and autograd formula, plus a Python
-wrapper that falls back to the plain op when no gradient is needed.
+wrapper that falls back to the plain op when no gradient is needed. `autocast` holds their
+autocast policy.
 """
 
+from facto_fx.ops import autocast
 from facto_fx.ops.batch_norm import batch_norm
-from facto_fx.ops.conv import conv2d, delta_weight
+from facto_fx.ops.conv import conv2d, delta_weight, merged_weight
 from facto_fx.ops.dropout import dropout
 from facto_fx.ops.linear import linear
 from facto_fx.ops.max_pool import max_pool2d
 from facto_fx.ops.relu import relu
 from facto_fx.ops.scale import scale
 
-__all__ = ["batch_norm", "conv2d", "delta_weight", "dropout", "linear", "max_pool2d", "relu", "scale"]
+autocast.register()
+
+__all__ = ["batch_norm", "conv2d", "delta_weight", "dropout", "linear", "max_pool2d", "merged_weight", "relu", "scale"]

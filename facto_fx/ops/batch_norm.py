@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.lossy import compress, sum_pool
-from facto_fx.ops.scale import pooled_shape, spatial_kernel
+from facto_fx.ops.scale import spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
@@ -42,21 +42,22 @@ def batch_norm_fwd(
         return affine_forward(
             x, x.shape[1], lossy_kernel, storage_dtype, save_pooled, running_mean, rstd, weight, bias
         )
+    return _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled)
+
+
+def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled):
+    """The PyTorch path; on fake tensors, the fake kernel. Computed in the statistics' precision,
+    returned (and x̂ stored) in x's dtype: fp32 statistics do not promote a 16-bit map."""
     x_hat = _normalize(x, running_mean, running_var, eps)
     y = x_hat if weight is None else x_hat * _channel_view(weight, x)
     if bias is not None:
         y = y + _channel_view(bias, x)
-    y = y.to(x.dtype)  # fp32 statistics must not promote a 16-bit map (the fake kernel says x's dtype)
     if not save_pooled:
-        return y, x.new_empty(0)
-    return y, compress(x_hat, spatial_kernel(x, lossy_kernel), storage_dtype)
+        return y.to(x.dtype), x.new_empty(0)
+    return y.to(x.dtype), compress(x_hat, spatial_kernel(x, lossy_kernel), storage_dtype or x.dtype)
 
 
-@batch_norm_fwd.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled):
-    if not save_pooled:
-        return x.new_empty(x.shape), x.new_empty(0)
-    return x.new_empty(x.shape), x.new_empty(pooled_shape(x, lossy_kernel), dtype=storage_dtype or x.dtype)
+batch_norm_fwd.register_fake(_forward)
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,13 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.lossy import conv_output_size, pair, pooled_projection, pooled_size, store, sum_pool
+from facto_fx.ops.lossy import pair, pooled_projection, store, sum_pool
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 def delta_weight(weight: Tensor, M: Tensor, D: Tensor) -> Tensor:
     """ΔW = reshape(M·D) in the shape of the conv filter."""
     return (M @ D).view(weight.shape)
+
+
+def merged_weight(weight: Tensor, M: Tensor, D: Tensor) -> Tensor:
+    """Ω = W + reshape(M·D) (any weight shape) in one addmm.
+
+    Its result is contiguous with canonical strides: `W + ΔW` of a 1×1 filter has size-1 dims whose
+    strides real and fake kernels choose differently, and the conv backward picks its output layout
+    from them (a compiled channels_last backward then failed on a view).
+    """
+    return torch.addmm(weight.reshape(weight.shape[0], -1), M, D).view(weight.shape)
 
 
 @torch.library.custom_op("facto::conv2d", mutates_args=())
@@ -32,25 +42,22 @@ def conv2d_fwd(
     lossy_kernel: int,
     storage_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:
-    omega = weight + delta_weight(weight, M, D)
-    y = F.conv2d(x, omega, bias, stride, padding, dilation)
-    d_filter = D.view(D.shape[0], *weight.shape[1:])
+    return _forward(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel, storage_dtype)
+
+
+def _forward(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel, storage_dtype):
+    """The op's computation; on fake tensors, its fake kernel (same dtypes, shapes and strides).
+
+    Ω is formed in the parameters' precision and cast once to x's dtype (bf16 under autocast).
+    """
+    omega = merged_weight(weight, M, D).to(x.dtype)
+    y = F.conv2d(x, omega, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    d_filter = D.view(D.shape[0], *weight.shape[1:]).to(x.dtype)
     z_p = pooled_projection(x, d_filter, tuple(stride), tuple(padding), tuple(dilation), lossy_kernel)
     return y, store(z_p, storage_dtype)
 
 
-@conv2d_fwd.register_fake
-def _(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel, storage_dtype):
-    h, w = (
-        conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-        for i in range(2)
-    )
-    y = x.new_empty(x.shape[0], weight.shape[0], h, w)
-    z_p = x.new_empty(
-        x.shape[0], D.shape[0], pooled_size(h, lossy_kernel), pooled_size(w, lossy_kernel),
-        dtype=storage_dtype or x.dtype,
-    )
-    return y, z_p
+conv2d_fwd.register_fake(_forward)
 
 
 def _grad_m(grad_y: Tensor, z_p: Tensor, lossy_kernel: int, kernels: str) -> Tensor:
@@ -79,7 +86,7 @@ def _backward(ctx, grad_y, _grad_z):
     grad_x = grad_M = grad_bias = None
     if ctx.needs_input_grad[0]:
         # under autocast grad_y is 16-bit while the parameters stay fp32
-        omega = (weight + delta_weight(weight, M, D)).to(grad_y.dtype)
+        omega = merged_weight(weight, M, D).to(grad_y.dtype)
         grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, omega, grad_y, stride, padding, dilation)
     if ctx.needs_input_grad[2]:
         grad_M = _grad_m(grad_y, z_p, ctx.lossy_kernel, ctx.kernels).to(M.dtype)
@@ -108,7 +115,8 @@ def conv2d(
         x.requires_grad or M.requires_grad or (bias is not None and bias.requires_grad)
     )
     if not needs_grad:
-        return F.conv2d(x, weight + delta_weight(weight, M, D), bias, stride, padding, dilation)
+        omega = merged_weight(weight, M, D).to(x.dtype)
+        return F.conv2d(x, omega, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
     y, _ = torch.ops.facto.conv2d(
         x, weight, M, D, bias, pair(stride), pair(padding), pair(dilation), lossy_kernel, storage_dtype
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import pack_bits, packed_numel, unpack_bits
+from facto_fx.ops.bitpack import pack_bits, unpack_bits
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
@@ -15,13 +15,17 @@ def dropout_fwd(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
         from facto_fx.triton_ops.dropout import dropout_forward
 
         return dropout_forward(x, p)
-    keep = torch.rand_like(x) >= p
+    return _forward(x, p)
+
+
+def _forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """The PyTorch path; on fake tensors, the fake kernel. Uniforms are drawn in fp32: in 16 bits
+    their coarse grid biases the keep rate."""
+    keep = torch.rand_like(x, dtype=torch.float32) >= p
     return x * keep / (1.0 - p), pack_bits(keep, 1)
 
 
-@dropout_fwd.register_fake
-def _(x, p):
-    return x.new_empty(x.shape), x.new_empty(packed_numel(x.numel(), 1), dtype=torch.uint8)
+dropout_fwd.register_fake(_forward)
 
 
 def _setup_context(ctx, inputs, output):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from facto_fx.ops.conv import merged_weight
 from facto_fx.ops.lossy import store
 
 
@@ -23,11 +24,17 @@ def linear_fwd(
     bias: Tensor | None,
     storage_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:
-    dx = F.linear(x, D)
+    return _forward(x, weight, M, D, bias, storage_dtype)
+
+
+def _forward(x, weight, M, D, bias, storage_dtype):
+    """The op's computation; on fake tensors, its fake kernel. Runs in x's dtype (see autocast.py)."""
+    bias = None if bias is None else bias.to(x.dtype)
+    dx = F.linear(x, D.to(x.dtype))
     if _factored(x, weight):
-        y = F.linear(x, weight, bias) + F.linear(dx, M)
+        y = F.linear(x, weight.to(x.dtype), bias) + F.linear(dx, M.to(x.dtype))
     else:
-        y = F.linear(x, weight + M @ D, bias)
+        y = F.linear(x, merged_weight(weight, M, D).to(x.dtype), bias)
     return y, store(dx, storage_dtype)
 
 
@@ -40,12 +47,7 @@ def _factored(x: Tensor, weight: Tensor) -> bool:
     return rows * sum(weight.shape) < weight.numel()
 
 
-@linear_fwd.register_fake
-def _(x, weight, M, D, bias, storage_dtype):
-    return (
-        x.new_empty(*x.shape[:-1], weight.shape[0]),
-        x.new_empty(*x.shape[:-1], D.shape[0], dtype=storage_dtype or x.dtype),
-    )
+linear_fwd.register_fake(_forward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -62,7 +64,7 @@ def _backward(ctx, grad_y, _grad_dx):
         if _factored(grad_y, weight):
             grad_x = grad_y @ weight.to(grad_y.dtype) + (grad_y @ M.to(grad_y.dtype)) @ D.to(grad_y.dtype)
         else:
-            grad_x = grad_y @ (weight + M @ D).to(grad_y.dtype)  # 16-bit grad_y under autocast
+            grad_x = grad_y @ merged_weight(weight, M, D).to(grad_y.dtype)  # 16-bit grad_y under autocast
     if ctx.needs_input_grad[2]:
         grad_M = grad_y.reshape(-1, grad_y.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]).to(grad_y.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
@@ -86,6 +88,6 @@ def linear(
         x.requires_grad or M.requires_grad or (bias is not None and bias.requires_grad)
     )
     if not needs_grad:
-        return F.linear(x, weight + M @ D, bias)
+        return F.linear(x, merged_weight(weight, M, D).to(x.dtype), None if bias is None else bias.to(x.dtype))
     y, _ = torch.ops.facto.linear(x, weight, M, D, bias, storage_dtype)
     return y

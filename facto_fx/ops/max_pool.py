@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.bitpack import code_bits, pack_bits, packed_numel, unpack_bits
+from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_bits
 from facto_fx.ops.lossy import pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -66,6 +66,11 @@ def max_pool2d_fwd(
         from facto_fx.triton_ops.max_pool import max_pool_forward
 
         return max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return _forward(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _forward(x, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
+    """The PyTorch path; on fake tensors, the fake kernel (same dtypes, shapes and strides)."""
     if _tiles_exactly(x, kernel_size, stride, padding, dilation):
         y, code = _tiled_max(x, *kernel_size)
     else:
@@ -74,15 +79,7 @@ def max_pool2d_fwd(
     return y, pack_bits(code.to(torch.uint8), code_bits(kernel_size[0] * kernel_size[1]))
 
 
-@max_pool2d_fwd.register_fake
-def _(x, kernel_size, stride, padding, dilation, ceil_mode):
-    h, w = (
-        pool_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
-        for i in range(2)
-    )
-    y = x.new_empty(*x.shape[:-2], h, w)
-    bits = code_bits(kernel_size[0] * kernel_size[1])
-    return y, x.new_empty(packed_numel(y.numel(), bits), dtype=torch.uint8)
+max_pool2d_fwd.register_fake(_forward)
 
 
 def _setup_context(ctx, inputs, output):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import pack_bits, packed_numel, unpack_bits
+from facto_fx.ops.bitpack import pack_bits, unpack_bits
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
@@ -15,12 +15,15 @@ def relu_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
         from facto_fx.triton_ops.relu import relu_forward
 
         return relu_forward(x)
+    return _forward(x)
+
+
+def _forward(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The PyTorch path; on fake tensors, the fake kernel (same dtypes, shapes and strides)."""
     return torch.relu(x), pack_bits(x > 0, 1)
 
 
-@relu_fwd.register_fake
-def _(x):
-    return x.new_empty(x.shape), x.new_empty(packed_numel(x.numel(), 1), dtype=torch.uint8)
+relu_fwd.register_fake(_forward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -36,7 +39,7 @@ def _backward(ctx, grad_y, _grad_mask):
 
         return relu_backward(grad_y, packed)
     mask = unpack_bits(packed, 1, grad_y.numel()).view(grad_y.shape)
-    return grad_y * mask
+    return torch.where(mask.bool(), grad_y, 0)  # as torch's relu: 0 where masked, even for an inf gradient
 
 
 relu_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -30,15 +30,17 @@ def scale_fwd(
         from facto_fx.triton_ops.affine import affine_forward
 
         return affine_forward(x, 1, lossy_kernel, storage_dtype, save_pooled, weight=s)
+    return _forward(x, s, lossy_kernel, storage_dtype, save_pooled)
+
+
+def _forward(x: Tensor, s: Tensor, lossy_kernel: int, storage_dtype: torch.dtype | None, save_pooled: bool):
+    """The PyTorch path; on fake tensors, the fake kernel. Computed in s's precision, returned in
+    x's dtype like the Triton kernel (an fp32 scale does not promote a bf16 map)."""
     pooled = compress(x, spatial_kernel(x, lossy_kernel), storage_dtype) if save_pooled else x.new_empty(0)
-    return x * s, pooled
+    return (x * s).to(x.dtype), pooled
 
 
-@scale_fwd.register_fake
-def _(x, s, lossy_kernel, storage_dtype, save_pooled):
-    if not save_pooled:
-        return x.new_empty(x.shape), x.new_empty(0)
-    return x.new_empty(x.shape), x.new_empty(pooled_shape(x, lossy_kernel), dtype=storage_dtype or x.dtype)
+scale_fwd.register_fake(_forward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -76,5 +78,5 @@ def scale(x: Tensor, s: Tensor, lossy_kernel: int = 2, storage_dtype: torch.dtyp
     if s.numel() != 1:
         raise ValueError(f"facto scale expects a one-element scale tensor; got shape {tuple(s.shape)}")
     if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
-        return x * s
+        return (x * s).to(x.dtype)
     return torch.ops.facto.scale(x, s, lossy_kernel, storage_dtype, s.requires_grad)[0]

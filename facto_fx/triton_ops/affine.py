@@ -86,7 +86,7 @@ def _planes(x: Tensor, k: int) -> tuple[int, int, int]:
 def _per_channel(values: Tensor | float | None, default: float, channels: int, like: Tensor) -> Tensor:
     if values is None:
         values = default
-    return torch.as_tensor(values, device=like.device).to(torch.float32).expand(channels).contiguous()
+    return torch.as_tensor(values, device=like.device).to(torch.float32).reshape(-1).expand(channels).contiguous()
 
 
 def affine_forward(

@@ -1,7 +1,7 @@
 """Dropout: forward turns uniform draws into the scaled output and the packed keep-mask in one
 pass; backward unpacks the mask and applies it with the same 1/(1-p) scale.
 
-The draws come from torch.rand_like, so a seeded run keeps exactly the elements that
+The draws come from torch.rand_like in fp32, so a seeded run keeps exactly the elements that
 facto::dropout's PyTorch path keeps.
 """
 
@@ -41,16 +41,18 @@ def _dropout_bwd_kernel(grad_y_ptr, mask_ptr, grad_x_ptr, scale, n, BLOCK: tl.co
 
 
 def dropout_forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """(x · keep / (1 - p), pack_bits(keep, 1)) with keep = torch.rand_like(x) >= p."""
+    """(x · keep / (1 - p), pack_bits(keep, 1)) with keep = (fp32 uniforms) >= p.
+
+    The uniforms are fp32 whatever x's dtype: 16-bit draws sit on a coarse grid and bias the keep
+    rate (bf16 kept 0.898 of the elements at p = 0.1).
+    """
     x = x.contiguous()
-    u = torch.rand_like(x)
-    # The reference compares draws of x's dtype with p rounded to that dtype: use the same threshold.
-    threshold = torch.tensor(p, dtype=x.dtype).item()
+    u = torch.rand_like(x, dtype=torch.float32)
     y = torch.empty_like(x)
     mask = torch.empty(packed_numel(x.numel(), 1), dtype=torch.uint8, device=x.device)
     if x.numel():
         grid = (triton.cdiv(x.numel(), BLOCK),)
-        _dropout_fwd_kernel[grid](x, u, y, mask, threshold, 1.0 - p, x.numel(), BLOCK=BLOCK)
+        _dropout_fwd_kernel[grid](x, u, y, mask, p, 1.0 - p, x.numel(), BLOCK=BLOCK)
     return y, mask
 
 

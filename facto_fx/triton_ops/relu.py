@@ -31,7 +31,8 @@ def _relu_bwd_kernel(grad_y_ptr, mask_ptr, grad_x_ptr, n, BLOCK: tl.constexpr):
     in_bounds = offsets < n
     grad = tl.load(grad_y_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     keep = load_codes(mask_ptr, offsets, in_bounds, 1)
-    tl.store(grad_x_ptr + offsets, (grad * keep).to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
+    grad_x = tl.where(keep != 0, grad, 0.0)  # 0 where masked, even for an inf gradient (as torch)
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def relu_forward(x: Tensor) -> tuple[Tensor, Tensor]:

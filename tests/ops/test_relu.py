@@ -72,3 +72,12 @@ def test_no_grad_path_matches():
 @pytest.mark.parametrize("shape", [(3, 5, 7), (1,)])
 def test_opcheck(shape):
     torch.library.opcheck(torch.ops.facto.relu.default, (_input(shape).requires_grad_(True),))
+
+
+def test_backward_is_zero_where_masked_even_for_an_infinite_gradient():
+    x = torch.tensor([-1.0, 0.0, 2.0, -3.0])
+    grad_y = torch.tensor([float("inf"), float("nan"), float("inf"), 1.0])
+    expected, actual = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.relu(expected).backward(grad_y)
+    facto.relu(actual).backward(grad_y)
+    assert torch.equal(actual.grad, expected.grad)

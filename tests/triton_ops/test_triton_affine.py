@@ -73,3 +73,22 @@ def test_noncontiguous_input():
     y_ref, pooled_ref = scale_fwd(x, s, 2, None, True)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(pooled, pooled_ref)
+
+
+def test_scale_of_any_one_element_shape():
+    """A fixup-style scale stored as (1, 1, 1, 1) runs on the Triton path like on PyTorch's."""
+    import facto_fx
+    from facto_fx import ops
+
+    x = randn((2, 3, 4, 4), torch.float32)
+    results = {}
+    for kernels in ("torch", "triton"):
+        s = torch.full((1, 1, 1, 1), 1.7, requires_grad=True)
+        leaf = x.clone().requires_grad_(True)
+        with facto_fx.use_kernels(kernels):
+            y = ops.scale(leaf, s)
+            y.square().sum().backward()
+        results[kernels] = (y.detach(), leaf.grad, s.grad)
+    for reference, value in zip(results["torch"], results["triton"], strict=True):
+        torch.testing.assert_close(value, reference)
+    assert results["triton"][2].shape == (1, 1, 1, 1)

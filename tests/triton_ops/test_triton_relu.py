@@ -36,3 +36,12 @@ def test_noncontiguous_input():
 def test_empty_input():
     y, mask = relu_forward(torch.empty(0, 3))
     assert y.shape == (0, 3) and mask.numel() == 0
+
+
+def test_backward_is_zero_where_masked_even_for_an_infinite_gradient():
+    """torch.relu's backward gives 0, not inf·0 = NaN, where the input was not positive."""
+    x = torch.tensor([-1.0, 0.0, 2.0, -3.0])
+    grad_y = torch.tensor([float("inf"), float("nan"), float("inf"), 1.0])
+    reference = x.clone().requires_grad_()
+    torch.relu(reference).backward(grad_y)
+    assert torch.equal(relu_backward(grad_y, pack_bits(x > 0, 1)), reference.grad)

@@ -1,0 +1,52 @@
+"""Each facto op's behaviour under torch.autocast, decided explicitly.
+
+A custom op is opaque to autocast: without a rule, its body runs with autocast still on in eager
+mode (F.conv2d inside it casts to bf16) and with autocast off once torch.compile has traced it, so
+eager, compiled and fake kernels would disagree. The rule here is that of the aten op each facto
+op stands for:
+
+- conv2d, linear (autocast's lower-precision list, like F.conv2d / F.linear): the input x is cast
+  to the autocast dtype (bf16 or fp16, whichever torch.autocast asks for) and the op runs in it.
+  The op itself casts W + M·D (formed in the parameters' precision), D and the bias to x's dtype.
+- relu, max_pool2d, dropout, scale, batch_norm (on no autocast list): no cast; they run in their
+  input's dtype, their parameters (s, γ, β, running statistics) stay fp32, and the output takes
+  x's dtype.
+
+Every op's output dtype is therefore its input x's dtype, on every path and in every fake.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LOWER_PRECISION_OPS = ("conv2d", "linear")
+DEVICES = ("cpu", "cuda")
+
+_lib = torch.library.Library("facto", "IMPL")
+
+
+def _autocast_key(device_type: str) -> str:
+    return "Autocast" + torch._C._dispatch_key_for_device(device_type)
+
+
+def _autocast_kernel(name: str, device_type: str):
+    op = getattr(torch.ops.facto, name).default
+    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _autocast_key(device_type)))
+
+    def kernel(_keyset, x: Tensor, *args):
+        if x.is_floating_point() and x.device.type == device_type and x.dtype != torch.float64:
+            x = x.to(torch.get_autocast_dtype(device_type))
+        with torch._C._ExcludeDispatchKeyGuard(key):
+            return op(x, *args)
+
+    return kernel
+
+
+def register() -> None:
+    """Install the cast rule of the lower-precision ops on every device autocast supports."""
+    for device_type in DEVICES:
+        if not torch._C._is_autocast_available(device_type):
+            continue
+        for name in LOWER_PRECISION_OPS:
+            _lib.impl(name, _autocast_kernel(name, device_type), _autocast_key(device_type), with_keyset=True)

@@ -1,0 +1,108 @@
+"""Every facto op agrees with its fake kernel, for every dtype, layout and autocast state.
+
+torch.compile plans a graph from the fakes alone; a fake that says fp32 where the op returns bf16,
+or contiguous where it returns channels_last, breaks compiled training (ops/autocast.py has the
+autocast policy these tests pin down). Each case compares the real outputs' dtype, shape and
+strides with the fake outputs', then runs torch.library.opcheck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import facto_fx.ops  # noqa: F401  (registers the ops)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+AUTOCAST = [None, torch.bfloat16]
+
+
+def _input(dtype: torch.dtype, layout: str, shape=(2, 4, 6, 6)) -> torch.Tensor:
+    torch.manual_seed(0)
+    if layout == "strided":  # every other column of a wider map: not contiguous in any format
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype)
+        return wide[..., ::2].requires_grad_()
+    x = torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _params(*shapes, scale=1.0):
+    return [(torch.randn(s) * scale).requires_grad_() for s in shapes]
+
+
+def _conv(x):
+    weight, M, bias = _params((5, 4, 3, 3), (5, 2), (5,))
+    D = torch.randn(2, 36)
+    return (x, weight.detach(), M, D, bias, [1, 1], [1, 1], [1, 1], 2, None)
+
+
+def _linear(x):
+    flat = x.flatten(1) if x.dim() > 2 else x
+    weight, M, bias = _params((3, flat.shape[1]), (3, 5), (3,))
+    return (flat, weight.detach(), M, torch.randn(5, flat.shape[1]), bias, None)
+
+
+def _batch_norm(x):
+    weight, bias = _params((4,), (4,))
+    return (x, weight, bias, torch.randn(4), torch.rand(4) + 0.5, 1e-5, 2, None, True)
+
+
+CASES = {
+    "relu": lambda x: (x,),
+    "max_pool2d": lambda x: (x, [2, 2], [2, 2], [0, 0], [1, 1], False),
+    "max_pool2d_overlapping": lambda x: (x, [3, 3], [2, 2], [1, 1], [1, 1], True),
+    "dropout": lambda x: (x, 0.0),
+    "scale": lambda x: (x, torch.full((1,), 1.5, requires_grad=True), 2, None, True),
+    "batch_norm": _batch_norm,
+    "conv2d": _conv,
+    "linear": _linear,
+}
+
+
+def _op(case: str):
+    return getattr(torch.ops.facto, case.removesuffix("_overlapping")).default
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _metadata(outputs):
+    return [(t.dtype, tuple(t.shape), t.stride() if t.numel() else None) for t in outputs]
+
+
+def _fake_outputs(op, args):
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        return op(*fake_args)
+
+
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=["no-autocast", "autocast-bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_op_agrees_with_its_fake(name, dtype, layout, autocast):
+    op = _op(name)
+    args = CASES[name](_input(dtype, layout))
+    with _autocast(autocast):
+        real = op(*args)
+        fake = _fake_outputs(op, args)
+    assert _metadata(real) == _metadata(fake)
+    x_dtype = torch.bfloat16 if autocast is not None and name in ("conv2d", "linear") else dtype
+    assert real[0].dtype == x_dtype  # the documented policy: the output takes (autocast) x's dtype
+
+
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=["no-autocast", "autocast-bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_opcheck(name, dtype, layout, autocast):
+    op = _op(name)
+    with _autocast(autocast):
+        torch.library.opcheck(op, CASES[name](_input(dtype, layout)))
