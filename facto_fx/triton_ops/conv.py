@@ -22,6 +22,7 @@ BLOCK_O, BLOCK_R, BLOCK_K = 32, 32, 32
 def _grad_m_kernel(
     grad_y_ptr, z_ptr, partial_ptr, C_OUT, RANK, H, W, PH, PW, n_k, k_per_split,
     K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -45,9 +46,14 @@ def _grad_m_kernel(
         z_offsets = ((b[:, None] * RANK + r[None, :]) * PH + ph[:, None]) * PW + pw[:, None]
         z_mask = k_ok[:, None] & (r[None, :] < RANK)
         z = tl.load(z_ptr + z_offsets, mask=z_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(pooled_grad, z)
+        acc += tl.dot(pooled_grad, z, input_precision=PRECISION)
     out = (split * C_OUT + o[:, None]) * RANK + r[None, :]
     tl.store(partial_ptr + out, acc, mask=(o[:, None] < C_OUT) & (r[None, :] < RANK))
+
+
+def dot_precision() -> str:
+    """Full fp32 products unless the user let torch's own matmuls use TF32."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _splits(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -57,7 +63,11 @@ def _splits(tiles: int, k_blocks: int, device: torch.device) -> int:
 
 
 def grad_m(grad_y: Tensor, z_p: Tensor, lossy_kernel: int) -> Tensor:
-    """einsum("bohw,brhw->or", sumpool_k(grad_y), z_p) in fp32, without the pooled grad_y."""
+    """einsum("bohw,brhw->or", sumpool_k(grad_y), z_p) in fp32, without the pooled grad_y.
+
+    The tile products are full fp32 (Triton's default on a GPU would be TF32, 10 mantissa bits)
+    unless torch.backends.cuda.matmul.allow_tf32 is set.
+    """
     grad_y, z_p = grad_y.contiguous(), z_p.contiguous()
     batch, c_out, height, width = grad_y.shape
     rank = z_p.shape[1]
@@ -71,6 +81,6 @@ def grad_m(grad_y: Tensor, z_p: Tensor, lossy_kernel: int) -> Tensor:
     if n_k:
         _grad_m_kernel[(*tiles, splits)](
             grad_y, z_p, partial, c_out, rank, height, width, ph, pw, n_k, k_per_split,
-            K=lossy_kernel, BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            K=lossy_kernel, BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, PRECISION=dot_precision(),
         )
     return partial.sum(0)

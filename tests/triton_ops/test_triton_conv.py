@@ -29,3 +29,21 @@ def test_noncontiguous_inputs():
     grad_y = noncontiguous((2, 3, 5, 6), torch.float32)
     z_p = noncontiguous((2, 2, 3, 3), torch.float32, seed=1)
     torch.testing.assert_close(grad_m(grad_y, z_p, 2), _reference(grad_y, z_p, 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_products_follow_torchs_tf32_setting(allow_tf32):
+    """fp32 unless the user enabled TF32 for torch's matmuls (the interpreter computes fp32 either
+    way; on a GPU the TF32 case is only as close as 10 mantissa bits allow)."""
+    from facto_fx.triton_ops import conv
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        assert conv.dot_precision() == ("tf32" if allow_tf32 else "ieee")
+        grad_y, z_p = randn((2, 5, 6, 6), torch.float32), randn((2, 3, 3, 3), torch.float32, seed=1)
+        loose = allow_tf32 and grad_y.is_cuda
+        tolerance = dict(rtol=2e-3, atol=2e-3) if loose else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_m(grad_y, z_p, 2), _reference(grad_y, z_p, 2), **tolerance)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
