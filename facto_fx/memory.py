@@ -98,6 +98,34 @@ def saved_bytes_by_node(
     return dict(counts)
 
 
+def peak_step_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """The most memory held at once while `step()` runs, beyond what was live before it.
+
+    This, not saved bytes, decides whether a batch fits (design.md §5). On CUDA it is
+    torch.cuda.max_memory_allocated; on the CPU it is read from the allocator's own events (the
+    profiler's memory records: every allocation and free, in order), not from process RSS.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def total(counts: dict[str, int]) -> int:
     return sum(counts.values())
 

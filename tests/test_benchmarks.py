@@ -39,3 +39,9 @@ def test_peer_benchmark_ranks_facto_lowest_in_saved_bytes():
                                   "--steps", "1", "--warmup", "1"])["resnet18"]
     facto = results["facto"][0]
     assert all(facto < saved for name, (saved, _) in results.items() if not name.startswith("facto"))
+
+
+@pytest.mark.slow
+def test_peak_memory_benchmark_runs_and_facto_peaks_lower():
+    result = _load("peak_memory").main(["--batch-size", "4", "--image-size", "64"])
+    assert 0 < result["facto"] < result["vanilla"]

@@ -127,3 +127,18 @@ def test_measuring_does_not_keep_the_model_alive():
     del model, fmodel
     gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+def test_peak_step_bytes_follows_the_allocator():
+    """1 MB, then 2 MB more while the first is alive, then 0.5 MB after freeing it: 3 MB at most."""
+    from facto_fx.memory import peak_step_bytes
+
+    def step():
+        first = torch.empty(1_000_000, dtype=torch.uint8)
+        second = torch.empty(2_000_000, dtype=torch.uint8)
+        del first
+        third = torch.empty(500_000, dtype=torch.uint8)
+        return second, third
+
+    assert peak_step_bytes(step) == 3_000_000
+    assert peak_step_bytes(lambda: None) == 0
