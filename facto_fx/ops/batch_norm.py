@@ -10,17 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.lossy import compress, sum_pool
+from facto_fx.ops.lossy import mean_pool, store, sum_pool
 from facto_fx.ops.scale import spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
-
-
-def _normalize(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    return (x - _channel_view(mean, x)) * _channel_view(torch.rsqrt(var + eps), x)
 
 
 @torch.library.custom_op("facto::batch_norm", mutates_args=())
@@ -47,14 +43,21 @@ def batch_norm_fwd(
 
 def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled):
     """The PyTorch path; on fake tensors, the fake kernel. Computed in the statistics' precision,
-    returned (and x̂ stored) in x's dtype: fp32 statistics do not promote a 16-bit map."""
-    x_hat = _normalize(x, running_mean, running_var, eps)
-    y = x_hat if weight is None else x_hat * _channel_view(weight, x)
-    if bias is not None:
-        y = y + _channel_view(bias, x)
+    returned (and x̂ stored) in x's dtype: fp32 statistics do not promote a 16-bit map.
+
+    y = x·a + b in one addcmul, and x̂ pooled as (meanpool_k(x) − μ)/σ (pooling commutes with the
+    per-channel affine): no full-size temporary besides y (three of them made the stem's
+    batch-norm the peak of a resnet18 training step).
+    """
+    rstd = torch.rsqrt(running_var + eps)
+    gain = rstd if weight is None else rstd * weight
+    shift = -running_mean * gain if bias is None else bias - running_mean * gain
+    y = torch.addcmul(_channel_view(shift, x), x, _channel_view(gain, x)).to(x.dtype)
     if not save_pooled:
-        return y.to(x.dtype), x.new_empty(0)
-    return y.to(x.dtype), compress(x_hat, spatial_kernel(x, lossy_kernel), storage_dtype or x.dtype)
+        return y, x.new_empty(0)
+    pooled = mean_pool(x, spatial_kernel(x, lossy_kernel))
+    pooled_hat = (pooled - _channel_view(running_mean, pooled)) * _channel_view(rstd, pooled)
+    return y, store(pooled_hat, storage_dtype or x.dtype)
 
 
 batch_norm_fwd.register_fake(_forward)
