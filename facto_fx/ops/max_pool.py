@@ -104,16 +104,19 @@ def _backward(ctx, grad_y, _grad_code):
 
         grad_x = max_pool_backward(grad_y, packed, ctx.x_shape, kernel_size, stride, padding, dilation)
         return grad_x, None, None, None, None, None
-    height, width = ctx.x_shape[-2:]
-    code = unpack_bits(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.numel())
-    code = code.view(grad_y.shape).long()
-    h0 = _window_origin(grad_y.shape[-2], stride[0], padding[0], grad_y.device).view(-1, 1)
-    w0 = _window_origin(grad_y.shape[-1], stride[1], padding[1], grad_y.device)
-    row = h0 + torch.div(code, kernel_size[1], rounding_mode="floor") * dilation[0]
-    col = w0 + (code % kernel_size[1]) * dilation[1]
-    index = (row * width + col).flatten(-2)
-    grad_x = grad_y.new_zeros(*grad_y.shape[:-2], height * width)
-    grad_x.scatter_add_(-1, index, grad_y.flatten(-2))
+    width = ctx.x_shape[-1]
+    # The flat input position of each output's argmax, built in place: two int64 maps of the
+    # output's size at most (out of place, this backward held the peak of a CPU training step).
+    index = unpack_bits(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.numel())
+    index = index.view(grad_y.shape).long()
+    col = index.remainder(kernel_size[1]).mul_(dilation[1])
+    col.add_(_window_origin(grad_y.shape[-1], stride[1], padding[1], grad_y.device))
+    index.div_(kernel_size[1], rounding_mode="floor").mul_(dilation[0])
+    index.add_(_window_origin(grad_y.shape[-2], stride[0], padding[0], grad_y.device).view(-1, 1))
+    index.mul_(width).add_(col)
+    del col
+    grad_x = grad_y.new_zeros(*grad_y.shape[:-2], ctx.x_shape[-2] * width)
+    grad_x.scatter_add_(-1, index.flatten(-2), grad_y.flatten(-2))
     return grad_x.view(ctx.x_shape), None, None, None, None, None
 
 
