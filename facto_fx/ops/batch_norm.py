@@ -90,13 +90,15 @@ def _backward(ctx, grad_y, _grad_pooled):
         return *grads, None, None, None, None, None, None
     grad_x = grad_weight = grad_bias = None
     reduce_dims = [d for d in range(grad_y.dim()) if d != 1]
-    if need_x:
-        grad_x = grad_y * _channel_view(gain.to(grad_y.dtype), grad_y)
+    # The small reductions first, so their pooled temporaries are gone before grad_x is allocated.
     if need_weight:
         grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
         grad_weight = (grad_p * pooled.to(grad_p.dtype)).sum(reduce_dims)
+        del grad_p
     if need_bias:
         grad_bias = grad_y.sum(reduce_dims)
+    if need_x:
+        grad_x = grad_y * _channel_view(gain.to(grad_y.dtype), grad_y)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
