@@ -45,19 +45,14 @@ def _span(kernel: int, stride: int, dilation: int, k: int) -> int:
 def _pooled_filter(weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int], k: int) -> Tensor:
     """The single filter E with conv(x, E, stride * k) == meanpool_k(conv(x, weight, stride)).
 
-    E is the (dilated) filter summed over the k×k shifts of the pooling window, divided by k²:
-    one small matmul of the flattened filter taps with a fixed 0/1 placement matrix.
+    E is the (dilated) filter summed over the k×k shifts of the pooling window, divided by k²: one
+    transposed convolution that spreads each tap (placed `dilation` apart) over a k×k box of
+    positions `stride` apart.
     """
     c_out, c_in, kh, kw = weight.shape
-    span_h, span_w = _span(kh, stride[0], dilation[0], k), _span(kw, stride[1], dilation[1], k)
-    placement = weight.new_zeros(kh, kw, span_h, span_w)
-    for a in range(k):
-        for b in range(k):
-            for i in range(kh):
-                for j in range(kw):
-                    placement[i, j, stride[0] * a + dilation[0] * i, stride[1] * b + dilation[1] * j] += 1.0
-    fused = weight.reshape(-1, kh * kw) @ (placement.reshape(kh * kw, -1) / (k * k))
-    return fused.view(c_out, c_in, span_h, span_w)
+    box = weight.new_full((1, 1, k, k), 1.0 / (k * k))
+    fused = F.conv_transpose2d(weight.reshape(c_out * c_in, 1, kh, kw), box, stride=dilation, dilation=stride)
+    return fused.view(c_out, c_in, *fused.shape[-2:])
 
 
 def pooled_projection(
@@ -70,15 +65,18 @@ def pooled_projection(
 ) -> Tensor:
     """Z_p = meanpool_k(conv2d(x, weight)) without materialising the full-size conv output.
 
-    When the conv output tiles evenly by k and the merged filter is cheaper than conv + pool, the
-    pool is folded into the filter (design.md §1); otherwise conv then pool.
+    A 1×1, stride-1, unpadded projection commutes with the pool, so x is pooled first (k² less
+    work). Otherwise, when the conv output tiles evenly by k and the merged filter is cheaper than
+    conv + pool, the pool is folded into the filter (design.md §1); else conv then pool.
     """
-    z_h = conv_output_size(x.shape[-2], weight.shape[2], stride[0], padding[0], dilation[0])
-    z_w = conv_output_size(x.shape[-1], weight.shape[3], stride[1], padding[1], dilation[1])
-    span_h = _span(weight.shape[2], stride[0], dilation[0], k)
-    span_w = _span(weight.shape[3], stride[1], dilation[1], k)
+    kh, kw = weight.shape[2:]
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        return F.conv2d(mean_pool(x, k), weight)
+    z_h = conv_output_size(x.shape[-2], kh, stride[0], padding[0], dilation[0])
+    z_w = conv_output_size(x.shape[-1], kw, stride[1], padding[1], dilation[1])
+    span_h, span_w = _span(kh, stride[0], dilation[0], k), _span(kw, stride[1], dilation[1], k)
     folded_cost = span_h * span_w / (k * k)
-    if k > 1 and z_h % k == 0 and z_w % k == 0 and folded_cost < weight.shape[2] * weight.shape[3]:
+    if k > 1 and z_h % k == 0 and z_w % k == 0 and folded_cost < kh * kw:
         fused = _pooled_filter(weight, stride, dilation, k)
         return F.conv2d(x, fused, None, (stride[0] * k, stride[1] * k), padding)
     return mean_pool(F.conv2d(x, weight, None, stride, padding, dilation), k)

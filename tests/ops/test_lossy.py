@@ -30,6 +30,9 @@ def _out(size, kernel, stride, padding, dilation):
 @example(c_in=2, c_out=3, h=8, w=8, kh=3, kw=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), k=2, seed=0)
 @example(c_in=2, c_out=2, h=10, w=9, kh=3, kw=2, stride=(2, 1), padding=(2, 0), dilation=(2, 1), k=2, seed=1)
 @example(c_in=1, c_out=2, h=9, w=9, kh=3, kw=3, stride=(1, 1), padding=(0, 0), dilation=(1, 1), k=3, seed=2)
+@example(c_in=3, c_out=2, h=5, w=4, kh=2, kw=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), k=2, seed=3)
+# 1x1, stride 1, unpadded: x is pooled before the projection (odd sizes: partial edge windows).
+@example(c_in=3, c_out=2, h=7, w=5, kh=1, kw=1, stride=(1, 1), padding=(0, 0), dilation=(2, 1), k=2, seed=4)
 def test_pooled_projection_matches_conv_then_pool(c_in, c_out, h, w, kh, kw, stride, padding, dilation, k, seed):
     """Z_p must equal mean-pooling the full conv output, whether or not the pool is folded into the filter."""
     assume(_out(h, kh, stride[0], padding[0], dilation[0]) >= 1)
