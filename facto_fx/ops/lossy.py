@@ -42,17 +42,26 @@ def _span(kernel: int, stride: int, dilation: int, k: int) -> int:
     return stride * (k - 1) + dilation * (kernel - 1) + 1
 
 
+def _placement(kernel: int, stride: int, dilation: int, k: int, like: Tensor) -> Tensor:
+    """(kernel, span) counts: how often tap i lands on position u over the k shifts of the pool."""
+    taps = torch.arange(kernel, device=like.device) * dilation
+    shifts = torch.arange(k, device=like.device) * stride
+    span = _span(kernel, stride, dilation, k)
+    return F.one_hot(taps[:, None] + shifts[None, :], span).sum(1).to(like.dtype)
+
+
 def _pooled_filter(weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int], k: int) -> Tensor:
     """The single filter E with conv(x, E, stride * k) == meanpool_k(conv(x, weight, stride)).
 
     E is the (dilated) filter summed over the k×k shifts of the pooling window, divided by k²: one
-    transposed convolution that spreads each tap (placed `dilation` apart) over a k×k box of
-    positions `stride` apart.
+    matmul of the flattened taps with a placement matrix, the Kronecker product of the row and
+    column placements (a dozen small ops, whatever the filter size).
     """
     c_out, c_in, kh, kw = weight.shape
-    box = weight.new_full((1, 1, k, k), 1.0 / (k * k))
-    fused = F.conv_transpose2d(weight.reshape(c_out * c_in, 1, kh, kw), box, stride=dilation, dilation=stride)
-    return fused.view(c_out, c_in, *fused.shape[-2:])
+    rows = _placement(kh, stride[0], dilation[0], k, weight)
+    cols = _placement(kw, stride[1], dilation[1], k, weight)
+    fused = weight.reshape(-1, kh * kw) @ (torch.kron(rows, cols) / (k * k))
+    return fused.view(c_out, c_in, rows.shape[1], cols.shape[1])
 
 
 def pooled_projection(
