@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from facto_fx import ops
 from facto_fx.config import FactoConfig
 from facto_fx.layers import _LowRankMixin
-from facto_fx.passes.match import BATCH_NORM, CONV, DROPOUT, LINEAR, MAX_POOL, RELU, SCALE, Match, inplace_aliasing
+from facto_fx.passes.match import BATCH_NORM, CONV, DROPOUT, LINEAR, MAX_POOL, RELU, SCALE, Match, arg, inplace_aliasing
 from facto_fx.passes.rewrite import functional_max_pool_kwargs, layer_seed
 from facto_fx.passes.schedule import schedule
 
@@ -70,37 +70,33 @@ def _qualified_name(placeholder: fx.Node) -> str:
     return ".".join(p for p in parts if p).rstrip("_")
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _find_matches(gm: fx.GraphModule, params: dict[fx.Node, Tensor]) -> list[Match]:
     matches = []
     for node in gm.graph.nodes:
         target = node.target
-        if node.op == "call_function" and target in _CONV and _arg(node, 1, "weight") in params:
-            weight = _arg(node, 1, "weight")
-            groups, padding = _arg(node, 6, "groups", 1), _arg(node, 4, "padding", 0)
+        if node.op == "call_function" and target in _CONV and arg(node, 1, "weight") in params:
+            weight = arg(node, 1, "weight")
+            groups, padding = arg(node, 6, "groups", 1), arg(node, 4, "padding", 0)
             problem = f"grouped convolution (groups={groups}) is not supported" if groups != 1 else None
             if isinstance(padding, str):
                 problem = f"padding='{padding}' is not supported"
             matches.append(Match(node, CONV, _qualified_name(weight).removesuffix(".weight"), None, problem))
-        elif node.op == "call_function" and target in _LINEAR and _arg(node, 1, "weight") in params:
+        elif node.op == "call_function" and target in _LINEAR and arg(node, 1, "weight") in params:
             matches.append(Match(node, LINEAR, _qualified_name(node.args[1]).removesuffix(".weight")))
         elif (node.op == "call_function" and target in _RELU) or (node.op == "call_method" and target == "relu"):
             inplace = target is torch.relu_ or node.kwargs.get("inplace", False)
             matches.append(Match(node, RELU, node.name, None, inplace_aliasing(node) if inplace else None))
         elif node.op == "call_function" and target in _MAX_POOL:
-            problem = "return_indices=True is not supported" if _arg(node, 6, "return_indices") else None
+            problem = "return_indices=True is not supported" if arg(node, 6, "return_indices") else None
             matches.append(Match(node, MAX_POOL, node.name, None, problem))
         elif node.op == "call_function" and target in (operator.mul, torch.mul) and len(node.args) == 2:
             scalar = [a for a in node.args if a in params and params[a].numel() == 1]
             if scalar:
                 matches.append(Match(node, SCALE, _qualified_name(scalar[0])))
-        elif node.op == "call_function" and target is F.batch_norm and _arg(node, 1, "running_mean") in params:
+        elif node.op == "call_function" and target is F.batch_norm and arg(node, 1, "running_mean") in params:
             matches.append(Match(node, BATCH_NORM, _qualified_name(node.args[1]).removesuffix(".running_mean")))
         elif node.op == "call_function" and target is F.dropout:
-            problem = "in-place dropout is not supported" if _arg(node, 3, "inplace") else None
+            problem = "in-place dropout is not supported" if arg(node, 3, "inplace") else None
             matches.append(Match(node, DROPOUT, node.name, None, problem))
     return matches
 
@@ -129,17 +125,17 @@ def _rewrite(
     node, k, dtype = match.node, config.lossy_kernel, config.storage_dtype
     seed = layer_seed(config.seed, match.layer)
     if match.kind == CONV:
-        x, w = node.args[0], _arg(node, 1, "weight")
+        x, w = node.args[0], arg(node, 1, "weight")
         m, d = _low_rank_node(gm, node, params[w], config.rank(params[w].shape[1]), seed, extra)
-        stride, padding, dilation = (_arg(node, i, n, v) for i, n, v in ((3, "stride", 1), (4, "padding", 0),
+        stride, padding, dilation = (arg(node, i, n, v) for i, n, v in ((3, "stride", 1), (4, "padding", 0),
                                                                           (5, "dilation", 1)))
         node.target = ops.conv2d
-        node.args = (x, w, m, d, _arg(node, 2, "bias"), stride, padding, dilation, k, dtype)
+        node.args = (x, w, m, d, arg(node, 2, "bias"), stride, padding, dilation, k, dtype)
         node.kwargs = {}
     elif match.kind == LINEAR:
         x, w = node.args[0], node.args[1]
         m, d = _low_rank_node(gm, node, params[w], config.rank(params[w].shape[1]), seed, extra)
-        node.target, node.args, node.kwargs = ops.linear, (x, w, m, d, _arg(node, 2, "bias"), dtype), {}
+        node.target, node.args, node.kwargs = ops.linear, (x, w, m, d, arg(node, 2, "bias"), dtype), {}
     elif match.kind == RELU:
         node.op, node.target, node.args, node.kwargs = "call_function", ops.relu, (node.args[0],), {}
     elif match.kind == MAX_POOL:
@@ -149,13 +145,13 @@ def _rewrite(
         node.target, node.args = ops.scale, (x, s)
         node.kwargs = {"lossy_kernel": k, "storage_dtype": dtype}
     elif match.kind == BATCH_NORM:
-        x, mean, var, weight, bias = (_arg(node, i, n) for i, n in enumerate(
+        x, mean, var, weight, bias = (arg(node, i, n) for i, n in enumerate(
             ("input", "running_mean", "running_var", "weight", "bias")))
-        node.target, node.args = ops.batch_norm, (x, mean, var, weight, bias, _arg(node, 7, "eps", 1e-5))
+        node.target, node.args = ops.batch_norm, (x, mean, var, weight, bias, arg(node, 7, "eps", 1e-5))
         node.kwargs = {"lossy_kernel": k, "storage_dtype": dtype}
     elif match.kind == DROPOUT:
         node.target = ops.dropout
-        node.args, node.kwargs = (node.args[0], _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)), {}
+        node.args, node.kwargs = (node.args[0], arg(node, 1, "p", 0.5), arg(node, 2, "training", True)), {}
 
 
 def rewrite_captured(gm: fx.GraphModule, example_inputs: list, config: FactoConfig) -> list[LowRankState]:
