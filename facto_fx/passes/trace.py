@@ -293,7 +293,10 @@ def trace(
             continue
         if mutated:
             if "" in mutated or set(mutated) <= set(opaque):
-                raise FactoTraceError(f"{type(model).__name__}.forward updates buffers in place: {mutated}")
+                raise FactoTraceError(
+                    f"{type(model).__name__}.forward updates buffers in place ({mutated}), which a traced graph "
+                    "would not repeat\n  fix: move that update into the forward of the module that owns the buffer"
+                )
             opaque.update({k: f"{v}; kept as one call" for k, v in mutated.items() if k not in opaque})
             continue
         flags, diverging = _compare_modes(train, evaluation)
