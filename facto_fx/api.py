@@ -10,7 +10,7 @@ from torch import Tensor, fx, nn
 
 from facto_fx.config import FactoConfig
 from facto_fx.layers import LOW_RANK_LAYERS
-from facto_fx.memory import saved_bytes_by_node
+from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import rewrite
@@ -91,16 +91,26 @@ def decisions(fmodel: fx.GraphModule) -> list[Decision]:
     return list(_state(fmodel).decisions)
 
 
-def report(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = False) -> MemoryReport:
+def report(
+    fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = False, peak: bool = False
+) -> MemoryReport:
     """Per-layer saved bytes for one forward pass, vanilla (eager, all weights trained) vs Facto.
 
-    analytic=True computes the same figures on meta tensors, allocating nothing.
+    analytic=True computes the same figures on meta tensors, allocating nothing. peak=True also
+    measures the peak memory of one forward + backward of each (what decides whether a batch
+    fits); it needs real tensors.
     """
+    if peak and analytic:
+        raise ValueError("peak=True measures real allocations; it cannot be combined with analytic=True")
     state = _state(fmodel)
     vanilla_gm = _trace(state.source, state.config, fmodel)
     vanilla = saved_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic, train_all=True)
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic)
-    return build_report(state.decisions, vanilla_gm, vanilla, facto)
+    result = build_report(state.decisions, vanilla_gm, vanilla, facto)
+    if peak:
+        result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
+        result.facto_peak = peak_training_bytes(fmodel, example_inputs)
+    return result
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call
+from torch.utils import _pytree as pytree
 
 
 def _storage_key(t: Tensor) -> int:
@@ -32,15 +33,16 @@ class _SavingInterpreter(fx.Interpreter):
 
 
 class _Runner(nn.Module):
-    """Lets functional_call swap the graph module's parameters while the interpreter runs it."""
+    """Lets functional_call swap the graph module's parameters while `run` (the graph module's own
+    forward, or an interpreter over it) executes it."""
 
-    def __init__(self, gm: fx.GraphModule, interpreter: _SavingInterpreter) -> None:
+    def __init__(self, gm: fx.GraphModule, run: Callable[..., object]) -> None:
         super().__init__()
         self.gm = gm
-        self.interpreter = interpreter
+        self.run = run
 
     def forward(self, *args: Tensor):
-        return self.interpreter.run(*args)
+        return self.run(*args)
 
 
 @contextmanager
@@ -68,6 +70,16 @@ def _replacement(t: Tensor, analytic: bool, trainable: bool | None) -> Tensor:
     return t.detach().requires_grad_(requires_grad)
 
 
+def _training_state(gm: fx.GraphModule, analytic: bool, train_all: bool) -> dict[str, Tensor]:
+    """Stand-ins for gm's parameters and buffers, keyed for functional_call through `_Runner`:
+    every parameter trained (vanilla) or each keeping its own requires_grad (Facto)."""
+    trainable = True if train_all else None
+    return {
+        f"gm.{name}": _replacement(t, analytic, trainable if isinstance(t, torch.nn.Parameter) else False)
+        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    }
+
+
 def saved_bytes_by_node(
     gm: fx.GraphModule,
     inputs: Sequence[Tensor],
@@ -80,17 +92,13 @@ def saved_bytes_by_node(
     train_all=True makes every parameter require grad (vanilla full-rank training); otherwise
     parameters keep their own requires_grad (Facto training).
     """
-    trainable = True if train_all else None
-    state = {
-        f"gm.{name}": _replacement(t, analytic, trainable if isinstance(t, torch.nn.Parameter) else False)
-        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    }
+    state = _training_state(gm, analytic, train_all)
     excluded = {_storage_key(t) for t in state.values()}
     args = [torch.empty_like(x, device="meta") if analytic else x for x in inputs]
     interpreter = _SavingInterpreter(gm)
     counts: dict[str, int] = defaultdict(int)
     with _counting_saved(counts, excluded, lambda: interpreter.current):
-        output = functional_call(_Runner(gm, interpreter), state, tuple(args), strict=False, tie_weights=False)
+        output = functional_call(_Runner(gm, interpreter.run), state, tuple(args), strict=False, tie_weights=False)
     # The interpreter keeps the output, whose autograd graph holds the pack hook, which holds the
     # interpreter: a cycle through C++ that would keep the model alive.
     interpreter.env.clear()
@@ -124,6 +132,23 @@ def peak_step_bytes(step: Callable[[], object], device: torch.device | str = "cp
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def peak_training_bytes(gm: fx.GraphModule, inputs: Sequence[Tensor], *, train_all: bool = False) -> int:
+    """peak_step_bytes of one forward and backward of `gm` (the sum of its outputs as the loss).
+
+    Parameters are trained as in saved_bytes_by_node (train_all=True: every one), on stand-ins,
+    so no gradient lands on the model's own parameters.
+    """
+    state = _training_state(gm, False, train_all)
+    runner = _Runner(gm, gm.forward)
+
+    def step() -> None:
+        output = functional_call(runner, state, tuple(inputs), strict=False, tie_weights=False)
+        losses = [t.float().sum() for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
+        torch.autograd.backward(losses)
+
+    return peak_step_bytes(step, inputs[0].device)
 
 
 def total(counts: dict[str, int]) -> int:

@@ -28,6 +28,8 @@ class MemoryReport:
     unrewritten: list[Decision]
     vanilla_by_node: dict[str, int]
     facto_by_node: dict[str, int]
+    vanilla_peak: int | None = None  # peak bytes of one forward + backward (report(..., peak=True))
+    facto_peak: int | None = None
 
     @property
     def vanilla_bytes(self) -> int:
@@ -55,6 +57,11 @@ class MemoryReport:
             f"{'total':<{width}}  {'':<11} {'':<10} {self.vanilla_bytes / MiB:>12.3f} "
             f"{self.facto_bytes / MiB:>10.3f}   ({100 * self.ratio:.2f} % of vanilla)"
         )
+        if self.vanilla_peak is not None and self.facto_peak is not None:
+            lines.append(
+                f"peak of a forward + backward: vanilla {self.vanilla_peak / MiB:.3f} MiB, facto "
+                f"{self.facto_peak / MiB:.3f} MiB   ({100 * self.facto_peak / self.vanilla_peak:.2f} % of vanilla)"
+            )
         if self.unrewritten:
             lines.append("\nleft unrewritten:")
             lines.extend(f"  {d.layer} ({d.kind}): {d.reason}" for d in self.unrewritten)

@@ -142,3 +142,18 @@ def test_peak_step_bytes_follows_the_allocator():
 
     assert peak_step_bytes(step) == 3_000_000
     assert peak_step_bytes(lambda: None) == 0
+
+
+def test_report_peak_is_at_least_what_is_saved_and_leaves_no_gradients():
+    """Everything saved for backward is live when the forward ends, so the peak bounds it from above."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    fmodel = facto_fx.compile(model, apply_ratio=1.0, example_inputs=(x,))
+    report = facto_fx.report(fmodel, x, peak=True)
+    assert report.vanilla_peak >= report.vanilla_bytes > 0 and report.facto_peak >= report.facto_bytes > 0
+    assert report.facto_peak < report.vanilla_peak
+    assert "peak of a forward + backward" in str(report)
+    assert all(p.grad is None for p in fmodel.parameters()) and all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="analytic"):
+        facto_fx.report(fmodel, x, analytic=True, peak=True)
