@@ -27,6 +27,21 @@ def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode) -> int:
     return out
 
 
+def _tiles_exactly(x: Tensor, kernel_size, stride, padding, dilation) -> bool:
+    return (
+        list(kernel_size) == list(stride) and list(padding) == [0, 0] and list(dilation) == [1, 1]
+        and x.shape[-2] % kernel_size[0] == 0 and x.shape[-1] % kernel_size[1] == 0
+    )
+
+
+def _tiled_max(x: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor]:
+    """Non-overlapping windows: one max over the gathered window gives value and code at once."""
+    *lead, h, w = x.shape
+    windows = x.reshape(*lead, h // kh, kh, w // kw, kw).transpose(-3, -2)
+    y, code = windows.reshape(*lead, h // kh, w // kw, kh * kw).max(dim=-1)
+    return y, code
+
+
 def _window_code(x: Tensor, y: Tensor, index: Tensor, stride, padding, dilation, kernel_size) -> Tensor:
     """Turn flat argmax indices in the input plane into positions inside each window.
 
@@ -61,8 +76,11 @@ def max_pool2d_fwd(
 
 def _forward(x, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
     """The PyTorch path; on fake tensors, the fake kernel (same dtypes, shapes and strides)."""
-    y, index = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
-    code = _window_code(x, y, index, stride, padding, dilation, kernel_size)
+    if _tiles_exactly(x, kernel_size, stride, padding, dilation):
+        y, code = _tiled_max(x, *kernel_size)
+    else:
+        y, index = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+        code = _window_code(x, y, index, stride, padding, dilation, kernel_size)
     return y, pack_bits(code.to(torch.uint8), code_bits(kernel_size[0] * kernel_size[1]))
 
 
