@@ -69,24 +69,23 @@ class Match:
     unsupported: str | None = None
 
 
-def _get_attr_param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    """The Parameter a get_attr node reads, or None for anything else."""
+def _get_attr(gm: fx.GraphModule, node: object, getter) -> torch.Tensor | None:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
     try:
-        return gm.get_parameter(node.target)
+        return getter(node.target)
     except AttributeError:
         return None
+
+
+def _get_attr_param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The Parameter a get_attr node reads, or None for anything else."""
+    return _get_attr(gm, node, gm.get_parameter)
 
 
 def _get_attr_buffer(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     """The buffer a get_attr node reads, or None for anything else."""
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    try:
-        return gm.get_buffer(node.target)
-    except AttributeError:
-        return None
+    return _get_attr(gm, node, gm.get_buffer)
 
 
 def arg(node: fx.Node, index: int, name: str, default=None):

@@ -69,6 +69,15 @@ def _op(case: str):
     return getattr(torch.ops.facto, case.removesuffix("_overlapping")).default
 
 
+MATRIX = pytest.mark.parametrize(
+    ("name", "dtype", "layout", "autocast"),
+    [
+        pytest.param(name, dtype, layout, autocast, id=f"{name}-{dtype}-{layout}-{'autocast' if autocast else 'plain'}")
+        for name in CASES for dtype in DTYPES for layout in LAYOUTS for autocast in AUTOCAST
+    ],
+)
+
+
 def _autocast(dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -83,10 +92,7 @@ def _fake_outputs(op, args):
         return op(*fake_args)
 
 
-@pytest.mark.parametrize("autocast", AUTOCAST, ids=["no-autocast", "autocast-bf16"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", CASES)
+@MATRIX
 def test_op_agrees_with_its_fake(name, dtype, layout, autocast):
     op = _op(name)
     args = CASES[name](_input(dtype, layout))
@@ -98,10 +104,7 @@ def test_op_agrees_with_its_fake(name, dtype, layout, autocast):
     assert real[0].dtype == x_dtype  # the documented policy: the output takes (autocast) x's dtype
 
 
-@pytest.mark.parametrize("autocast", AUTOCAST, ids=["no-autocast", "autocast-bf16"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", CASES)
+@MATRIX
 def test_opcheck(name, dtype, layout, autocast):
     op = _op(name)
     with _autocast(autocast):
