@@ -31,6 +31,7 @@ _DROPOUT_FUNCTIONS = {F.dropout}
 _CONV_FUNCTIONS = {F.conv2d, torch.conv2d}
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 _BATCH_NORM_FUNCTIONS = {F.batch_norm}
+WEIGHTED_FUNCTIONS = _CONV_FUNCTIONS | _LINEAR_FUNCTIONS  # functional layers whose argument 1 is a weight
 
 # The module classes a Facto layer replaces whole, and the methods that define what they compute:
 # a subclass overriding one of them computes something else, so it is never swapped.

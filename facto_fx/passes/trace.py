@@ -105,8 +105,8 @@ def hooked_modules(model: nn.Module) -> dict[str, str]:
 
 
 @contextmanager
-def _modes(model: nn.Module, training: bool, freeze_batch_norm: bool) -> Iterator[None]:
-    """Put every module in `training` mode (batch-norm in eval if frozen); restore on exit."""
+def modes(model: nn.Module, training: bool, freeze_batch_norm: bool = False) -> Iterator[None]:
+    """Put every module in `training` mode (batch-norm in eval if frozen); restore each on exit."""
     saved = [(m, m.training) for m in model.modules()]
     try:
         model.train(training)
@@ -278,9 +278,9 @@ def trace(
     while True:
         try:
             with _buffer_guard(model) as mutated:
-                with _modes(model, True, freeze_batch_norm):
+                with modes(model, True, freeze_batch_norm):
                     train = _trace_once(model, list(opaque))
-                with _modes(model, False, freeze_batch_norm):
+                with modes(model, False, freeze_batch_norm):
                     evaluation = _trace_once(model, list(opaque))
         except _Untraceable as failure:
             if strict or not failure.module or failure.module in opaque:

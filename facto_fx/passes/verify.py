@@ -8,16 +8,16 @@ first node whose value diverges and the layer to exclude.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
+from facto_fx.passes.match import WEIGHTED_FUNCTIONS, arg
 from facto_fx.passes.rewrite import MOVED
 from facto_fx.passes.schedule import Decision
+from facto_fx.passes.trace import modes
 
 # Largest relative error (max |facto - original| / max |original|) accepted per output dtype.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -28,29 +28,14 @@ class FactoVerificationError(RuntimeError):
     """The rewritten model does not compute what the original computes; nothing is returned."""
 
 
-@contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    saved = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        yield
-    finally:
-        for m, mode in saved:
-            m.training = mode
-
-
-_WEIGHTED_FUNCTIONS = (torch.conv2d, F.conv2d, F.linear)
-
-
 def _first_layer(gm: fx.GraphModule) -> tuple[Tensor, bool] | None:
     """The weight of the first conv / linear in graph order, and whether it is a conv."""
     for node in gm.graph.nodes:
         weight = None
         if node.op == "call_module":
             weight = getattr(gm.get_submodule(node.target), "weight", None)
-        elif node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS:
-            source = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        elif node.op == "call_function" and node.target in WEIGHTED_FUNCTIONS:
+            source = arg(node, 1, "weight")
             if isinstance(source, fx.Node) and source.op == "get_attr":
                 weight = gm.get_parameter(source.target)
         if isinstance(weight, Tensor) and weight.dim() in (2, 4):
@@ -78,7 +63,7 @@ def example_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Tensor, ...]:
     for shape in shapes:
         x = torch.randn(shape, generator=generator).to(device=weight.device, dtype=weight.dtype)
         try:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), modes(model, False):
                 model(x)
         except Exception as error:  # the model rejects this size: try the next
             failures.append(f"{tuple(shape)}: {type(error).__name__}")
@@ -161,7 +146,7 @@ def verify(
     `reference` builds the plain trace of `model` (node names shared with `fmodel`), used only to
     find the first diverging node when the outputs disagree.
     """
-    with _eval_mode(model, fmodel):
+    with modes(model, False), modes(fmodel, False):
         with torch.no_grad():
             expected = _tensors(model(*inputs))
         with torch.enable_grad():
