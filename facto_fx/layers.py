@@ -111,6 +111,19 @@ class FactoConv2d(_LowRankMixin, nn.Module):
         self.weight = weight.requires_grad_(False)
         self._init_low_rank(weight, rank, weight[0].numel(), seed)
         self.bias = bias
+        self.register_buffer("folded", None, persistent=False)
+        self._refresh_folded()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_folded())
+
+    @torch.no_grad()
+    def _refresh_folded(self) -> None:
+        """Z_p's pool-folded projection filter: a function of D, formed once per draw."""
+        self.folded = ops.projection_filter(self.D, self.weight.shape, self.stride, self.dilation, self.lossy_kernel)
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        super().redraw()
+        self._refresh_folded()
 
     @classmethod
     def from_conv(
@@ -124,7 +137,7 @@ class FactoConv2d(_LowRankMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.conv2d(
             x, self.weight, self.M, self.D, self.bias,
-            self.stride, self.padding, self.dilation, self.lossy_kernel, self.storage_dtype,
+            self.stride, self.padding, self.dilation, self.lossy_kernel, self.storage_dtype, self.folded,
         )
 
     def to_dense(self) -> nn.Conv2d:

@@ -78,3 +78,25 @@ def test_linear_to_dense_and_delta():
     torch.testing.assert_close(layer.get_delta_weight(), layer.M @ layer.D)
     x = torch.randn(5, 10)
     torch.testing.assert_close(layer.to_dense()(x), layer(x))
+
+
+def _assert_folded_matches_d(layer: FactoConv2d) -> None:
+    """conv(x, folded, stride 2k) equals meanpool_k(conv(x, D's filter, stride 2)): the pool, folded."""
+    x = torch.randn(2, layer.in_channels, 13, 13)
+    d_filter = layer.D.view(layer.rank, *layer.weight.shape[1:])
+    expected = nn.functional.avg_pool2d(nn.functional.conv2d(x, d_filter, stride=2), 2)
+    torch.testing.assert_close(nn.functional.conv2d(x, layer.folded, stride=4), expected)
+
+
+def test_folded_filter_follows_every_draw_of_d(conv_layer):
+    """The per-draw projection filter is refreshed by redraw and by loading a state dict."""
+    _assert_folded_matches_d(conv_layer)
+    before = conv_layer.folded.clone()
+    conv_layer.merge()
+    conv_layer.redraw()
+    assert not torch.equal(conv_layer.folded, before)
+    _assert_folded_matches_d(conv_layer)
+    other = FactoConv2d.from_conv(nn.Conv2d(4, 6, 3, stride=2, padding=1), 2, 2, None, seed=10)
+    other.load_state_dict(conv_layer.state_dict())
+    assert "folded" not in conv_layer.state_dict()
+    _assert_folded_matches_d(other)

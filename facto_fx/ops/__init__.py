@@ -7,7 +7,7 @@ autocast policy.
 
 from facto_fx.ops import autocast
 from facto_fx.ops.batch_norm import batch_norm
-from facto_fx.ops.conv import conv2d, delta_weight, merged_weight
+from facto_fx.ops.conv import conv2d, delta_weight, merged_weight, projection_filter
 from facto_fx.ops.dropout import dropout
 from facto_fx.ops.linear import linear
 from facto_fx.ops.max_pool import max_pool2d
@@ -16,4 +16,7 @@ from facto_fx.ops.scale import scale
 
 autocast.register()
 
-__all__ = ["batch_norm", "conv2d", "delta_weight", "dropout", "linear", "max_pool2d", "merged_weight", "relu", "scale"]
+__all__ = [
+    "batch_norm", "conv2d", "delta_weight", "dropout", "linear", "max_pool2d", "merged_weight", "projection_filter",
+    "relu", "scale",
+]

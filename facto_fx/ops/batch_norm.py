@@ -8,9 +8,11 @@ saved mean-pooled (and only when γ is trained).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.lossy import mean_pool, store, sum_pool
+from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.lossy import cast, mean_pool, store, sum_pool
 from facto_fx.ops.scale import spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -42,22 +44,18 @@ def batch_norm_fwd(
 
 
 def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled):
-    """The PyTorch path; on fake tensors, the fake kernel. Computed in the statistics' precision,
-    returned (and x̂ stored) in x's dtype: fp32 statistics do not promote a 16-bit map.
+    """The PyTorch path; on fake tensors, the fake kernel.
 
-    y = x·a + b in one addcmul, and x̂ pooled as (meanpool_k(x) − μ)/σ (pooling commutes with the
-    per-channel affine): no full-size temporary besides y (three of them made the stem's
-    batch-norm the peak of a resnet18 training step).
+    Both y and the pooled x̂ = (meanpool_k(x) − μ)/σ (pooling commutes with the per-channel
+    affine) come from torch's own inference batch-norm: one aten call each, computed in the
+    statistics' precision and returned in x's dtype, and no full-size temporary besides y.
     """
-    rstd = torch.rsqrt(running_var + eps)
-    gain = rstd if weight is None else rstd * weight
-    shift = -running_mean * gain if bias is None else bias - running_mean * gain
-    y = torch.addcmul(_channel_view(shift, x), x, _channel_view(gain, x)).to(x.dtype)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if not save_pooled:
         return y, x.new_empty(0)
     pooled = mean_pool(x, spatial_kernel(x, lossy_kernel))
-    pooled_hat = (pooled - _channel_view(running_mean, pooled)) * _channel_view(rstd, pooled)
-    return y, store(pooled_hat, storage_dtype or x.dtype)
+    pooled_hat = F.batch_norm(pooled, running_mean, running_var, None, None, False, 0.0, eps)
+    return y, store(pooled_hat, storage_dtype)
 
 
 batch_norm_fwd.register_fake(_forward)
@@ -71,6 +69,7 @@ def _setup_context(ctx, inputs, output):
     ctx.lossy_kernel = lossy_kernel
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_pooled):
@@ -93,16 +92,16 @@ def _backward(ctx, grad_y, _grad_pooled):
     # The small reductions first, so their pooled temporaries are gone before grad_x is allocated.
     if need_weight:
         grad_p = sum_pool(grad_y, spatial_kernel(grad_y, ctx.lossy_kernel))
-        grad_weight = (grad_p * pooled.to(grad_p.dtype)).sum(reduce_dims)
+        grad_weight = (grad_p * cast(pooled, grad_p.dtype)).sum(reduce_dims)
         del grad_p
     if need_bias:
         grad_bias = grad_y.sum(reduce_dims)
     if need_x:
-        grad_x = grad_y * _channel_view(gain.to(grad_y.dtype), grad_y)
+        grad_x = grad_y * _channel_view(cast(gain, grad_y.dtype), grad_y)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+batch_norm_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
 
 
 def batch_norm(
@@ -118,7 +117,7 @@ def batch_norm(
     """Frozen-statistics batch-norm over dim 1; saves pooled x̂ only if `weight` is trained."""
     trained = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     if not (torch.is_grad_enabled() and trained):
-        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     save_pooled = weight is not None and weight.requires_grad
     return torch.ops.facto.batch_norm(
         x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled

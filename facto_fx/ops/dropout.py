@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.ops.grads import without_code_grad
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
@@ -33,6 +34,7 @@ def _setup_context(ctx, inputs, output):
     ctx.p = inputs[1]
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_mask):
@@ -45,7 +47,7 @@ def _backward(ctx, grad_y, _grad_mask):
     return grad_y * keep / (1.0 - ctx.p), None
 
 
-dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
+dropout_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.conv import merged_weight
-from facto_fx.ops.lossy import store
+from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.lossy import cast, store
 
 
 @torch.library.custom_op("facto::linear", mutates_args=())
@@ -29,12 +30,12 @@ def linear_fwd(
 
 def _forward(x, weight, M, D, bias, storage_dtype):
     """The op's computation; on fake tensors, its fake kernel. Runs in x's dtype (see autocast.py)."""
-    bias = None if bias is None else bias.to(x.dtype)
-    dx = F.linear(x, D.to(x.dtype))
+    bias = None if bias is None else cast(bias, x.dtype)
+    dx = F.linear(x, cast(D, x.dtype))
     if _factored(x, weight):
-        y = F.linear(x, weight.to(x.dtype), bias) + F.linear(dx, M.to(x.dtype))
+        y = F.linear(x, cast(weight, x.dtype), bias) + F.linear(dx, cast(M, x.dtype))
     else:
-        y = F.linear(x, merged_weight(weight, M, D).to(x.dtype), bias)
+        y = F.linear(x, cast(merged_weight(weight, M, D), x.dtype), bias)
     return y, store(dx, storage_dtype)
 
 
@@ -55,6 +56,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], weight, M, D)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_dx):
@@ -62,17 +64,17 @@ def _backward(ctx, grad_y, _grad_dx):
     grad_x = grad_M = grad_bias = None
     if ctx.needs_input_grad[0]:
         if _factored(grad_y, weight):
-            grad_x = grad_y @ weight.to(grad_y.dtype) + (grad_y @ M.to(grad_y.dtype)) @ D.to(grad_y.dtype)
+            grad_x = grad_y @ cast(weight, grad_y.dtype) + (grad_y @ cast(M, grad_y.dtype)) @ cast(D, grad_y.dtype)
         else:
-            grad_x = grad_y @ merged_weight(weight, M, D).to(grad_y.dtype)  # 16-bit grad_y under autocast
+            grad_x = grad_y @ cast(merged_weight(weight, M, D), grad_y.dtype)  # 16-bit grad_y under autocast
     if ctx.needs_input_grad[2]:
-        grad_M = grad_y.reshape(-1, grad_y.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]).to(grad_y.dtype)
+        grad_M = grad_y.reshape(-1, grad_y.shape[-1]).T @ cast(dx.reshape(-1, dx.shape[-1]), grad_y.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
     return grad_x, None, grad_M, None, grad_bias, None
 
 
-linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+linear_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
 
 
 def linear(
@@ -88,6 +90,6 @@ def linear(
         x.requires_grad or M.requires_grad or (bias is not None and bias.requires_grad)
     )
     if not needs_grad:
-        return F.linear(x, merged_weight(weight, M, D).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, cast(merged_weight(weight, M, D), x.dtype), None if bias is None else cast(bias, x.dtype))
     y, _ = torch.ops.facto.linear(x, weight, M, D, bias, storage_dtype)
     return y

@@ -50,12 +50,21 @@ def _placement(kernel: int, stride: int, dilation: int, k: int, like: Tensor) ->
     return F.one_hot(taps[:, None] + shifts[None, :], span).sum(1).to(like.dtype)
 
 
-def _pooled_filter(weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int], k: int) -> Tensor:
+def folds(kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], k: int) -> bool:
+    """Whether folding the k×k pool into the filter costs fewer taps than the conv it replaces."""
+    kh, kw = kernel_size
+    if k == 1 or (kh, kw) == (1, 1):
+        return False
+    span = _span(kh, stride[0], dilation[0], k) * _span(kw, stride[1], dilation[1], k)
+    return span < k * k * kh * kw
+
+
+def pooled_filter(weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int], k: int) -> Tensor:
     """The single filter E with conv(x, E, stride * k) == meanpool_k(conv(x, weight, stride)).
 
     E is the (dilated) filter summed over the k×k shifts of the pooling window, divided by k²: one
     matmul of the flattened taps with a placement matrix, the Kronecker product of the row and
-    column placements (a dozen small ops, whatever the filter size).
+    column placements. It depends on the filter alone, so a layer forms it once per draw of D.
     """
     c_out, c_in, kh, kw = weight.shape
     rows = _placement(kh, stride[0], dilation[0], k, weight)
@@ -71,24 +80,28 @@ def pooled_projection(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     k: int,
+    folded: Tensor | None = None,
 ) -> Tensor:
     """Z_p = meanpool_k(conv2d(x, weight)) without materialising the full-size conv output.
 
     A 1×1, stride-1, unpadded projection commutes with the pool, so x is pooled first (k² less
-    work). Otherwise, when the conv output tiles evenly by k and the merged filter is cheaper than
-    conv + pool, the pool is folded into the filter (design.md §1); else conv then pool.
+    work). Otherwise, when the conv output tiles evenly by k and `folds`, the pool is folded into
+    the filter (design.md §1; `folded` is that filter, formed here if not given); else conv then pool.
     """
     kh, kw = weight.shape[2:]
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
         return F.conv2d(mean_pool(x, k), weight)
     z_h = conv_output_size(x.shape[-2], kh, stride[0], padding[0], dilation[0])
     z_w = conv_output_size(x.shape[-1], kw, stride[1], padding[1], dilation[1])
-    span_h, span_w = _span(kh, stride[0], dilation[0], k), _span(kw, stride[1], dilation[1], k)
-    folded_cost = span_h * span_w / (k * k)
-    if k > 1 and z_h % k == 0 and z_w % k == 0 and folded_cost < kh * kw:
-        fused = _pooled_filter(weight, stride, dilation, k)
+    if z_h % k == 0 and z_w % k == 0 and folds((kh, kw), stride, dilation, k):
+        fused = pooled_filter(weight, stride, dilation, k) if folded is None else folded
         return F.conv2d(x, fused, None, (stride[0] * k, stride[1] * k), padding)
     return mean_pool(F.conv2d(x, weight, None, stride, padding, dilation), k)
+
+
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in `dtype`, without an aten call when it already is (the hot path counts its calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def store(x: Tensor, dtype: torch.dtype | None) -> Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_bits
+from facto_fx.ops.grads import without_code_grad
 from facto_fx.ops.lossy import pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -35,11 +36,35 @@ def _tiles_exactly(x: Tensor, kernel_size, stride, padding, dilation) -> bool:
 
 
 def _tiled_max(x: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor]:
-    """Non-overlapping windows: one max over the gathered window gives value and code at once."""
-    *lead, h, w = x.shape
-    windows = x.reshape(*lead, h // kh, kh, w // kw, kw).transpose(-3, -2)
-    y, code = windows.reshape(*lead, h // kh, w // kw, kh * kw).max(dim=-1)
+    """Non-overlapping windows: a running max over the kh·kw strided views of x (no copy of x).
+
+    A later tap wins only if strictly greater, so ties go to the first, as in F.max_pool2d.
+    """
+    taps = [x[..., i::kh, j::kw] for i in range(kh) for j in range(kw)]
+    if len(taps) == 1:
+        return taps[0].clone(), torch.zeros(taps[0].shape, dtype=torch.uint8, device=x.device)
+    code = (taps[1] > taps[0]).to(torch.uint8)
+    y = torch.maximum(taps[0], taps[1])
+    for offset, tap in enumerate(taps[2:], start=2):
+        code.masked_fill_(tap > y, offset)
+        torch.maximum(y, tap, out=y)
     return y, code
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _tiled_grad(grad_y: Tensor, code: Tensor, x_shape: torch.Size, kh: int, kw: int) -> Tensor:
+    """Each output's gradient to the tap its code names, written tap by tap (no scatter)."""
+    code = code.view(grad_y.shape)
+    layout = torch.channels_last if _is_channels_last(grad_y) else torch.contiguous_format
+    grad_x = torch.empty(x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=layout)
+    zero = grad_y.new_zeros(())
+    for offset in range(kh * kw):
+        i, j = divmod(offset, kw)
+        torch.where(code == offset, grad_y, zero, out=grad_x[..., i::kh, j::kw])
+    return grad_x
 
 
 def _window_code(x: Tensor, y: Tensor, index: Tensor, stride, padding, dilation, kernel_size) -> Tensor:
@@ -92,6 +117,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.x_shape = x.shape
     ctx.pool_args = (kernel_size, stride, padding, dilation)
+    ctx.tiled = _tiles_exactly(x, kernel_size, stride, padding, dilation)
+    ctx.set_materialize_grads(False)
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
@@ -104,11 +131,13 @@ def _backward(ctx, grad_y, _grad_code):
 
         grad_x = max_pool_backward(grad_y, packed, ctx.x_shape, kernel_size, stride, padding, dilation)
         return grad_x, None, None, None, None, None
+    code = unpack_bits(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.numel())
+    if ctx.tiled:
+        return _tiled_grad(grad_y, code, ctx.x_shape, *kernel_size), None, None, None, None, None
     width = ctx.x_shape[-1]
     # The flat input position of each output's argmax, built in place: two int64 maps of the
     # output's size at most (out of place, this backward held the peak of a CPU training step).
-    index = unpack_bits(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.numel())
-    index = index.view(grad_y.shape).long()
+    index = code.view(grad_y.shape).long()
     col = index.remainder(kernel_size[1]).mul_(dilation[1])
     col.add_(_window_origin(grad_y.shape[-1], stride[1], padding[1], grad_y.device))
     index.div_(kernel_size[1], rounding_mode="floor").mul_(dilation[0])
@@ -120,7 +149,7 @@ def _backward(ctx, grad_y, _grad_code):
     return grad_x.view(ctx.x_shape), None, None, None, None, None
 
 
-max_pool2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+max_pool2d_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
 
 
 def max_pool2d(

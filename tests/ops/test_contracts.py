@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import facto_fx.ops  # noqa: F401  (registers the ops)
+import facto_fx.ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
@@ -36,10 +36,18 @@ def _params(*shapes, scale=1.0):
     return [(torch.randn(s) * scale).requires_grad_() for s in shapes]
 
 
-def _conv(x):
-    weight, M, bias = _params((5, 4, 3, 3), (5, 2), (5,))
+def _conv(x, out_channels=5, stride=1):
+    weight, M, bias = _params((out_channels, 4, 3, 3), (out_channels, 2), (out_channels,))
     D = torch.randn(2, 36)
-    return (x, weight.detach(), M, D, bias, [1, 1], [1, 1], [1, 1], 2, None)
+    folded = facto_fx.ops.projection_filter(D, weight.shape, (stride, stride), (1, 1), 2)
+    return (x, weight.detach(), M, D, folded, bias, [stride, stride], [1, 1], [1, 1], 2, None)
+
+
+def _conv_factored(x):
+    """Wide output, few positions: the op takes its factored path (Ω never formed)."""
+    args = _conv(x, out_channels=16, stride=4)
+    assert facto_fx.ops.conv.factored(x.shape, args[1].shape, (2, 2))
+    return args
 
 
 def _linear(x):
@@ -61,12 +69,13 @@ CASES = {
     "scale": lambda x: (x, torch.full((1,), 1.5, requires_grad=True), 2, None, True),
     "batch_norm": _batch_norm,
     "conv2d": _conv,
+    "conv2d_factored": _conv_factored,
     "linear": _linear,
 }
 
 
 def _op(case: str):
-    return getattr(torch.ops.facto, case.removesuffix("_overlapping")).default
+    return getattr(torch.ops.facto, case.removesuffix("_overlapping").removesuffix("_factored")).default
 
 
 MATRIX = pytest.mark.parametrize(
@@ -100,7 +109,7 @@ def test_op_agrees_with_its_fake(name, dtype, layout, autocast):
         real = op(*args)
         fake = _fake_outputs(op, args)
     assert _metadata(real) == _metadata(fake)
-    x_dtype = torch.bfloat16 if autocast is not None and name in ("conv2d", "linear") else dtype
+    x_dtype = torch.bfloat16 if autocast is not None and name.startswith(("conv2d", "linear")) else dtype
     assert real[0].dtype == x_dtype  # the documented policy: the output takes (autocast) x's dtype
 
 
