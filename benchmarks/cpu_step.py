@@ -1,6 +1,7 @@
 """CPU training-step time, vanilla vs Facto, measured side by side in one run.
 
     python benchmarks/cpu_step.py --model cifar_vgg11 --batch-size 64 --image-size 32
+    python benchmarks/cpu_step.py --model resnet18 --batch-size 8 --image-size 128
 
 Steps alternate between the two models so machine noise hits both alike; the figure that counts
 is the ratio of medians.
@@ -15,7 +16,7 @@ import time
 import torch
 
 import facto_fx
-from facto_fx.models import MODELS
+from facto_fx.model_zoo import build_model, model_names
 
 
 def make_step(model, batch, target):
@@ -33,7 +34,8 @@ def make_step(model, batch, target):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="cifar_vgg11", choices=sorted(MODELS))
+    parser.add_argument("--model", default="cifar_vgg11", choices=model_names(), metavar="MODEL",
+                        help="a torchvision classification model or one of the package's own")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--inr", type=float, default=0.3)
@@ -44,8 +46,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    vanilla = MODELS[args.model](num_classes=10)
-    source = MODELS[args.model](num_classes=10)
+    vanilla = build_model(args.model, num_classes=10)
+    source = build_model(args.model, num_classes=10)
     source.load_state_dict(vanilla.state_dict())
     facto = facto_fx.compile(source, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)

@@ -17,10 +17,6 @@ from facto_fx.ops.scale import spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
-def _channel_view(v: Tensor, x: Tensor) -> Tensor:
-    return v.view(1, -1, *([1] * (x.dim() - 2)))
-
-
 @torch.library.custom_op("facto::batch_norm", mutates_args=())
 def batch_norm_fwd(
     x: Tensor,
@@ -78,11 +74,12 @@ def _backward(ctx, grad_y, _grad_pooled):
     need_weight, need_bias = need_weight and weight is not None, need_bias and ctx.has_bias
     if need_weight and pooled.numel() == 0:
         raise RuntimeError("facto::batch_norm ran with save_pooled=False, so no map was kept for γ's gradient")
-    gain = torch.rsqrt(running_var + ctx.eps)
-    if weight is not None:
-        gain = gain * weight
     if use_triton(grad_y, ctx.kernels):
         from facto_fx.triton_ops.affine import affine_backward
+
+        gain = torch.rsqrt(running_var + ctx.eps)
+        if weight is not None:
+            gain = gain * weight
 
         needs = (need_x, need_weight, need_bias)
         grads = affine_backward(grad_y, pooled, gain, grad_y.shape[1], ctx.lossy_kernel, needs)
@@ -96,8 +93,9 @@ def _backward(ctx, grad_y, _grad_pooled):
         del grad_p
     if need_bias:
         grad_bias = grad_y.sum(reduce_dims)
-    if need_x:
-        grad_x = grad_y * _channel_view(cast(gain, grad_y.dtype), grad_y)
+    if need_x:  # grad_y·γ/σ is an inference batch-norm of grad_y with zero mean and no shift
+        zero_mean = running_var.new_zeros(running_var.shape)
+        grad_x = F.batch_norm(grad_y, zero_mean, running_var, weight, None, False, 0.0, ctx.eps)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 

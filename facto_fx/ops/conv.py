@@ -104,15 +104,19 @@ def _forward(x, weight, M, D, folded, bias, stride, padding, dilation, lossy_ker
 conv2d_fwd.register_fake(_forward)
 
 
-def _grad_m(grad_y: Tensor, z_p: Tensor, lossy_kernel: int, kernels: str) -> Tensor:
-    """grad_M = Σ sumpool_k(grad_Y) ⊗ Z_p: the weight gradient of a 1×1 conv from Z_p."""
+def _grad_m(grad_y: Tensor, z_p: Tensor, M: Tensor, lossy_kernel: int, kernels: str) -> Tensor:
+    """grad_M = Σ sumpool_k(grad_Y) ⊗ Z_p: the weight gradient of a 1×1 conv from Z_p (M gives its shape)."""
     if use_triton(grad_y, kernels):
         from facto_fx.triton_ops.conv import grad_m
 
         return grad_m(grad_y, z_p, lossy_kernel)
     grad_p = sum_pool(grad_y, lossy_kernel)
-    grad = torch.nn.grad.conv2d_weight(cast(z_p, grad_p.dtype), (grad_y.shape[1], z_p.shape[1], 1, 1), grad_p)
-    return grad.view(grad.shape[:2])
+    one_by_one = cast(M, grad_p.dtype).view(*M.shape, 1, 1)
+    _, grad, _ = torch.ops.aten.convolution_backward(
+        grad_p, cast(z_p, grad_p.dtype), one_by_one, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )
+    return grad.view(M.shape)
 
 
 def _grad_x(grad_y: Tensor, x_shape, weight: Tensor, M: Tensor, D: Tensor, conv_args) -> Tensor:
@@ -146,7 +150,7 @@ def _backward(ctx, grad_y, _grad_z):
     if ctx.needs_input_grad[0]:
         grad_x = _grad_x(grad_y, ctx.x_shape, weight, M, D, ctx.conv_args)
     if ctx.needs_input_grad[2]:
-        grad_M = cast(_grad_m(grad_y, z_p, ctx.lossy_kernel, ctx.kernels), M.dtype)
+        grad_M = cast(_grad_m(grad_y, z_p, M, ctx.lossy_kernel, ctx.kernels), M.dtype)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad_y.sum((0, 2, 3))
     return grad_x, None, grad_M, None, None, grad_bias, None, None, None, None, None
