@@ -19,6 +19,7 @@ from facto_fx.model_zoo import build_model, check_model_name
 from facto_fx.training import TrainConfig
 from facto_fx.training.config import OPTIMIZERS
 from facto_fx.training.data import DATASETS
+from facto_fx.training.distributed import resolve_device
 
 
 def _add_facto_options(parser: argparse.ArgumentParser) -> None:
@@ -32,15 +33,18 @@ def report_command(args: argparse.Namespace) -> int:
     """Per-layer saved bytes, vanilla vs Facto, computed on meta tensors (nothing is allocated).
 
     Nothing runs on meta tensors, so the rewrite is not verified here; `compile` verifies it when
-    a real model is trained.
+    a real model is trained. With --peak the model is real (on --device): the rewrite is verified,
+    and one forward + backward of each model is run to measure its peak memory.
     """
-    model = build_model(args.model, num_classes=args.num_classes, device="meta")
+    device = resolve_device(args.device) if args.peak else torch.device("meta")
+    model = build_model(args.model, num_classes=args.num_classes, device=device)
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
-        storage_dtype=args.storage_dtype, verify=False,
+        storage_dtype=args.storage_dtype, verify=args.peak,
     )
-    x = torch.empty(args.batch_size, args.in_channels, args.image_size, args.image_size, device="meta")
-    table = facto_fx.report(fmodel, x, analytic=True)
+    shape = (args.batch_size, args.in_channels, args.image_size, args.image_size)
+    x = torch.randn(shape, device=device) if args.peak else torch.empty(shape, device=device)
+    table = facto_fx.report(fmodel, x, analytic=not args.peak, peak=args.peak)
     print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, INR {args.inr}, "
           f"lossy kernel {args.lossy_kernel}, apply ratio {args.apply_ratio}\n")
     print(table)
@@ -116,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--in-channels", type=int, default=3)
     report.add_argument("--num-classes", type=int, default=1000)
     report.add_argument("--plot", default=None, help="write a per-op breakdown picture to this path (.png/.svg)")
+    report.add_argument("--peak", action="store_true",
+                        help="also measure the peak memory of a forward + backward (allocates a real model and batch)")
+    report.add_argument("--device", default="auto", help="with --peak: auto, cpu, cuda or cuda:N")
     _add_facto_options(report)
     report.set_defaults(run=report_command)
 

@@ -26,6 +26,19 @@ def test_report_matches_the_measured_figure_at_batch_256(capsys):
     assert total.split()[1] == "17909.000"
 
 
+def test_report_peak_measures_both_models_on_a_real_batch(capsys):
+    """--peak runs one forward + backward of each; the peak bounds the saved bytes from above."""
+    code = main(["report", "--model", "cifar_vgg11", "--num-classes", "10", "--batch-size", "4",
+                 "--image-size", "32", "--apply-ratio", "1.0", "--peak", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    saved = re.search(r"total\s+([\d.]+)\s+([\d.]+)", out)
+    peak = re.search(r"peak of a forward \+ backward: vanilla ([\d.]+) MiB, facto ([\d.]+) MiB", out)
+    vanilla_saved, facto_saved = map(float, saved.groups())
+    vanilla_peak, facto_peak = map(float, peak.groups())
+    assert vanilla_peak >= vanilla_saved and facto_peak >= facto_saved and facto_peak < vanilla_peak
+
+
 def test_report_plot_is_written(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "breakdown.png"
