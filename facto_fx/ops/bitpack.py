@@ -2,6 +2,10 @@
 
 ReLU and dropout masks are 1-bit codes; max-pool argmax codes use 2 or 4 bits. Packing is along
 the flattened tensor, so any shape works; the byte count is ceil(numel * bits / 8).
+
+Codes go in the memory order of the map they describe: (N, H, W, C) for a channels_last map, the
+logical order for any other tensor. A channels_last map's codes then flatten without a copy, and
+a kernel that walks the map in memory order packs whole bytes of neighbouring elements.
 """
 
 from __future__ import annotations
@@ -31,10 +35,23 @@ def _shifts(bits: int, device: torch.device) -> Tensor:
     return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
 
 
-def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack `codes` (bool or uint8 values < 2**bits) into a 1-D uint8 tensor."""
+def is_channels_last(x: Tensor) -> bool:
+    """Whether `x` is a channels_last 4-D map, so its codes go in (N, H, W, C) order.
+
+    A map that is contiguous too (C = 1 or H·W = 1) has one order for both: it counts as contiguous.
+    """
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def pack_bits(codes: Tensor, bits: int, channels_last: bool = False) -> Tensor:
+    """Pack `codes` (bool or uint8 values < 2**bits) into a 1-D uint8 tensor.
+
+    channels_last packs the N×C×H×W `codes` in (N, H, W, C) order.
+    """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}; got {bits}")
+    if channels_last:
+        codes = codes.permute(0, 2, 3, 1)
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat
@@ -53,3 +70,15 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(1) >> _shifts(bits, packed.device)) & mask
     return codes.reshape(-1)[:numel]
+
+
+def unpack_codes(packed: Tensor, bits: int, shape: torch.Size, channels_last: bool = False) -> Tensor:
+    """Inverse of `pack_bits(codes, bits, channels_last)`: the codes as a tensor of `shape`.
+
+    channels_last codes come back as a channels_last view (no copy).
+    """
+    codes = unpack_bits(packed, bits, shape.numel())
+    if channels_last:
+        n, c, h, w = shape
+        return codes.view(n, h, w, c).permute(0, 3, 1, 2)
+    return codes.view(shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.ops.bitpack import is_channels_last, pack_bits, unpack_codes
 from facto_fx.ops.grads import without_code_grad
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -21,9 +21,9 @@ def dropout_fwd(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
 
 def _forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """The PyTorch path; on fake tensors, the fake kernel. Uniforms are drawn in fp32: in 16 bits
-    their coarse grid biases the keep rate."""
+    their coarse grid biases the keep rate. The mask is packed in x's memory order (ops/bitpack.py)."""
     keep = torch.rand_like(x, dtype=torch.float32) >= p
-    return x * keep / (1.0 - p), pack_bits(keep, 1)
+    return x * keep / (1.0 - p), pack_bits(keep, 1, is_channels_last(x))
 
 
 dropout_fwd.register_fake(_forward)
@@ -32,6 +32,7 @@ dropout_fwd.register_fake(_forward)
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.p = inputs[1]
+    ctx.channels_last = is_channels_last(inputs[0])  # the order the mask was packed in
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -42,8 +43,8 @@ def _backward(ctx, grad_y, _grad_mask):
     if use_triton(grad_y, ctx.kernels):
         from facto_fx.triton_ops.dropout import dropout_backward
 
-        return dropout_backward(grad_y, packed, ctx.p), None
-    keep = unpack_bits(packed, 1, grad_y.numel()).view(grad_y.shape)
+        return dropout_backward(grad_y, packed, ctx.p, ctx.channels_last), None
+    keep = unpack_codes(packed, 1, grad_y.shape, ctx.channels_last)
     return grad_y * keep / (1.0 - ctx.p), None
 
 

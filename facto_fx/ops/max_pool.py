@@ -2,6 +2,7 @@
 
 The code takes ceil(log2(kh·kw)) bits rounded to 1/2/4/8 bits per output element: 2 bits for a
 2×2/2 pool (0.5 bit per input element), 4 bits for torchvision's 3×3/2 pool (1 bit per input).
+Codes are packed in the output's memory order, which follows x's (ops/bitpack.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_bits
+from facto_fx.ops.bitpack import code_bits, is_channels_last, pack_bits, unpack_codes
 from facto_fx.ops.grads import without_code_grad
 from facto_fx.ops.lossy import pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -51,14 +52,9 @@ def _tiled_max(x: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor]:
     return y, code
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _tiled_grad(grad_y: Tensor, code: Tensor, x_shape: torch.Size, kh: int, kw: int) -> Tensor:
     """Each output's gradient to the tap its code names, written tap by tap (no scatter)."""
-    code = code.view(grad_y.shape)
-    layout = torch.channels_last if _is_channels_last(grad_y) else torch.contiguous_format
+    layout = torch.channels_last if is_channels_last(grad_y) else torch.contiguous_format
     grad_x = torch.empty(x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=layout)
     zero = grad_y.new_zeros(())
     for offset in range(kh * kw):
@@ -106,7 +102,7 @@ def _forward(x, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tens
     else:
         y, index = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
         code = _window_code(x, y, index, stride, padding, dilation, kernel_size)
-    return y, pack_bits(code.to(torch.uint8), code_bits(kernel_size[0] * kernel_size[1]))
+    return y, pack_bits(code.to(torch.uint8), code_bits(kernel_size[0] * kernel_size[1]), is_channels_last(x))
 
 
 max_pool2d_fwd.register_fake(_forward)
@@ -118,6 +114,7 @@ def _setup_context(ctx, inputs, output):
     ctx.x_shape = x.shape
     ctx.pool_args = (kernel_size, stride, padding, dilation)
     ctx.tiled = _tiles_exactly(x, kernel_size, stride, padding, dilation)
+    ctx.channels_last = is_channels_last(x)  # the order the codes were packed in
     ctx.set_materialize_grads(False)
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
@@ -129,15 +126,17 @@ def _backward(ctx, grad_y, _grad_code):
     if use_triton(grad_y, ctx.kernels):
         from facto_fx.triton_ops.max_pool import max_pool_backward
 
-        grad_x = max_pool_backward(grad_y, packed, ctx.x_shape, kernel_size, stride, padding, dilation)
+        grad_x = max_pool_backward(
+            grad_y, packed, ctx.x_shape, kernel_size, stride, padding, dilation, ctx.channels_last
+        )
         return grad_x, None, None, None, None, None
-    code = unpack_bits(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.numel())
+    code = unpack_codes(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.shape, ctx.channels_last)
     if ctx.tiled:
         return _tiled_grad(grad_y, code, ctx.x_shape, *kernel_size), None, None, None, None, None
     width = ctx.x_shape[-1]
     # The flat input position of each output's argmax, built in place: two int64 maps of the
     # output's size at most (out of place, this backward held the peak of a CPU training step).
-    index = code.view(grad_y.shape).long()
+    index = code.long()
     col = index.remainder(kernel_size[1]).mul_(dilation[1])
     col.add_(_window_origin(grad_y.shape[-1], stride[1], padding[1], grad_y.device))
     index.div_(kernel_size[1], rounding_mode="floor").mul_(dilation[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.ops.bitpack import is_channels_last, pack_bits, unpack_codes
 from facto_fx.ops.grads import without_code_grad
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -20,8 +20,11 @@ def relu_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _forward(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The PyTorch path; on fake tensors, the fake kernel (same dtypes, shapes and strides)."""
-    return torch.relu(x), pack_bits(x > 0, 1)
+    """The PyTorch path; on fake tensors, the fake kernel (same dtypes, shapes and strides).
+
+    The mask is packed in x's memory order (ops/bitpack.py), so a channels_last x costs no copy.
+    """
+    return torch.relu(x), pack_bits(x > 0, 1, is_channels_last(x))
 
 
 relu_fwd.register_fake(_forward)
@@ -29,6 +32,7 @@ relu_fwd.register_fake(_forward)
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.channels_last = is_channels_last(inputs[0])  # the order the mask was packed in
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -39,8 +43,8 @@ def _backward(ctx, grad_y, _grad_mask):
     if use_triton(grad_y, ctx.kernels):
         from facto_fx.triton_ops.relu import relu_backward
 
-        return relu_backward(grad_y, packed)
-    mask = unpack_bits(packed, 1, grad_y.numel()).view(grad_y.shape)
+        return relu_backward(grad_y, packed, ctx.channels_last)
+    mask = unpack_codes(packed, 1, grad_y.shape, ctx.channels_last)
     return torch.where(mask.bool(), grad_y, 0)  # as torch's relu: 0 where masked, even for an inf gradient
 
 

@@ -2,10 +2,13 @@
 
 Forward, one pass: y = x̂·a + b with x̂ = (x - μ)·ρ, and meanpool_k(x̂) in ceil mode (edge windows
 average the values they cover). Backward, one pass over grad_y: grad_x = grad_y·gain, and the
-per-plane partial sums of sumpool_k(grad_y)·pooled (for a or γ) and of grad_y (for b or β).
+per-channel partial sums of sumpool_k(grad_y)·pooled (for a or γ) and of grad_y (for b or β).
 
-A tensor is seen as planes of H×W (NCHW maps) and plane p belongs to channel p % C; each
-program covers BLOCK pooled positions of one plane, so its partial sums belong to one channel.
+A tensor is seen as an N×C×H×W map (other shapes as N×C×L×1, which do not pool), NCHW or
+channels_last (triton_ops/layout.py), and each program covers a tile of BLOCK_P pooled positions
+of one image by BLOCK_C channels. On NCHW maps a tile is one channel (its plane is contiguous); on
+channels_last maps it is a run of neighbouring channels (they are contiguous), so both layouts are
+read in memory order. The backward's partial sums are per channel of each tile; torch adds them.
 """
 
 from __future__ import annotations
@@ -16,77 +19,97 @@ import triton.language as tl
 from torch import Tensor
 
 from facto_fx.ops.lossy import pooled_size
+from facto_fx.triton_ops.layout import in_layout, kernel_layout, memory_format, offset
 
-BLOCK = 256
+BLOCK = 256  # elements of a tile
+MAX_BLOCK_C = 32  # channels of a channels_last tile
 
 
 @triton.jit
 def _affine_fwd_kernel(
     x_ptr, mean_ptr, rstd_ptr, a_ptr, b_ptr, y_ptr, pooled_ptr, C, H, W, PH, PW,
-    K: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, SAVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
-    pos = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = pos < PH * PW
-    ph, pw = pos // PW, pos % PW
-    channel = plane % C
-    mean, rstd = tl.load(mean_ptr + channel), tl.load(rstd_ptr + channel)
-    a, b = tl.load(a_ptr + channel), tl.load(b_ptr + channel)
-    total = tl.zeros((BLOCK,), tl.float32)
-    count = tl.zeros((BLOCK,), tl.float32)
+    n = (tl.program_id(0) // tl.cdiv(C, BLOCK_C)).to(tl.int64)
+    c = (tl.program_id(0) % tl.cdiv(C, BLOCK_C)) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ph, pw = (pos // PW)[:, None], (pos % PW)[:, None]
+    in_bounds = (pos < PH * PW)[:, None] & (c < C)[None, :]
+    mean, rstd = tl.load(mean_ptr + c, mask=c < C)[None, :], tl.load(rstd_ptr + c, mask=c < C)[None, :]
+    a, b = tl.load(a_ptr + c, mask=c < C)[None, :], tl.load(b_ptr + c, mask=c < C)[None, :]
+    total = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    count = tl.zeros((BLOCK_P, 1), tl.float32)
     for i in tl.static_range(K):
         for j in tl.static_range(K):
             h, w = ph * K + i, pw * K + j
             inside = in_bounds & (h < H) & (w < W)
-            offset = (plane * H + h) * W + w
-            x_hat = (tl.load(x_ptr + offset, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
-            tl.store(y_ptr + offset, (x_hat * a + b).to(y_ptr.dtype.element_ty), mask=inside)
+            x_offset = offset(n, c[None, :], h, w, C, H, W, CHANNELS_LAST)
+            x_hat = (tl.load(x_ptr + x_offset, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
+            tl.store(y_ptr + x_offset, (x_hat * a + b).to(y_ptr.dtype.element_ty), mask=inside)
             total += tl.where(inside, x_hat, 0.0)
-            count += inside.to(tl.float32)
+            count += ((h < H) & (w < W)).to(tl.float32)
     if SAVE:
         pooled = total / tl.maximum(count, 1.0)
-        tl.store(pooled_ptr + plane * PH * PW + pos, pooled.to(pooled_ptr.dtype.element_ty), mask=in_bounds)
+        pooled_offset = offset(n, c[None, :], ph, pw, C, PH, PW, CHANNELS_LAST)
+        tl.store(pooled_ptr + pooled_offset, pooled.to(pooled_ptr.dtype.element_ty), mask=in_bounds)
 
 
 @triton.jit
 def _affine_bwd_kernel(
     grad_y_ptr, pooled_ptr, gain_ptr, grad_x_ptr, grad_a_ptr, grad_b_ptr, C, H, W, PH, PW,
-    K: tl.constexpr, GRAD_X: tl.constexpr, GRAD_A: tl.constexpr, GRAD_B: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, GRAD_X: tl.constexpr, GRAD_A: tl.constexpr, GRAD_B: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
-    pos = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = pos < PH * PW
-    ph, pw = pos // PW, pos % PW
-    gain = tl.load(gain_ptr + plane % C)
-    window_sum = tl.zeros((BLOCK,), tl.float32)
+    n = (tl.program_id(0) // tl.cdiv(C, BLOCK_C)).to(tl.int64)
+    c = (tl.program_id(0) % tl.cdiv(C, BLOCK_C)) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ph, pw = (pos // PW)[:, None], (pos % PW)[:, None]
+    in_bounds = (pos < PH * PW)[:, None] & (c < C)[None, :]
+    gain = tl.load(gain_ptr + c, mask=c < C)[None, :]
+    window_sum = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for i in tl.static_range(K):
         for j in tl.static_range(K):
             h, w = ph * K + i, pw * K + j
             inside = in_bounds & (h < H) & (w < W)
-            offset = (plane * H + h) * W + w
-            grad = tl.load(grad_y_ptr + offset, mask=inside, other=0.0).to(tl.float32)
+            y_offset = offset(n, c[None, :], h, w, C, H, W, CHANNELS_LAST)
+            grad = tl.load(grad_y_ptr + y_offset, mask=inside, other=0.0).to(tl.float32)
             if GRAD_X:
-                tl.store(grad_x_ptr + offset, (grad * gain).to(grad_x_ptr.dtype.element_ty), mask=inside)
+                tl.store(grad_x_ptr + y_offset, (grad * gain).to(grad_x_ptr.dtype.element_ty), mask=inside)
             window_sum += grad
-    partial = plane * tl.num_programs(1) + tl.program_id(1)
+    partial = (n * tl.num_programs(1) + tl.program_id(1)) * C + c  # row (image, tile of positions), column c
     if GRAD_A:
-        pooled = tl.load(pooled_ptr + plane * PH * PW + pos, mask=in_bounds, other=0.0).to(tl.float32)
-        tl.store(grad_a_ptr + partial, tl.sum(window_sum * pooled, axis=0))
+        pooled_offset = offset(n, c[None, :], ph, pw, C, PH, PW, CHANNELS_LAST)
+        pooled = tl.load(pooled_ptr + pooled_offset, mask=in_bounds, other=0.0).to(tl.float32)
+        tl.store(grad_a_ptr + partial, tl.sum(window_sum * pooled, axis=0), mask=c < C)
     if GRAD_B:
-        tl.store(grad_b_ptr + partial, tl.sum(window_sum, axis=0))
+        tl.store(grad_b_ptr + partial, tl.sum(window_sum, axis=0), mask=c < C)
 
 
-def _planes(x: Tensor, k: int) -> tuple[int, int, int]:
-    """(H, W, k) of the planes of `x`: NCHW maps pool their last two dims; other shapes do not pool."""
+def _as_map(x: Tensor) -> Tensor:
+    """x as an N×C×H×W map: (N, C, ...) as N×C×L×1, fewer dims as 1×numel×1×1 (a view where it can be)."""
     if x.dim() == 4:
-        return x.shape[-2], x.shape[-1], k
-    return (x[0, 0].numel() if x.dim() > 2 else 1), 1, 1
+        return x
+    if x.dim() >= 2:
+        return x.reshape(*x.shape[:2], -1, 1)
+    return x.reshape(1, -1, 1, 1)
 
 
-def _per_channel(values: Tensor | float | None, default: float, channels: int, like: Tensor) -> Tensor:
+def _tiles(maps: Tensor, k: int, channels_last: bool) -> tuple[int, int, tuple[int, int]]:
+    """(pooled positions per tile, channels per tile, grid) of `maps` pooled by k."""
+    batch, channels, height, width = maps.shape
+    block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C) if channels_last else 1
+    block_p = BLOCK // block_c
+    c_blocks = triton.cdiv(channels, block_c)
+    grid = (batch * c_blocks, triton.cdiv(pooled_size(height, k) * pooled_size(width, k), block_p))
+    return block_p, block_c, grid
+
+
+def _per_channel(values: Tensor | float | None, default: float, channels: int, maps: Tensor) -> Tensor:
+    """`channels` values (1: one for all) as one fp32 value per channel of `maps`."""
     if values is None:
         values = default
-    return torch.as_tensor(values, device=like.device).to(torch.float32).reshape(-1).expand(channels).contiguous()
+    values = torch.as_tensor(values, device=maps.device).to(torch.float32).reshape(-1).expand(channels)
+    return values.expand(maps.shape[1]).contiguous()
 
 
 def affine_forward(
@@ -103,23 +126,30 @@ def affine_forward(
     """(x̂·weight + bias, meanpool_k(x̂) or an empty tensor), x̂ = (x - mean)·rstd per channel of dim 1.
 
     channels = 1 broadcasts one value to every element (facto::scale); missing terms are 0 or 1.
+    y and the pooled map are channels_last if x is, else contiguous.
     """
-    x = x.contiguous()
-    height, width, k = _planes(x, lossy_kernel)
+    maps, channels_last = kernel_layout(_as_map(x))
+    batch, map_channels, height, width = maps.shape
+    k = lossy_kernel if x.dim() == 4 else 1
     ph, pw = pooled_size(height, k), pooled_size(width, k)
-    planes = x.numel() // max(height * width, 1)
-    y = torch.empty_like(x)
+    y = torch.empty_like(maps)
     if save_pooled:
-        pooled_shape = (*x.shape[:-2], ph, pw) if x.dim() == 4 else x.shape
-        pooled = x.new_empty(pooled_shape, dtype=storage_dtype or x.dtype)
+        pooled = torch.empty(
+            (batch, map_channels, ph, pw), dtype=storage_dtype or x.dtype, device=x.device,
+            memory_format=memory_format(channels_last),
+        )
     else:
         pooled = x.new_empty(0)
-    params = [_per_channel(v, d, channels, x) for v, d in ((mean, 0.0), (rstd, 1.0), (weight, 1.0), (bias, 0.0))]
-    if x.numel():
-        grid = (planes, triton.cdiv(ph * pw, BLOCK))
+    params = [_per_channel(v, d, channels, maps) for v, d in ((mean, 0.0), (rstd, 1.0), (weight, 1.0), (bias, 0.0))]
+    if maps.numel():
+        block_p, block_c, grid = _tiles(maps, k, channels_last)
         _affine_fwd_kernel[grid](
-            x, *params, y, pooled, channels, height, width, ph, pw, K=k, SAVE=save_pooled, BLOCK=BLOCK
+            maps, *params, y, pooled, map_channels, height, width, ph, pw,
+            K=k, SAVE=save_pooled, CHANNELS_LAST=channels_last, BLOCK_P=block_p, BLOCK_C=block_c,
         )
+    if x.dim() != 4:  # maps stay as they are: a view would renumber the strides of their size-1 dims
+        y = y.view(x.shape)
+        pooled = pooled.view(x.shape) if save_pooled else pooled
     return y, pooled
 
 
@@ -133,20 +163,27 @@ def affine_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_y·gain, Σ sumpool_k(grad_y)·pooled, Σ grad_y), the sums per channel (fp32).
 
-    `needs` says which of the three to compute; the others come back as None.
+    `needs` says which of the three to compute; the others come back as None. The kernel runs in
+    grad_y's layout (channels_last or contiguous); grad_x takes it too.
     """
-    grad_y = grad_y.contiguous()
-    height, width, k = _planes(grad_y, lossy_kernel)
+    maps, channels_last = kernel_layout(_as_map(grad_y))
+    batch, map_channels, height, width = maps.shape
+    k = lossy_kernel if grad_y.dim() == 4 else 1
     ph, pw = pooled_size(height, k), pooled_size(width, k)
-    planes = grad_y.numel() // max(height * width, 1)
-    blocks = triton.cdiv(ph * pw, BLOCK)
-    grad_x = torch.empty_like(grad_y) if needs[0] else None
-    partials = [grad_y.new_zeros(planes, blocks, dtype=torch.float32) if need else None for need in needs[1:]]
-    if grad_y.numel():
-        pooled = pooled.contiguous()
-        _affine_bwd_kernel[(planes, blocks)](
-            grad_y, pooled, _per_channel(gain, 1.0, channels, grad_y), grad_x, *partials,
-            channels, height, width, ph, pw, K=k, GRAD_X=needs[0], GRAD_A=needs[1], GRAD_B=needs[2], BLOCK=BLOCK,
+    grad_x = torch.empty_like(maps) if needs[0] else None
+    block_p, block_c, grid = _tiles(maps, k, channels_last)
+    partials = [maps.new_empty(batch * grid[1], map_channels, dtype=torch.float32) if need else None
+                for need in needs[1:]]
+    if maps.numel():
+        if needs[1]:
+            pooled = in_layout(_as_map(pooled), channels_last)
+        _affine_bwd_kernel[grid](
+            maps, pooled, _per_channel(gain, 1.0, channels, maps), grad_x, *partials,
+            map_channels, height, width, ph, pw,
+            K=k, GRAD_X=needs[0], GRAD_A=needs[1], GRAD_B=needs[2], CHANNELS_LAST=channels_last,
+            BLOCK_P=block_p, BLOCK_C=block_c,
         )
-    sums = [None if p is None else p.view(-1, channels, blocks).sum((0, 2)) for p in partials]
+    sums = [None if p is None else p.view(-1, channels).sum(0) for p in partials]
+    if grad_x is not None and grad_y.dim() != 4:
+        grad_x = grad_x.view(grad_y.shape)
     return grad_x, *sums

@@ -3,7 +3,8 @@
 One fused split-K matmul: the K axis runs over (batch, pooled row, pooled column); each A tile
 is sum-pooled from grad_Y's k×k taps as it is loaded, so sumpool_k(grad_Y) never exists in
 memory. grad_M is tiny (C_O×C_R) while K is large, so K is split across programs and their fp32
-partial tiles are summed by torch.
+partial tiles are summed by torch. grad_Y and Z_p are each read in their own layout, NCHW or
+channels_last (triton_ops/layout.py), so a channels_last map is not copied.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from facto_fx.ops.lossy import pooled_size
+from facto_fx.triton_ops.layout import kernel_layout, offset
 
 BLOCK_O, BLOCK_R, BLOCK_K = 32, 32, 32
 
@@ -22,7 +24,7 @@ BLOCK_O, BLOCK_R, BLOCK_K = 32, 32, 32
 def _grad_m_kernel(
     grad_y_ptr, z_ptr, partial_ptr, C_OUT, RANK, H, W, PH, PW, n_k, k_per_split,
     K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GRAD_CHANNELS_LAST: tl.constexpr, Z_CHANNELS_LAST: tl.constexpr,
 ):
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -40,10 +42,10 @@ def _grad_m_kernel(
             for j in tl.static_range(K):
                 h, w = ph * K + i, pw * K + j
                 tap = k_ok & (h < H) & (w < W)
-                offsets = ((b[None, :] * C_OUT + o[:, None]) * H + h[None, :]) * W + w[None, :]
+                offsets = offset(b[None, :], o[:, None], h[None, :], w[None, :], C_OUT, H, W, GRAD_CHANNELS_LAST)
                 mask = (o[:, None] < C_OUT) & tap[None, :]
                 pooled_grad += tl.load(grad_y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        z_offsets = ((b[:, None] * RANK + r[None, :]) * PH + ph[:, None]) * PW + pw[:, None]
+        z_offsets = offset(b[:, None], r[None, :], ph[:, None], pw[:, None], RANK, PH, PW, Z_CHANNELS_LAST)
         z_mask = k_ok[:, None] & (r[None, :] < RANK)
         z = tl.load(z_ptr + z_offsets, mask=z_mask, other=0.0).to(tl.float32)
         acc += tl.dot(pooled_grad, z, input_precision=PRECISION)
@@ -68,7 +70,7 @@ def grad_m(grad_y: Tensor, z_p: Tensor, lossy_kernel: int) -> Tensor:
     The tile products are full fp32 (Triton's default on a GPU would be TF32, 10 mantissa bits)
     unless torch.backends.cuda.matmul.allow_tf32 is set.
     """
-    grad_y, z_p = grad_y.contiguous(), z_p.contiguous()
+    (grad_y, grad_channels_last), (z_p, z_channels_last) = kernel_layout(grad_y), kernel_layout(z_p)
     batch, c_out, height, width = grad_y.shape
     rank = z_p.shape[1]
     ph, pw = pooled_size(height, lossy_kernel), pooled_size(width, lossy_kernel)
@@ -82,5 +84,6 @@ def grad_m(grad_y: Tensor, z_p: Tensor, lossy_kernel: int) -> Tensor:
         _grad_m_kernel[(*tiles, splits)](
             grad_y, z_p, partial, c_out, rank, height, width, ph, pw, n_k, k_per_split,
             K=lossy_kernel, BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, PRECISION=dot_precision(),
+            GRAD_CHANNELS_LAST=grad_channels_last, Z_CHANNELS_LAST=z_channels_last,
         )
     return partial.sum(0)

@@ -60,15 +60,16 @@ def use_triton(x: Tensor, mode: str | None = None) -> bool:
     """Whether an op on `x` runs its Triton kernel under `mode` (the current mode by default).
 
     Fake tensors (torch.compile tracing a backward formula) always take the PyTorch path: the
-    compiler fuses it itself, and a kernel cannot be launched on them. So do non-contiguous
-    (channels_last) tensors under "auto": the kernels index NCHW memory, and the PyTorch path
-    keeps the input's layout, as the fake kernels say.
+    compiler fuses it itself, and a kernel cannot be launched on them. Under "auto", so do tensors
+    that are neither contiguous nor channels_last: the kernels index those two layouts in memory
+    order, and would first copy any other.
     """
     mode = mode or _MODE.get()
     if mode == "torch" or is_fake(x):
         return False
-    if mode == "auto":  # the kernels index NCHW memory: channels_last maps take the PyTorch path
-        return x.is_cuda and x.dtype in TRITON_DTYPES and x.is_contiguous() and triton_importable()
+    if mode == "auto":
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        return x.is_cuda and x.dtype in TRITON_DTYPES and dense and triton_importable()
     if not triton_importable():
         raise RuntimeError("kernels='triton' but triton cannot be imported; install triton or use kernels='auto'")
     if x.dtype not in TRITON_DTYPES:

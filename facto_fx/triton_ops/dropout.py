@@ -1,8 +1,9 @@
 """Dropout: forward turns uniform draws into the scaled output and the packed keep-mask in one
 pass; backward unpacks the mask and applies it with the same 1/(1-p) scale.
 
-The draws come from torch.rand_like in fp32, so a seeded run keeps exactly the elements that
-facto::dropout's PyTorch path keeps.
+The draws come from torch.rand_like(x) in fp32, so a seeded run keeps exactly the elements that
+facto::dropout's PyTorch path keeps. Both kernels walk the map in memory order: a channels_last
+map is not copied, and its mask comes out in (N, H, W, C) order, as ops/bitpack.py packs it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from facto_fx.ops.bitpack import packed_numel
 from facto_fx.triton_ops.bitpack import load_codes, store_packed
+from facto_fx.triton_ops.layout import in_layout, kernel_layout
 
 BLOCK = 1024
 
@@ -41,13 +43,15 @@ def _dropout_bwd_kernel(grad_y_ptr, mask_ptr, grad_x_ptr, scale, n, BLOCK: tl.co
 
 
 def dropout_forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """(x · keep / (1 - p), pack_bits(keep, 1)) with keep = (fp32 uniforms) >= p.
+    """(x · keep / (1 - p), pack_bits(keep, 1, is_channels_last(x))) with keep = (fp32 uniforms) >= p.
 
     The uniforms are fp32 whatever x's dtype: 16-bit draws sit on a coarse grid and bias the keep
-    rate (bf16 kept 0.898 of the elements at p = 0.1).
+    rate (bf16 kept 0.898 of the elements at p = 0.1). They are drawn for x as given, before any
+    copy, so that they land where the PyTorch path's do.
     """
-    x = x.contiguous()
     u = torch.rand_like(x, dtype=torch.float32)
+    x, channels_last = kernel_layout(x)
+    u = in_layout(u, channels_last)
     y = torch.empty_like(x)
     mask = torch.empty(packed_numel(x.numel(), 1), dtype=torch.uint8, device=x.device)
     if x.numel():
@@ -56,9 +60,9 @@ def dropout_forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     return y, mask
 
 
-def dropout_backward(grad_y: Tensor, mask: Tensor, p: float) -> Tensor:
-    """grad_y · keep / (1 - p), keep read from the packed mask."""
-    grad_y = grad_y.contiguous()
+def dropout_backward(grad_y: Tensor, mask: Tensor, p: float, channels_last: bool = False) -> Tensor:
+    """grad_y · keep / (1 - p), keep read from the packed mask; channels_last says the mask's order."""
+    grad_y = in_layout(grad_y, channels_last)
     grad_x = torch.empty_like(grad_y)
     if grad_y.numel():
         grid = (triton.cdiv(grad_y.numel(), BLOCK),)

@@ -1,4 +1,8 @@
-"""ReLU: forward writes y and the bit-packed mask in one pass; backward unpacks and applies it."""
+"""ReLU: forward writes y and the bit-packed mask in one pass; backward unpacks and applies it.
+
+Both walk the map in memory order, so a channels_last map is neither copied nor reordered and its
+mask comes out in (N, H, W, C) order, as ops/bitpack.py packs it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from torch import Tensor
 
 from facto_fx.ops.bitpack import packed_numel
 from facto_fx.triton_ops.bitpack import load_codes, store_packed
+from facto_fx.triton_ops.layout import in_layout, kernel_layout
 
 BLOCK = 1024
 
@@ -36,8 +41,8 @@ def _relu_bwd_kernel(grad_y_ptr, mask_ptr, grad_x_ptr, n, BLOCK: tl.constexpr):
 
 
 def relu_forward(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(relu(x), pack_bits(x > 0, 1))."""
-    x = x.contiguous()
+    """(relu(x), pack_bits(x > 0, 1, is_channels_last(x))); y is channels_last if x is, else contiguous."""
+    x, _ = kernel_layout(x)
     y = torch.empty_like(x)
     mask = torch.empty(packed_numel(x.numel(), 1), dtype=torch.uint8, device=x.device)
     if x.numel():
@@ -45,9 +50,9 @@ def relu_forward(x: Tensor) -> tuple[Tensor, Tensor]:
     return y, mask
 
 
-def relu_backward(grad_y: Tensor, mask: Tensor) -> Tensor:
-    """grad_y where the packed mask is set, else 0."""
-    grad_y = grad_y.contiguous()
+def relu_backward(grad_y: Tensor, mask: Tensor, channels_last: bool = False) -> Tensor:
+    """grad_y where the packed mask is set, else 0; channels_last says the order the mask is in."""
+    grad_y = in_layout(grad_y, channels_last)
     grad_x = torch.empty_like(grad_y)
     if grad_y.numel():
         _relu_bwd_kernel[(triton.cdiv(grad_y.numel(), BLOCK),)](grad_y, mask, grad_x, grad_y.numel(), BLOCK=BLOCK)

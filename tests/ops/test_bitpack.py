@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_bits
+from facto_fx.ops.bitpack import code_bits, is_channels_last, pack_bits, unpack_bits, unpack_codes
 
 
 @settings(max_examples=80, deadline=None)
@@ -40,6 +40,35 @@ def test_bool_mask_any_shape():
     packed = pack_bits(mask, 1)
     assert packed.numel() == math.ceil(mask.numel() / 8)
     assert torch.equal(unpack_bits(packed, 1, mask.numel()).view(mask.shape).bool(), mask)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_channels_last_codes_go_in_memory_order(bits):
+    """A channels_last map's codes are packed as they lie in memory, (N, H, W, C), and come back as
+    a channels_last view of the unpacked bytes."""
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 2**bits, (2, 3, 5, 7), generator=g).to(torch.uint8)
+    codes = codes.contiguous(memory_format=torch.channels_last)
+    packed = pack_bits(codes, bits, channels_last=True)
+    assert torch.equal(packed, pack_bits(codes.as_strided((codes.numel(),), (1,)), bits))  # memory order
+    unpacked = unpack_codes(packed, bits, codes.shape, channels_last=True)
+    assert torch.equal(unpacked, codes) and unpacked.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(unpack_codes(pack_bits(codes, bits), bits, codes.shape), codes)  # logical order
+
+
+@pytest.mark.parametrize(
+    ("x", "expected"),
+    [
+        (torch.empty(2, 3, 4, 5), False),
+        (torch.empty(2, 3, 4, 5, memory_format=torch.channels_last), True),
+        (torch.empty(2, 1, 4, 5, memory_format=torch.channels_last), False),  # contiguous too: one order
+        (torch.empty(2, 3, 4, 10)[..., ::2], False),
+        (torch.empty(3, 4, 5), False),
+    ],
+    ids=["contiguous", "channels_last", "one_channel", "strided", "3d"],
+)
+def test_is_channels_last(x, expected):
+    assert is_channels_last(x) is expected
 
 
 @pytest.mark.parametrize("bits", [0, 3, 16])

@@ -7,6 +7,7 @@ import torch
 from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
+from facto_fx.ops.bitpack import pack_bits
 
 
 def _nonzero_input(shape, seed=0):
@@ -28,6 +29,25 @@ def test_output_is_zero_or_rescaled_and_grad_uses_same_mask(p):
     (gx,) = torch.autograd.grad(y, [x], grad_y)
     torch.testing.assert_close(gx, (y / x).detach() * grad_y)
     assert torch.equal(gx == 0, ~kept)
+
+
+@pytest.mark.parametrize("grad_layout", [torch.channels_last, torch.contiguous_format])
+def test_channels_last_input(grad_layout):
+    """y stays channels_last and equals x·keep/(1 - p) for the seeded draws, whose mask is packed in
+    memory order; the gradient applies the same mask whatever the layout of grad_y."""
+    x = _nonzero_input((2, 3, 4, 5)).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.manual_seed(4)
+    keep = torch.rand_like(x, dtype=torch.float32) >= 0.3
+    torch.manual_seed(4)
+    saved = _saved(lambda: facto.dropout(x, 0.3))
+    assert torch.equal(saved[0], pack_bits(keep.as_strided((x.numel(),), (1,)), 1))
+    torch.manual_seed(4)
+    y = facto.dropout(x, 0.3)
+    expected = x.detach() * keep / 0.7
+    assert torch.equal(y, expected) and y.stride() == expected.stride() == x.stride()
+    grad_y = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=grad_layout)
+    (grad_x,) = torch.autograd.grad(y, [x], grad_y)
+    assert torch.equal(grad_x, grad_y * keep / 0.7)
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5])

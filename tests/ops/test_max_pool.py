@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
+from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_codes
 
 
 def _distinct(shape, seed=0):
@@ -89,12 +90,31 @@ def test_torchvision_pools_save_at_most_one_bit_per_input(size, kernel, stride, 
 @pytest.mark.parametrize(
     "view",
     [lambda t: t.transpose(-1, -2), lambda t: t[:, 1:, 1:, ::2], lambda t: t.permute(0, 3, 1, 2)],
-    ids=["transposed", "sliced", "permuted"],
+    ids=["transposed", "sliced", "permuted_to_channels_last"],
 )
 @pytest.mark.parametrize(("kernel", "stride", "padding"), [(2, 2, 0), (3, 2, 1)])
 def test_non_contiguous_input(view, kernel, stride, padding):
     x = _distinct((2, 3, 8, 10), seed=3)
     _check_against_torch(x, view, kernel, stride, padding, 1, False)
+
+
+@pytest.mark.parametrize("grad_layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(2, 2, 0), (3, 2, 1)], ids=["tiled", "overlapping"])
+def test_channels_last_input(kernel, stride, padding, grad_layout):
+    """y stays channels_last like F.max_pool2d's, the codes (the NCHW map's argmaxes) go in memory
+    order, and the gradient is torch's whatever the layout of grad_y."""
+    x = _distinct((2, 3, 8, 10), seed=7).contiguous(memory_format=torch.channels_last)
+    fx, rx = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (code,) = _saved(lambda: facto.max_pool2d(fx, kernel, stride, padding))
+    (code_nchw,) = _saved(lambda: facto.max_pool2d(x.contiguous().requires_grad_(True), kernel, stride, padding))
+    y, y_ref = facto.max_pool2d(fx, kernel, stride, padding), F.max_pool2d(rx, kernel, stride, padding)
+    assert torch.equal(y, y_ref) and y.stride() == y_ref.stride()
+    bits = code_bits(kernel * kernel)
+    assert torch.equal(code, pack_bits(unpack_codes(code_nchw, bits, y.shape).permute(0, 2, 3, 1), bits))
+    grad_y = torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=grad_layout)
+    y.backward(grad_y)
+    y_ref.backward(grad_y)
+    assert torch.equal(fx.grad, rx.grad)
 
 
 def test_default_stride_is_kernel():

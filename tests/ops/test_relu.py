@@ -7,6 +7,7 @@ import torch
 from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
+from facto_fx.ops.bitpack import pack_bits
 
 
 def _input(shape, seed=0):
@@ -33,12 +34,28 @@ def test_forward_and_grad_match_torch(shape):
     "view", [lambda t: t.transpose(0, 2), lambda t: t[1:, ::2]], ids=["transposed", "sliced"]
 )
 def test_non_contiguous_input(view):
-    """The mask is packed in logical order, whatever the input's strides."""
+    """Inputs neither contiguous nor channels_last: the mask is packed in logical order."""
     x = _input((3, 5, 7), seed=1)
     fx, rx = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y, y_ref = facto.relu(view(fx)), torch.relu(view(rx))
     assert torch.equal(y, y_ref)
     grad_y = torch.randn_like(y_ref)
+    y.backward(grad_y)
+    y_ref.backward(grad_y)
+    assert torch.equal(fx.grad, rx.grad)
+
+
+@pytest.mark.parametrize("grad_layout", [torch.channels_last, torch.contiguous_format])
+def test_channels_last_input(grad_layout):
+    """y stays channels_last, the mask is packed in memory order (no copy of x), and the gradient is
+    torch's whatever the layout of grad_y."""
+    x = _input((2, 3, 4, 5), seed=2).contiguous(memory_format=torch.channels_last)
+    fx, rx = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    saved = _saved(lambda: facto.relu(fx))
+    assert torch.equal(saved[0], pack_bits(x.as_strided((x.numel(),), (1,)) > 0, 1))
+    y, y_ref = facto.relu(fx), torch.relu(rx)
+    assert torch.equal(y, y_ref) and y.stride() == y_ref.stride() == x.stride()
+    grad_y = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=grad_layout)
     y.backward(grad_y)
     y_ref.backward(grad_y)
     assert torch.equal(fx.grad, rx.grad)

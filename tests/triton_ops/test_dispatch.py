@@ -58,9 +58,11 @@ def spy(monkeypatch):
     return calls
 
 
-def test_triton_model_matches_torch_model():
-    """compile(kernels="triton") runs every kernel (interpreted on CPU) and gives torch's numbers."""
-    x = torch.randn(1, 3, 6, 6)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_triton_model_matches_torch_model(memory_format):
+    """compile(kernels="triton") runs every kernel (interpreted on CPU) and gives torch's numbers,
+    on NCHW and on channels_last maps."""
+    x = torch.randn(1, 3, 6, 6).contiguous(memory_format=memory_format)
     out_torch, grads_torch = _step(_fmodel("torch"), x)
     out_triton, grads_triton = _step(_fmodel("triton"), x)
     torch.testing.assert_close(out_triton, out_torch)
@@ -78,6 +80,27 @@ def test_model_setting_picks_the_path(kernels, expected, spy):
     spy.clear()  # compile's verification ran the model once
     fmodel(torch.randn(1, 1, 4, 4, requires_grad=True))
     assert spy == expected
+
+
+VIEWS = {
+    "contiguous": lambda t: t,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "strided": lambda t: t[..., ::2],
+    "transposed": lambda t: t.transpose(-1, -2),
+}
+
+
+@pytest.mark.parametrize(
+    ("view", "dtype", "expected"),
+    [("contiguous", torch.float32, True), ("channels_last", torch.bfloat16, True), ("strided", torch.float32, False),
+     ("transposed", torch.float32, False), ("channels_last", torch.float64, False)],
+)
+def test_auto_runs_kernels_on_cuda_maps_in_either_layout(view, dtype, expected, monkeypatch):
+    """Under "auto", CUDA maps go to the kernels when contiguous or channels_last (which they index
+    in memory order); other strides and dtypes take the PyTorch path."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # CUDA, as far as "auto" can tell
+    x = VIEWS[view](torch.randn(2, 3, 4, 6, dtype=dtype))
+    assert dispatch.use_triton(x, "auto") is expected
 
 
 def test_backward_uses_the_forward_choice(spy):
@@ -126,10 +149,12 @@ def test_use_kernels_rejects_unknown_mode():
         pass
 
 
-def test_setting_composes_with_torch_compile():
-    """The hooks that set the mode are skipped by dynamo: one graph, same numbers as eager."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_setting_composes_with_torch_compile(memory_format):
+    """The hooks that set the mode are skipped by dynamo: one graph, same numbers as eager, on NCHW
+    and on channels_last maps (whose ops the fakes plan with the kernels' layouts)."""
     torch._dynamo.reset()
-    x = torch.randn(1, 3, 6, 6)
+    x = torch.randn(1, 3, 6, 6).contiguous(memory_format=memory_format)
     explanation = torch._dynamo.explain(_fmodel("triton"))(x)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
     expected_out, expected_grads = _step(_fmodel("torch"), x)

@@ -3,15 +3,20 @@ reference, and the fused backward's grad_x and per-channel sums equal sumpool_k(
 
 import pytest
 import torch
-from kernel_cases import DTYPES, noncontiguous, randn, tolerance
+from kernel_cases import DTYPES, KernelSpy, channels_last, in_layout, noncontiguous, randn, run_op, tolerance
 
 from facto_fx.ops.batch_norm import batch_norm_fwd
 from facto_fx.ops.lossy import sum_pool
 from facto_fx.ops.scale import scale_fwd, spatial_kernel
+from facto_fx.triton_ops import affine
 from facto_fx.triton_ops.affine import affine_backward, affine_forward
 
 # shape, lossy_kernel: even and odd maps (ceil-mode edge windows), k = 1 and 3, non-NCHW inputs
 CASES = [((2, 3, 4, 4), 2), ((1, 2, 5, 7), 2), ((2, 2, 5, 4), 3), ((2, 3, 3, 3), 1), ((3, 4), 2), ((2, 3, 5), 2)]
+
+
+# channels_last maps: odd sizes, batch 1, more channels than one tile holds (40 > MAX_BLOCK_C)
+CHANNELS_LAST_CASES = [((2, 3, 4, 4), 2), ((1, 5, 5, 7), 2), ((2, 40, 5, 4), 3), ((2, 3, 3, 3), 1)]
 
 
 def _stats(channels):
@@ -92,3 +97,47 @@ def test_scale_of_any_one_element_shape():
     for reference, value in zip(results["torch"], results["triton"], strict=True):
         torch.testing.assert_close(value, reference)
     assert results["triton"][2].shape == (1, 1, 1, 1)
+
+
+def _op_case(op: str, shape, k):
+    """(op, its arguments after x): scale by a trained scalar, or batch-norm with trained γ and β."""
+    if op == "scale":
+        return torch.ops.facto.scale, (torch.tensor([1.7], requires_grad=True), k, None, True)
+    mean, var, weight, bias = _stats(shape[1])
+    args = (weight.requires_grad_(), bias.requires_grad_(), mean, var, 1e-5, k, torch.bfloat16, True)
+    return torch.ops.facto.batch_norm, args
+
+
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "k"), CHANNELS_LAST_CASES, ids=str)
+@pytest.mark.parametrize("op", ["scale", "batch_norm"])
+def test_channels_last_input_matches_the_pytorch_path(op, shape, k, dtype, grad_layout, monkeypatch):
+    """A channels_last map is read in place and gives the PyTorch path's y, pooled x̂ (values and
+    layout) and grad_x, whatever the layout of grad_y.
+
+    The parameters' gradients are sums of sumpool_k(grad_y)·pooled over each path's own pooled
+    map, which the two paths round to 16 bits apart (and some sums cancel), so they are checked
+    against that formula in fp64.
+    """
+    fn, args = _op_case(op, shape, k)
+    x = channels_last(randn(shape, dtype))
+    grad_y = in_layout(randn(shape, dtype, seed=1), grad_layout)
+    forward = KernelSpy.install(monkeypatch, affine, "_affine_fwd_kernel")
+    backward = KernelSpy.install(monkeypatch, affine, "_affine_bwd_kernel")
+    y, pooled, (grad_x, *param_grads) = run_op(fn, x, *args, kernels="triton", grad_y=grad_y)
+    assert forward.read_in_place(x) and backward.read_in_place(grad_y)
+    y_ref, pooled_ref, (grad_x_ref, *_) = run_op(fn, x, *args, kernels="torch", grad_y=grad_y)
+    torch.testing.assert_close(y, y_ref, **tolerance(dtype))
+    assert y.stride() == y_ref.stride() == x.stride()
+    torch.testing.assert_close(pooled, pooled_ref, **tolerance(pooled.dtype))
+    assert pooled.dtype == pooled_ref.dtype and pooled.stride() == pooled_ref.stride()
+    assert pooled.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad_x, grad_x_ref, **tolerance(dtype))
+    window_sums = sum_pool(grad_y.double(), k) * pooled.double()
+    if op == "scale":
+        expected = [window_sums.sum().reshape(1)]
+    else:
+        expected = [window_sums.sum((0, 2, 3)), grad_y.double().sum((0, 2, 3))]
+    for grad, reference in zip(param_grads, expected, strict=True):
+        torch.testing.assert_close(grad.double(), reference, rtol=1e-4, atol=1e-4)

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
-from kernel_cases import DTYPES, noncontiguous, randn
+from kernel_cases import DTYPES, KernelSpy, channels_last, in_layout, noncontiguous, randn
 
+import facto_fx
+from facto_fx.ops import conv2d
 from facto_fx.ops.lossy import pooled_size, sum_pool
+from facto_fx.triton_ops import conv
 from facto_fx.triton_ops.conv import grad_m
 
 
@@ -29,6 +32,35 @@ def test_noncontiguous_inputs():
     grad_y = noncontiguous((2, 3, 5, 6), torch.float32)
     z_p = noncontiguous((2, 2, 3, 3), torch.float32, seed=1)
     torch.testing.assert_close(grad_m(grad_y, z_p, 2), _reference(grad_y, z_p, 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("z_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_grad_y_is_read_in_place(dtype, z_layout, monkeypatch):
+    """A channels_last grad_Y (and Z_p, in either layout) is read where it lies, not copied."""
+    grad_y = channels_last(randn((2, 40, 7, 9), dtype))  # more channels than one tile holds
+    z_p = in_layout(randn((2, 3, 4, 5), dtype, seed=1), z_layout)
+    spy = KernelSpy.install(monkeypatch, conv, "_grad_m_kernel")
+    out = grad_m(grad_y, z_p, 2)
+    assert spy.read_in_place(grad_y) and spy.read_in_place(z_p)
+    torch.testing.assert_close(out, _reference(grad_y, z_p, 2), rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_conv_grad_m_matches_the_pytorch_path(monkeypatch):
+    """facto::conv2d on a channels_last map: the Triton grad_M reads grad_Y in place and equals the
+    PyTorch path's."""
+    x = channels_last(randn((2, 4, 7, 6), torch.float32))
+    weight, D = randn((5, 4, 3, 3), torch.float32, seed=1), randn((2, 36), torch.float32, seed=2)
+    grad_y = channels_last(randn((2, 5, 7, 6), torch.float32, seed=4))
+    spy = KernelSpy.install(monkeypatch, conv, "_grad_m_kernel")
+    grads = {}
+    for kernels in ("torch", "triton"):
+        M = randn((5, 2), torch.float32, seed=3).requires_grad_()
+        with facto_fx.use_kernels(kernels):
+            conv2d(x, weight, M, D, padding=1).backward(grad_y)
+        grads[kernels] = M.grad
+    assert len(spy.launches) == 1 and spy.read_in_place(grad_y)
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True])

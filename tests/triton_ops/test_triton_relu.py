@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from kernel_cases import DTYPES, noncontiguous, randn
+from kernel_cases import DTYPES, KernelSpy, channels_last, in_layout, noncontiguous, randn, run_op
 
 from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.triton_ops import relu as triton_relu
 from facto_fx.triton_ops.relu import relu_backward, relu_forward
 
 
@@ -45,3 +46,23 @@ def test_backward_is_zero_where_masked_even_for_an_infinite_gradient():
     reference = x.clone().requires_grad_()
     torch.relu(reference).backward(grad_y)
     assert torch.equal(relu_backward(grad_y, pack_bits(x > 0, 1)), reference.grad)
+
+
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_input_matches_the_pytorch_path(dtype, grad_layout, monkeypatch):
+    """A channels_last map is read in place and gives the PyTorch path's y (layout included), its
+    mask in (N, H, W, C) order and its gradient, whatever the layout of grad_y."""
+    x = randn((2, 3, 5, 7), dtype)
+    x.view(-1)[::5] = 0
+    x = channels_last(x)
+    grad_y = in_layout(randn(x.shape, dtype, seed=1), grad_layout)
+    forward = KernelSpy.install(monkeypatch, triton_relu, "_relu_fwd_kernel")
+    backward = KernelSpy.install(monkeypatch, triton_relu, "_relu_bwd_kernel")
+    y, mask, (grad_x,) = run_op(torch.ops.facto.relu, x, kernels="triton", grad_y=grad_y)
+    assert forward.read_in_place(x)
+    assert backward.read_in_place(grad_y) == (grad_layout == "channels_last")  # else read as a copy in x's layout
+    y_ref, mask_ref, (grad_ref,) = run_op(torch.ops.facto.relu, x, kernels="torch", grad_y=grad_y)
+    assert torch.equal(y, torch.relu(x)) and y.stride() == y_ref.stride() == x.stride()
+    assert torch.equal(mask, mask_ref) and torch.equal(mask, pack_bits((x > 0).permute(0, 2, 3, 1), 1))
+    assert torch.equal(grad_x, grad_ref) and torch.equal(grad_x, grad_y * (x > 0))
