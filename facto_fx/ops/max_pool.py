@@ -52,15 +52,29 @@ def _tiled_max(x: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor]:
     return y, code
 
 
-def _tiled_grad(grad_y: Tensor, code: Tensor, x_shape: torch.Size, kh: int, kw: int) -> Tensor:
-    """Each output's gradient to the tap its code names, written tap by tap (no scatter)."""
-    layout = torch.channels_last if is_channels_last(grad_y) else torch.contiguous_format
-    grad_x = torch.empty(x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=layout)
-    zero = grad_y.new_zeros(())
-    for offset in range(kh * kw):
-        i, j = divmod(offset, kw)
-        torch.where(code == offset, grad_y, zero, out=grad_x[..., i::kh, j::kw])
-    return grad_x
+def _argmax_positions(code: Tensor, x_shape: torch.Size, kernel_size, stride, padding, dilation) -> Tensor:
+    """The flat input-plane position of each output's argmax: its window's origin plus the offset
+    of the tap its code names (one int64 map of the output's size, built in place)."""
+    (kh, kw), width, device = kernel_size, x_shape[-1], code.device
+    taps = torch.tensor(
+        [i * dilation[0] * width + j * dilation[1] for i in range(kh) for j in range(kw)], device=device
+    )
+    rows = _window_origin(code.shape[-2], stride[0], padding[0], device).view(-1, 1)
+    origin = rows * width + _window_origin(code.shape[-1], stride[1], padding[1], device)
+    return torch.take(taps, code.long()).add_(origin)
+
+
+def _scatter_grad(grad_y: Tensor, index: Tensor, x_shape: torch.Size) -> Tensor:
+    """grad_x: every output's gradient added at its argmax (overlapping windows accumulate), in
+    grad_y's layout — a channels_last gradient is scattered along the (H·W) axis of its NHWC memory."""
+    *lead, h, w = x_shape
+    if is_channels_last(grad_y):
+        n, c = lead
+        grad_x = grad_y.new_zeros(n, h * w, c)
+        nhwc = (t.permute(0, 2, 3, 1).reshape(n, -1, c) for t in (index, grad_y))
+        return grad_x.scatter_add_(1, *nhwc).view(n, h, w, c).permute(0, 3, 1, 2)
+    grad_x = grad_y.new_zeros(*lead, h * w)
+    return grad_x.scatter_add_(-1, index.reshape(*lead, -1), grad_y.reshape(*lead, -1)).view(x_shape)
 
 
 def _window_code(x: Tensor, y: Tensor, index: Tensor, stride, padding, dilation, kernel_size) -> Tensor:
@@ -113,7 +127,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.x_shape = x.shape
     ctx.pool_args = (kernel_size, stride, padding, dilation)
-    ctx.tiled = _tiles_exactly(x, kernel_size, stride, padding, dilation)
     ctx.channels_last = is_channels_last(x)  # the order the codes were packed in
     ctx.set_materialize_grads(False)
     ctx.kernels = current_mode()
@@ -131,21 +144,8 @@ def _backward(ctx, grad_y, _grad_code):
         )
         return grad_x, None, None, None, None, None
     code = unpack_codes(packed, code_bits(kernel_size[0] * kernel_size[1]), grad_y.shape, ctx.channels_last)
-    if ctx.tiled:
-        return _tiled_grad(grad_y, code, ctx.x_shape, *kernel_size), None, None, None, None, None
-    width = ctx.x_shape[-1]
-    # The flat input position of each output's argmax, built in place: two int64 maps of the
-    # output's size at most (out of place, this backward held the peak of a CPU training step).
-    index = code.long()
-    col = index.remainder(kernel_size[1]).mul_(dilation[1])
-    col.add_(_window_origin(grad_y.shape[-1], stride[1], padding[1], grad_y.device))
-    index.div_(kernel_size[1], rounding_mode="floor").mul_(dilation[0])
-    index.add_(_window_origin(grad_y.shape[-2], stride[0], padding[0], grad_y.device).view(-1, 1))
-    index.mul_(width).add_(col)
-    del col
-    grad_x = grad_y.new_zeros(*grad_y.shape[:-2], ctx.x_shape[-2] * width)
-    grad_x.scatter_add_(-1, index.flatten(-2), grad_y.flatten(-2))
-    return grad_x.view(ctx.x_shape), None, None, None, None, None
+    index = _argmax_positions(code, ctx.x_shape, kernel_size, stride, padding, dilation)
+    return _scatter_grad(grad_y, index, ctx.x_shape), None, None, None, None, None
 
 
 max_pool2d_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)

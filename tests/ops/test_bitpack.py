@@ -81,3 +81,18 @@ def test_unsupported_width_raises(bits):
 def test_code_bits(num_codes, bits):
     """Max-pool windows of kh*kw positions need the smallest supported width that holds them."""
     assert code_bits(num_codes) == bits
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 4099])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_one_bit_bytes_hold_code_8j_plus_i_at_bit_i(n, offset):
+    """The byte layout every path shares (the Triton kernels too), counted in Python integers; an
+    offset view checks masks that do not start on an 8-byte boundary."""
+    g = torch.Generator().manual_seed(n)
+    mask = (torch.rand(n + offset, generator=g) > 0.5)[offset:]
+    bits = mask.tolist()
+    expected = [sum(int(b) << i for i, b in enumerate(bits[8 * j : 8 * j + 8])) for j in range(math.ceil(n / 8))]
+    assert pack_bits(mask, 1).tolist() == expected
+    assert pack_bits(torch.ones(n, dtype=torch.bool), 1).tolist() == [
+        (1 << min(8, n - 8 * j)) - 1 for j in range(math.ceil(n / 8))
+    ]
