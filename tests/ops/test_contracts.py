@@ -45,7 +45,7 @@ def _conv(x, out_channels=5, stride=1):
 
 def _conv_factored(x):
     """Wide output, few positions: the op takes its factored path (Ω never formed)."""
-    args = _conv(x, out_channels=16, stride=4)
+    args = _conv(x, out_channels=12, stride=4)
     assert facto_fx.ops.conv.factored(x.shape, args[1].shape, (2, 2))
     return args
 
