@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from facto_fx import ops
 from facto_fx.config import FactoConfig
-from facto_fx.layers import _LowRankMixin
+from facto_fx.layers import LowRankMixin
 from facto_fx.passes.match import BATCH_NORM, CONV, DROPOUT, LINEAR, MAX_POOL, RELU, SCALE, Match, arg, inplace_aliasing
 from facto_fx.passes.rewrite import functional_max_pool_kwargs, layer_seed
 from facto_fx.passes.schedule import schedule
@@ -37,7 +37,7 @@ _RELU = {torch.relu, F.relu, torch.relu_}
 _MAX_POOL = {F.max_pool2d, torch.max_pool2d}
 
 
-class LowRankState(_LowRankMixin, nn.Module):
+class LowRankState(LowRankMixin, nn.Module):
     """M and D of one frozen weight compiled by the backend; merge / redraw as in FactoConv2d."""
 
     def __init__(self, weight: nn.Parameter, rank: int, seed: int) -> None:

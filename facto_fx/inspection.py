@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import Tensor, fx
 
-from facto_fx.api import _state, report
+from facto_fx.api import decisions, report
 from facto_fx.passes.trace import propagate_shapes
 from facto_fx.report import MiB
 
@@ -129,8 +129,7 @@ class GraphInspection:
 
 def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = True) -> GraphInspection:
     """The rewritten graph with decisions, reasons and (given example inputs) shapes and saved bytes."""
-    state = _state(fmodel)
-    decisions = {d.node: d for d in state.decisions}
+    by_node = {d.node: d for d in decisions(fmodel)}
     vanilla, facto = {}, {}
     if example_inputs:
         if not any(x.is_meta for x in example_inputs):
@@ -141,7 +140,7 @@ def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = Tr
     for node in fmodel.graph.nodes:
         if node.op == "output":
             continue
-        d = decisions.get(node.name)
+        d = by_node.get(node.name)
         meta = node.meta.get("tensor_meta")
         info = NodeInfo(
             name=node.name,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from facto_fx import ops
-from facto_fx.ops.lossy import pair
+from facto_fx.shapes import pair
 
 
 def direction_seed(base_seed: int, draws: int) -> int:
@@ -39,7 +39,7 @@ def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, devi
     return d.to(dtype=dtype, device=device)
 
 
-class _LowRankMixin:
+class LowRankMixin:
     """Shared state of a frozen weight W re-parameterised as W + M·D."""
 
     weight: nn.Parameter
@@ -88,7 +88,7 @@ class _LowRankMixin:
         self.weight.sub_(strength * self.merged_weight())
 
 
-class FactoConv2d(_LowRankMixin, nn.Module):
+class FactoConv2d(LowRankMixin, nn.Module):
     """A Conv2d trained as W + reshape(M·D), saving a pooled, channel-projected input."""
 
     def __init__(
@@ -158,7 +158,7 @@ class FactoConv2d(_LowRankMixin, nn.Module):
         )
 
 
-class FactoLinear(_LowRankMixin, nn.Module):
+class FactoLinear(LowRankMixin, nn.Module):
     """A Linear trained as W + M·D, saving D·x instead of x."""
 
     def __init__(

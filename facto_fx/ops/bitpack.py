@@ -10,38 +10,16 @@ a kernel that walks the map in memory order packs whole bytes of neighbouring el
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (1, 2, 4, 8)
-
-
-def code_bits(num_codes: int) -> int:
-    """Smallest supported width that holds `num_codes` distinct values."""
-    needed = max(1, math.ceil(math.log2(max(num_codes, 2))))
-    for bits in SUPPORTED_BITS:
-        if bits >= needed:
-            return bits
-    raise ValueError(f"{num_codes} codes do not fit in 8 bits")
-
-
-def packed_numel(numel: int, bits: int) -> int:
-    return math.ceil(numel * bits / 8)
+from facto_fx.shapes import SUPPORTED_BITS
 
 
 def _shifts(bits: int, device: torch.device) -> Tensor:
     return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """Whether `x` is a channels_last 4-D map, so its codes go in (N, H, W, C) order.
-
-    A map that is contiguous too (C = 1 or H·W = 1) has one order for both: it counts as contiguous.
-    """
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def pack_bits(codes: Tensor, bits: int, channels_last: bool = False) -> Tensor:

@@ -12,17 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.grads import without_code_grad
-from facto_fx.ops.lossy import (
-    cast,
-    conv_output_size,
-    folds,
-    mean_pool,
-    pair,
-    pooled_filter,
-    pooled_projection,
-    store,
-    sum_pool,
-)
+from facto_fx.ops.lossy import cast, folds, mean_pool, pooled_filter, pooled_projection, store, sum_pool
+from facto_fx.shapes import conv_output_size, pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 

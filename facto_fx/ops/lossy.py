@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def pooled_size(size: int, k: int) -> int:
-    return -(-size // k)
+from facto_fx.shapes import conv_output_size
 
 
 def _strided_sum_pays(x: Tensor, k: int) -> bool:
@@ -49,15 +47,6 @@ def sum_pool(x: Tensor, k: int) -> Tensor:
     if _strided_sum_pays(x, k):
         return _window_sum(x, k)
     return F.avg_pool2d(x, k, k, ceil_mode=True, divisor_override=1)
-
-
-def pair(value: int | tuple[int, ...] | list[int]) -> list[int]:
-    """An int or a 2-sequence of a 2-D op's size argument, as the list a custom-op schema takes."""
-    return [value, value] if isinstance(value, int) else list(value)
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _span(kernel: int, stride: int, dilation: int, k: int) -> int:

@@ -11,22 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.bitpack import code_bits, is_channels_last, pack_bits, unpack_codes
+from facto_fx.ops.bitpack import pack_bits, unpack_codes
 from facto_fx.ops.grads import without_code_grad
-from facto_fx.ops.lossy import pair
+from facto_fx.shapes import code_bits, is_channels_last, pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
 def _window_origin(size: int, stride: int, padding: int, device: torch.device) -> Tensor:
     return torch.arange(size, device=device) * stride - padding
-
-
-def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode) -> int:
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
 
 
 def _tiles_exactly(x: Tensor, kernel_size, stride, padding, dilation) -> bool:

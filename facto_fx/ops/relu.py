@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import is_channels_last, pack_bits, unpack_codes
+from facto_fx.ops.bitpack import pack_bits, unpack_codes
 from facto_fx.ops.grads import without_code_grad
+from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 

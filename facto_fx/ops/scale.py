@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.grads import without_code_grad
-from facto_fx.ops.lossy import compress, pooled_size, sum_pool
+from facto_fx.ops.lossy import compress, sum_pool
+from facto_fx.shapes import pooled_size
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from facto_fx.ops.bitpack import SUPPORTED_BITS, code_bits
 from facto_fx.passes.trace import OPAQUE_META, hook_reason, owner_module
+from facto_fx.shapes import SUPPORTED_BITS, code_bits
 
 CONV, LINEAR, RELU, MAX_POOL, SCALE, BATCH_NORM, DROPOUT = (
     "conv2d", "linear", "relu", "max_pool2d", "scale", "batch_norm", "dropout"

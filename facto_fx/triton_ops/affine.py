@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from facto_fx.ops.lossy import pooled_size
+from facto_fx.shapes import pooled_size
 from facto_fx.triton_ops.layout import in_layout, kernel_layout, memory_format, offset
 
 BLOCK = 256  # elements of a tile

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from facto_fx.ops.lossy import pooled_size
+from facto_fx.shapes import pooled_size
 from facto_fx.triton_ops.layout import kernel_layout, offset
 
 BLOCK_O, BLOCK_R, BLOCK_K = 32, 32, 32

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from facto_fx.ops.bitpack import is_channels_last
+from facto_fx.shapes import is_channels_last
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from facto_fx.ops.bitpack import code_bits, packed_numel
-from facto_fx.ops.max_pool import pool_output_size
+from facto_fx.shapes import code_bits, packed_numel, pool_output_size
 from facto_fx.triton_ops.bitpack import load_codes, store_packed
 from facto_fx.triton_ops.layout import in_layout, kernel_layout, memory_format, offset, position
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from facto_fx.ops.bitpack import packed_numel
+from facto_fx.shapes import packed_numel
 from facto_fx.triton_ops.bitpack import load_codes, store_packed
 from facto_fx.triton_ops.layout import in_layout, kernel_layout
 

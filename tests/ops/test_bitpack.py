@@ -7,7 +7,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from facto_fx.ops.bitpack import code_bits, is_channels_last, pack_bits, unpack_bits, unpack_codes
+from facto_fx.ops.bitpack import pack_bits, unpack_bits, unpack_codes
+from facto_fx.shapes import code_bits, is_channels_last
 
 
 @settings(max_examples=80, deadline=None)

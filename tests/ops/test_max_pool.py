@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
-from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_codes
+from facto_fx.ops.bitpack import pack_bits, unpack_codes
+from facto_fx.shapes import code_bits
 
 
 def _distinct(shape, seed=0):

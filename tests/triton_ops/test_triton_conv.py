@@ -6,7 +6,8 @@ from kernel_cases import DTYPES, KernelSpy, channels_last, in_layout, noncontigu
 
 import facto_fx
 from facto_fx.ops import conv2d
-from facto_fx.ops.lossy import pooled_size, sum_pool
+from facto_fx.ops.lossy import sum_pool
+from facto_fx.shapes import pooled_size
 from facto_fx.triton_ops import conv
 from facto_fx.triton_ops.conv import grad_m
 

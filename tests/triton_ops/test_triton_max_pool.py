@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import DTYPES, KernelSpy, channels_last, distinct, in_layout, randn, run_op, tolerance
 
-from facto_fx.ops.bitpack import code_bits, pack_bits, unpack_codes
+from facto_fx.ops.bitpack import pack_bits, unpack_codes
 from facto_fx.ops.max_pool import max_pool2d_fwd
+from facto_fx.shapes import code_bits
 from facto_fx.triton_ops import max_pool as triton_max_pool
 from facto_fx.triton_ops.max_pool import max_pool_backward, max_pool_forward
 
