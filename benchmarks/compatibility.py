@@ -148,7 +148,7 @@ def to_markdown(rows: Sequence[Row], size: int) -> str:
         "- **facto / frozen / dense / opaque**: layers rewritten to Facto operators, batch-norms frozen "
         "but not compressed, layers left dense with a reason (`facto_fx.decisions`), and of those the "
         "sub-modules kept as one opaque call (untraceable, hooked, or mode-dependent code).",
-        "- **saved**: bytes autograd keeps for backward in one training forward (design.md §5), vanilla "
+        "- **saved**: bytes autograd keeps for backward in one training forward (docs/design.md §5), vanilla "
         "eager training every weight vs Facto.",
         "",
         "| model | status | error at M = 0 | facto | frozen | dense | opaque | vanilla MiB | facto MiB "

@@ -2,7 +2,7 @@
 
     python benchmarks/compiled_memory.py            # torchvision vgg11 and resnet18, batch 2, 224x224
 
-Eager figures count saved_tensors_hooks (design.md §5); compiled ones count the extra outputs of
+Eager figures count saved_tensors_hooks (docs/design.md §5); compiled ones count the extra outputs of
 AOTAutograd's forward graph under inductor's partitioner (facto_fx.compiled_memory).
 """
 

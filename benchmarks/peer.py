@@ -2,7 +2,7 @@
 
     python benchmarks/peer.py                      # torchvision vgg11 and resnet18, batch 4, 128x128
 
-Saved bytes are what autograd keeps for backward (design.md §5): saved_tensors_hooks for eager
+Saved bytes are what autograd keeps for backward (docs/design.md §5): saved_tensors_hooks for eager
 code (checkpoint_sequential in its reentrant form saves each segment's input through them), and
 the backward graph's inputs under inductor's partitioner for torch.compile
 (facto_fx.compiled_memory). Step times are medians of full training steps (forward, backward,

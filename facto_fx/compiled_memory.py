@@ -3,7 +3,7 @@
 Compiled training does not go through saved_tensors_hooks; the saved values are instead the inputs
 of the backward graph that the partitioner cut off (everything but the tangents). This runs dynamo
 and AOTAutograd with inductor's decompositions and partitioner, but no code generation, and sums
-those values' bytes, parameters and buffers excluded — the figures design.md §5 quotes
+those values' bytes, parameters and buffers excluded — the figures docs/design.md §5 quotes
 (torchvision vgg11, batch 2: 37.6 MiB; activation_memory_budget 0.5: 13.7 MiB).
 """
 

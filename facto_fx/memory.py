@@ -1,4 +1,4 @@
-"""Saved bytes: what autograd keeps for backward during one forward pass (design.md §5).
+"""Saved bytes: what autograd keeps for backward during one forward pass (docs/design.md §5).
 
 Every tensor autograd saves passes through `saved_tensors_hooks`; we count the unique storages,
 excluding parameters and buffers, and charge each to the FX node that saved it first. With
@@ -109,7 +109,7 @@ def saved_bytes_by_node(
 def peak_step_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """The most memory held at once while `step()` runs, beyond what was live before it.
 
-    This, not saved bytes, decides whether a batch fits (design.md §5). On CUDA it is
+    This, not saved bytes, decides whether a batch fits (docs/design.md §5). On CUDA it is
     torch.cuda.max_memory_allocated; on the CPU it is read from the allocator's own events (the
     profiler's memory records: every allocation and free, in order), not from process RSS.
     """

@@ -20,7 +20,7 @@ def test_report_prints_a_per_layer_table_with_total(capsys):
 
 
 def test_report_matches_the_measured_figure_at_batch_256(capsys):
-    """vgg16 at batch 256, 224²: design.md §5's 17,909 MiB baseline, computed without allocating."""
+    """vgg16 at batch 256, 224²: docs/design.md §5's 17,909 MiB baseline, computed without allocating."""
     assert main(["report", "--model", "vgg16", "--apply-ratio", "0.6"]) == 0
     total = capsys.readouterr().out.splitlines()[-1]
     assert total.split()[1] == "17909.000"

@@ -19,7 +19,7 @@ def vgg11_and_input():
 
 
 def test_vanilla_vgg11_matches_the_reference_figures(vgg11_and_input):
-    """design.md §5: min-cut partitioner 37.6 MiB, activation_memory_budget 0.5 gives 13.7 MiB."""
+    """docs/design.md §5: min-cut partitioner 37.6 MiB, activation_memory_budget 0.5 gives 13.7 MiB."""
     model, x = vgg11_and_input
     assert compiled_saved_bytes(model, x) / MiB == pytest.approx(37.6, abs=0.1)
     assert compiled_saved_bytes(model, x, activation_memory_budget=0.5) / MiB == pytest.approx(13.7, abs=0.1)

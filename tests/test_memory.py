@@ -1,4 +1,4 @@
-"""Saved-for-backward bytes (design.md §5): analytic == measured, reference figures, per-op sizes."""
+"""Saved-for-backward bytes (docs/design.md §5): analytic == measured, reference figures, per-op sizes."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_analytic_equals_measured(vgg11, which):
 
 
 def test_vgg11_vanilla_reference_figure(vgg11):
-    """design.md §5: eager torchvision vgg11 at batch 2, 224x224 saves 93.2 MiB (69.9 MiB fp32
+    """docs/design.md §5: eager torchvision vgg11 at batch 2, 224x224 saves 93.2 MiB (69.9 MiB fp32
     activations + 23.4 MiB int64 max-pool indices). analytic=True gives the measured figure, fast."""
     report = facto_fx.report(facto_fx.compile(vgg11), torch.empty(2, 3, 224, 224, device="meta"), analytic=True)
     assert report.vanilla_bytes / MiB == pytest.approx(93.2, abs=0.1)
@@ -79,7 +79,7 @@ def test_report_table(vgg11):
 
 
 def test_vgg16_batch_256_analytic_without_allocating():
-    """design.md §5: 17,909 MiB of saved feature maps; built on the meta device, nothing is allocated."""
+    """docs/design.md §5: 17,909 MiB of saved feature maps; built on the meta device, nothing is allocated."""
     with torch.device("meta"):
         model = torchvision.models.vgg16(weights=None)
     fmodel = facto_fx.compile(model, verify=False)  # nothing can run on meta tensors

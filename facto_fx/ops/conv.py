@@ -1,7 +1,7 @@
 """facto::conv2d — Y = (W + reshape(M·D)) * X, saving only Z_p = meanpool_k(D_filter * X).
 
 W is frozen and D is random, so the only weight gradient is grad_M (C_O x C_R), computed from
-sumpool_k(grad_Y) and Z_p; grad_X uses Ω = W + ΔW rebuilt in backward (design.md §1), or, where
+sumpool_k(grad_Y) and Z_p; grad_X uses Ω = W + ΔW rebuilt in backward (docs/design.md §1), or, where
 that is cheaper (`factored`), W and D apart, so Ω is never formed.
 """
 

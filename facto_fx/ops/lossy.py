@@ -97,7 +97,7 @@ def pooled_projection(
 
     A 1×1, stride-1, unpadded projection commutes with the pool, so x is pooled first (k² less
     work). Otherwise, when the conv output tiles evenly by k and `folds`, the pool is folded into
-    the filter (design.md §1; `folded` is that filter, formed here if not given); else conv then pool.
+    the filter (docs/design.md §1; `folded` is that filter, formed here if not given); else conv then pool.
     """
     kh, kw = weight.shape[2:]
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):

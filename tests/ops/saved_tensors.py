@@ -1,4 +1,4 @@
-"""What autograd saves for backward while a function runs, as design.md §5 counts it."""
+"""What autograd saves for backward while a function runs, as docs/design.md §5 counts it."""
 
 import torch
 
