@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.grads import register_autograd
 from facto_fx.ops.lossy import cast, mean_pool, store, sum_pool
 from facto_fx.ops.scale import spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -65,7 +65,6 @@ def _setup_context(ctx, inputs, output):
     ctx.lossy_kernel = lossy_kernel
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_pooled):
@@ -99,7 +98,7 @@ def _backward(ctx, grad_y, _grad_pooled):
     return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-batch_norm_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
+register_autograd(batch_norm_fwd, _backward, _setup_context)
 
 
 def batch_norm(

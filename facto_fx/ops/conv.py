@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.grads import register_autograd
 from facto_fx.ops.lossy import cast, folds, mean_pool, pooled_filter, pooled_projection, store, sum_pool
 from facto_fx.shapes import conv_output_size, pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -132,7 +132,6 @@ def _setup_context(ctx, inputs, output):
     ctx.lossy_kernel = lossy_kernel
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_z):
@@ -147,7 +146,7 @@ def _backward(ctx, grad_y, _grad_z):
     return grad_x, None, grad_M, None, None, grad_bias, None, None, None, None, None
 
 
-conv2d_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
+register_autograd(conv2d_fwd, _backward, _setup_context)
 
 
 def conv2d(

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, unpack_codes
-from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.grads import register_autograd
 from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -36,7 +36,6 @@ def _setup_context(ctx, inputs, output):
     ctx.channels_last = is_channels_last(inputs[0])  # the order the mask was packed in
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_mask):
@@ -49,7 +48,7 @@ def _backward(ctx, grad_y, _grad_mask):
     return grad_y * keep / (1.0 - ctx.p), None
 
 
-dropout_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
+register_autograd(dropout_fwd, _backward, _setup_context)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:

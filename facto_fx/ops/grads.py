@@ -1,8 +1,9 @@
 """Shared autograd plumbing of the facto ops.
 
 Each op returns (y, saved code) with the code marked non-differentiable. Autograd would otherwise
-allocate a zero gradient for the code on every backward; the ops switch that off
-(`ctx.set_materialize_grads(False)`), so a backward reached with no gradient for y gets None.
+allocate a zero gradient for the code on every backward; `register_autograd` switches that off
+(`ctx.set_materialize_grads(False)`), so a backward reached with no gradient for y gets None and
+answers that no input needs a gradient.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import functools
 from collections.abc import Callable
 
 
-def without_code_grad(backward: Callable) -> Callable:
-    """Wrap an op's backward(ctx, grad_y, grad_code): a None grad_y means no input needs a gradient."""
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """op.register_autograd, with no zero gradient materialised for the op's saved code."""
+
+    def setup(ctx, inputs, output) -> None:
+        setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)
 
     @functools.wraps(backward)
     def wrapped(ctx, grad_y, grad_code):
@@ -20,4 +25,4 @@ def without_code_grad(backward: Callable) -> Callable:
             return (None,) * len(ctx.needs_input_grad)
         return backward(ctx, grad_y, grad_code)
 
-    return wrapped
+    op.register_autograd(wrapped, setup_context=setup)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.conv import merged_weight
-from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.grads import register_autograd
 from facto_fx.ops.lossy import cast, store
 
 
@@ -56,7 +56,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], weight, M, D)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_dx):
@@ -74,7 +73,7 @@ def _backward(ctx, grad_y, _grad_dx):
     return grad_x, None, grad_M, None, grad_bias, None
 
 
-linear_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
+register_autograd(linear_fwd, _backward, _setup_context)
 
 
 def linear(

@@ -117,7 +117,7 @@ def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def store(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     """Cast a compressed map to its storage dtype (None keeps it)."""
-    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+    return x if dtype is None else cast(x, dtype)
 
 
 def compress(x: Tensor, k: int, dtype: torch.dtype | None) -> Tensor:

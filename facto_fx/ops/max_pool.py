@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, unpack_codes
-from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.grads import register_autograd
 from facto_fx.shapes import code_bits, is_channels_last, pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -120,7 +120,6 @@ def _setup_context(ctx, inputs, output):
     ctx.x_shape = x.shape
     ctx.pool_args = (kernel_size, stride, padding, dilation)
     ctx.channels_last = is_channels_last(x)  # the order the codes were packed in
-    ctx.set_materialize_grads(False)
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
 
@@ -140,7 +139,7 @@ def _backward(ctx, grad_y, _grad_code):
     return _scatter_grad(grad_y, index, ctx.x_shape), None, None, None, None, None
 
 
-max_pool2d_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
+register_autograd(max_pool2d_fwd, _backward, _setup_context)
 
 
 def max_pool2d(

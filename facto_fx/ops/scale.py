@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.grads import without_code_grad
+from facto_fx.ops.grads import register_autograd
 from facto_fx.ops.lossy import compress, sum_pool
 from facto_fx.shapes import pooled_size
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -51,7 +51,6 @@ def _setup_context(ctx, inputs, output):
     ctx.lossy_kernel = lossy_kernel
     ctx.kernels = current_mode()
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_pooled):
@@ -73,7 +72,7 @@ def _backward(ctx, grad_y, _grad_pooled):
     return grad_x, grad_s, None, None, None
 
 
-scale_fwd.register_autograd(without_code_grad(_backward), setup_context=_setup_context)
+register_autograd(scale_fwd, _backward, _setup_context)
 
 
 def scale(x: Tensor, s: Tensor, lossy_kernel: int = 2, storage_dtype: torch.dtype | None = None) -> Tensor:

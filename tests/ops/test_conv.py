@@ -52,6 +52,23 @@ def _run_facto(x, weight, M, D, bias, stride, padding, dilation, k):
     return y, (x, M, bias)
 
 
+def _check_against_dense(x, weight, M, D, bias, args, k, generator=None):
+    """Output, grad_x and grad_bias equal dense autograd of W + M·D; grad_M is the upsampled-Z_p formula."""
+    y, leaves = _run_facto(x, weight, M, D, bias, *args, k=k)
+    rx, rb = _leaf(x), _leaf(bias)
+    y_ref = _dense(rx, weight, M, D, rb, *args)
+    torch.testing.assert_close(y, y_ref)
+    grad_y = torch.randn(y_ref.shape, generator=generator, dtype=y_ref.dtype)
+    gx, gM, gb = _grads(y, leaves, grad_y)
+    rgx, rgb = _grads(y_ref, (rx, rb), grad_y)
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gM, _upsampled_grad_m(x, D, weight.shape, grad_y, *args, k))
+    if bias is None:
+        assert gb is None
+    else:
+        torch.testing.assert_close(gb, rgb)
+
+
 def _excluding(saved, *params):
     ptrs = {p.untyped_storage().data_ptr() for p in params if p is not None and p.numel()}
     return [t for t in saved if not (t.numel() and t.untyped_storage().data_ptr() in ptrs)]
@@ -81,17 +98,7 @@ def test_pooled_grad_m_equals_upsampled_z_p_formula(k, h, w):
     Outputs that tile by k take the folded-filter projection, the others conv-then-pool.
     """
     x, weight, M, D, b = _tensors(2, 2, 3, 2, 3, 3, h, w, seed=1)
-    args = ((1, 1), (1, 1), (1, 1))
-    y, leaves = _run_facto(x, weight, M, D, b, *args, k=k)
-    rx, rb = _leaf(x), _leaf(b)
-    y_ref = _dense(rx, weight, M, D, rb, *args)
-    torch.testing.assert_close(y, y_ref)
-    grad_y = torch.randn_like(y_ref)
-    gx, gM, gb = _grads(y, leaves, grad_y)
-    rgx, rgb = _grads(y_ref, (rx, rb), grad_y)
-    torch.testing.assert_close(gx, rgx)
-    torch.testing.assert_close(gb, rgb)
-    torch.testing.assert_close(gM, _upsampled_grad_m(x, D, weight.shape, grad_y, *args, k))
+    _check_against_dense(x, weight, M, D, b, ((1, 1), (1, 1), (1, 1)), k)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -100,16 +107,7 @@ def test_factored_path_matches_dense(k):
     x, weight, M, D, b = _tensors(1, 3, 40, 2, 3, 3, 5, 5, seed=7)
     args = ((2, 2), (1, 1), (1, 1))
     assert factored(x.shape, weight.shape, (3, 3))
-    y, leaves = _run_facto(x, weight, M, D, b, *args, k=k)
-    rx, rb = _leaf(x), _leaf(b)
-    y_ref = _dense(rx, weight, M, D, rb, *args)
-    torch.testing.assert_close(y, y_ref)
-    grad_y = torch.randn_like(y_ref)
-    gx, gM, gb = _grads(y, leaves, grad_y)
-    rgx, rgb = _grads(y_ref, (rx, rb), grad_y)
-    torch.testing.assert_close(gx, rgx)
-    torch.testing.assert_close(gb, rgb)
-    torch.testing.assert_close(gM, _upsampled_grad_m(x, D, weight.shape, grad_y, *args, k))
+    _check_against_dense(x, weight, M, D, b, args, k)
 
 
 @st.composite
@@ -135,19 +133,7 @@ def test_property_forward_and_grads(case):
     """Odd sizes, batch 1, strides, padding, dilation, with and without bias: all gradients as specified."""
     shape, args, k = case
     x, weight, M, D, b = _tensors(**shape)
-    y, leaves = _run_facto(x, weight, M, D, b, *args, k=k)
-    rx, rb = _leaf(x), _leaf(b)
-    y_ref = _dense(rx, weight, M, D, rb, *args)
-    torch.testing.assert_close(y, y_ref)
-    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(shape["seed"]), dtype=F64)
-    gx, gM, gb = _grads(y, leaves, grad_y)
-    rgx, rgb = _grads(y_ref, (rx, rb), grad_y)
-    torch.testing.assert_close(gx, rgx)
-    torch.testing.assert_close(gM, _upsampled_grad_m(x, D, weight.shape, grad_y, *args, k))
-    if b is None:
-        assert gb is None
-    else:
-        torch.testing.assert_close(gb, rgb)
+    _check_against_dense(x, weight, M, D, b, args, k, torch.Generator().manual_seed(shape["seed"]))
 
 
 def test_only_m_trained_first_layer():
