@@ -1,19 +1,36 @@
 """facto_fx: Facto-CNN (low-rank training + lossy feature-map compression) as a torch.fx pass."""
 
-from facto_fx import dynamo_backend, ops
+from facto_fx import dynamo_backend, methods, ops
 from facto_fx.api import FactoState, attach, compile, decisions, export_dense, report
 from facto_fx.config import FactoConfig
-from facto_fx.dynamo_backend import facto_backend, low_rank_parameters
+from facto_fx.dynamo_backend import facto_backend
 from facto_fx.inspection import GraphInspection, inspect
 from facto_fx.memory import saved_bytes_by_node
+from facto_fx.methods import (
+    FactoLowRank,
+    FrozenBatchNorm,
+    Method,
+    MethodConfig,
+    PackedMasks,
+    method_parameters,
+    register_method,
+)
 from facto_fx.passes.hooks import FactoHooks
 from facto_fx.passes.trace import FactoTraceError
 from facto_fx.passes.verify import FactoVerificationError
 from facto_fx.report import MemoryReport
 from facto_fx.triton_ops.dispatch import use_kernels
 
+# The name from before there were other methods: Facto's M are what most models' methods add.
+low_rank_parameters = method_parameters
+
 __all__ = [
     "FactoConfig",
+    "FactoLowRank",
+    "FrozenBatchNorm",
+    "Method",
+    "MethodConfig",
+    "PackedMasks",
     "FactoHooks",
     "FactoState",
     "FactoTraceError",
@@ -27,7 +44,10 @@ __all__ = [
     "facto_backend",
     "low_rank_parameters",
     "inspect",
+    "method_parameters",
+    "methods",
     "ops",
+    "register_method",
     "report",
     "saved_bytes_by_node",
     "use_kernels",

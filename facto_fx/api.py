@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
 
 from facto_fx.config import FactoConfig
-from facto_fx.layers import LOW_RANK_LAYERS
 from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
+from facto_fx.methods import method_handler, method_layers
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
-from facto_fx.passes.rewrite import rewrite
+from facto_fx.passes.rewrite import ModuleSite, rewrite
 from facto_fx.passes.schedule import Decision, schedule
 from facto_fx.passes.trace import OPAQUE_META, propagate_shapes, trace
 from facto_fx.passes.verify import example_inputs as verification_inputs
@@ -61,7 +62,7 @@ def compile(
     gm = _trace(model, config)
     matches = find_matches(gm)
     plan = schedule(gm, matches, config)
-    rewrite(gm, matches, plan, config)
+    rewrite(gm, matches, plan, ModuleSite(gm, config.seed))
     gm.meta["facto"] = FactoState(config, plan, model)
     if config.kernels != "auto":
         KernelScope(config.kernels).attach(gm)
@@ -105,7 +106,12 @@ def report(
     state = _state(fmodel)
     vanilla_gm = _trace(state.source, state.config, fmodel)
     vanilla = saved_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic, train_all=True)
-    facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic)
+    nodes = {node.name: node for node in fmodel.graph.nodes} if analytic else {}
+    estimates = {
+        d.node: functools.partial(method_handler(d.method).saved_bytes, d.method, nodes[d.node])
+        for d in state.decisions if d.rewritten and d.node in nodes
+    }
+    facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
     result = build_report(state.decisions, vanilla_gm, vanilla, facto)
     if peak:
         result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
@@ -115,16 +121,16 @@ def report(
 
 @torch.no_grad()
 def export_dense(fmodel: fx.GraphModule) -> nn.Module:
-    """A fresh copy of the original model with every low-rank layer merged (W + M·D).
+    """A fresh copy of the original model with every method's layer turned back into dense
+    tensors (Facto: W + M·D merged).
 
     Its state_dict has the original model's keys, so it loads into a new instance strictly; its
     tensors take the Facto model's current values, dtypes and devices.
     """
     state = _state(fmodel)
     current = fmodel.state_dict()
-    for name, layer in fmodel.named_modules():
-        if isinstance(layer, LOW_RANK_LAYERS):
-            current[f"{name}.weight"] = layer.merged_weight()
+    for name, layer, handler in method_layers(fmodel):
+        current.update({f"{name}.{key}": value for key, value in handler.dense_state(layer).items()})
     dense = copy.deepcopy(state.source)
     wanted = dense.state_dict()
     dense.load_state_dict({k: current[k].clone() if k in current else v for k, v in wanted.items()}, assign=True)

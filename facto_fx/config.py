@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
+from facto_fx.methods import FactoLowRank, MethodConfig, method_handler
 from facto_fx.triton_ops.dispatch import Kernels, check_mode
 
-_DTYPE_NAMES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-}
-
 LayerFilter = Callable[[str, "nn.Module | None"], bool]
-
-
-def parse_dtype(value: torch.dtype | str | None, argument: str = "storage_dtype") -> torch.dtype | None:
-    """Accept a torch.dtype or a short name ("bf16", "fp16", ...); None keeps the activation dtype."""
-    if value is None or isinstance(value, torch.dtype) and value in _DTYPE_NAMES.values():
-        return value
-    if isinstance(value, str) and value.lower() in _DTYPE_NAMES:
-        return _DTYPE_NAMES[value.lower()]
-    raise ValueError(
-        f"{argument} must be None (keep the activation dtype), a floating torch.dtype or one of "
-        f"{sorted(_DTYPE_NAMES)}; got {value!r}"
-    )
+MethodChoices = Mapping["str | LayerFilter", "MethodConfig | None"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +33,9 @@ class FactoConfig:
         one opaque (dense) call and listing it in the report.
     binarize_activations: store ReLU / max-pool / dropout masks as packed bits.
     seed: seeds the random direction matrices D, per layer and per redraw.
+    methods: per-layer methods, {name, glob pattern or filter function: MethodConfig or None},
+        e.g. {"layer4.*": HOSVD(), "fc": None}. An exact layer name beats a pattern or filter
+        (tried in the mapping's order), which beats apply_ratio; None leaves the layer dense.
     kernels: "auto" runs the Triton kernels on CUDA tensors and PyTorch elsewhere; "torch" always
         PyTorch; "triton" always Triton, failing with a RuntimeError where it cannot run. "auto"
         leaves the choice to an enclosing `facto_fx.use_kernels(...)` block, if any.
@@ -74,24 +54,15 @@ class FactoConfig:
     binarize_activations: bool = True
     seed: int = 0
     kernels: Kernels = "auto"
+    methods: MethodChoices = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.inr, bool) or not isinstance(self.inr, (int, float)) or not (
-            0.0 < self.inr <= 1.0
-        ) or math.isnan(self.inr):
-            raise ValueError(f"inr must be a number in (0, 1] (the paper uses 0.2-0.4); got {self.inr!r}")
-        if isinstance(self.lossy_kernel, bool) or not isinstance(self.lossy_kernel, int) or (
-            self.lossy_kernel < 1
-        ):
-            raise ValueError(
-                f"lossy_kernel must be an integer >= 1 (1 disables pooling, the paper uses 2); "
-                f"got {self.lossy_kernel!r}"
-            )
+        low_rank = FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype)  # validates all three
+        object.__setattr__(self, "storage_dtype", low_rank.storage_dtype)
         if isinstance(self.apply_ratio, bool) or not isinstance(self.apply_ratio, (int, float)) or not (
             0.0 <= self.apply_ratio <= 1.0
         ):
             raise ValueError(f"apply_ratio must be a number in [0, 1]; got {self.apply_ratio!r}")
-        object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype))
         if self.batch_norm not in ("freeze", "train"):
             raise ValueError(f"batch_norm must be 'freeze' or 'train'; got {self.batch_norm!r}")
         for name in ("include", "exclude", "leaf_modules"):
@@ -109,7 +80,22 @@ class FactoConfig:
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         check_mode(self.kernels)
+        if not isinstance(self.methods, Mapping):
+            raise ValueError(f"methods must map layer names, patterns or filters to methods; got {self.methods!r}")
+        for key, method in self.methods.items():
+            if not (isinstance(key, str) or callable(key)):
+                raise ValueError(f"methods keys must be layer names, glob patterns or filter functions; got {key!r}")
+            if method is not None:
+                if not isinstance(method, MethodConfig):
+                    raise ValueError(
+                        f"methods[{key!r}] must be a method config (e.g. FactoLowRank(...)) or None; got {method!r}"
+                    )
+                method_handler(method)  # registered?
+        overlap = {k for k in self.methods if isinstance(k, str)} & (set(self.include) | set(self.exclude))
+        if overlap:
+            raise ValueError(f"layers {sorted(overlap)} are named both in methods and in include / exclude")
+        object.__setattr__(self, "methods", dict(self.methods))
 
-    def rank(self, features: int) -> int:
-        """Internal rank for a layer with `features` input channels / nodes (at least 1)."""
-        return max(1, min(features, round(self.inr * features)))
+    def low_rank(self) -> FactoLowRank:
+        """The Facto method apply_ratio and include give a layer."""
+        return FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype)

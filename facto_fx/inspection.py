@@ -29,6 +29,7 @@ class NodeInfo:
     layer: str | None = None
     kind: str | None = None
     facto: bool = False
+    method: str | None = None  # the method's config class, where one rewrote the node
     reason: str = ""
     shape: tuple[int, ...] | None = None
     vanilla_bytes: int | None = None
@@ -69,7 +70,7 @@ class GraphInspection:
             args = ", ".join(n.inputs)
             lines.append(f"{mark} {n.name:<24} {n.target}({args})  {shape}  {saved}")
             if n.reason:
-                lines.append(f"  {'':<24} {n.kind}: {n.reason}")
+                lines.append(f"  {'':<24} {n.kind} ({n.method or 'dense'}): {n.reason}")
         lines.append("(* = Facto operator)")
         return "\n".join(lines)
 
@@ -151,6 +152,7 @@ def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = Tr
         )
         if d is not None:
             info.layer, info.kind, info.facto, info.reason = d.layer, d.kind, d.rewritten and d.compress, d.reason
+            info.method = type(d.method).__name__ if d.rewritten else None
         if example_inputs:
             info.vanilla_bytes, info.facto_bytes = vanilla.get(node.name, 0), facto.get(node.name, 0)
         nodes.append(info)

@@ -134,11 +134,17 @@ class FactoConv2d(LowRankMixin, nn.Module):
             conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, rank, lossy_kernel, storage_dtype, seed
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.conv2d(
-            x, self.weight, self.M, self.D, self.bias,
+    functional = staticmethod(ops.conv2d)
+
+    def arguments(self) -> tuple:
+        """Everything `functional` takes after x: graphs without modules call it with these."""
+        return (
+            self.weight, self.M, self.D, self.bias,
             self.stride, self.padding, self.dilation, self.lossy_kernel, self.storage_dtype, self.folded,
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.conv2d(x, *self.arguments())
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(
@@ -176,8 +182,14 @@ class FactoLinear(LowRankMixin, nn.Module):
         """The Facto layer for an nn.Linear, sharing its weight and bias."""
         return cls(linear.weight, linear.bias, rank, storage_dtype, seed)
 
+    functional = staticmethod(ops.linear)
+
+    def arguments(self) -> tuple:
+        """Everything `functional` takes after x: graphs without modules call it with these."""
+        return self.weight, self.M, self.D, self.bias, self.storage_dtype
+
     def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight, self.M, self.D, self.bias, self.storage_dtype)
+        return ops.linear(x, *self.arguments())
 
     def to_dense(self) -> nn.Linear:
         linear = nn.Linear(

@@ -22,13 +22,31 @@ def _storage_key(t: Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+Estimate = Callable[[tuple, dict], "int | None"]
+_ESTIMATED = "<estimated>"  # where hooks charge what a node with an estimate saves
+
+
 class _SavingInterpreter(fx.Interpreter):
-    """Runs the graph node by node so every saved tensor can be charged to its node."""
+    """Runs the graph node by node so every saved tensor can be charged to its node.
+
+    A node with an estimate (a method whose saved size hooks cannot see) is charged the estimate
+    computed from its arguments instead, unless the estimate is None.
+    """
 
     current = "<input>"
 
+    def __init__(self, gm: fx.GraphModule, estimates: dict[str, Estimate], counts: dict[str, int]) -> None:
+        super().__init__(gm)
+        self.estimates, self.counts = estimates, counts
+
     def run_node(self, n: fx.Node):
         self.current = n.name
+        estimate = self.estimates.get(n.name)
+        if estimate is not None:
+            nbytes = estimate(*self.fetch_args_kwargs_from_env(n))
+            if nbytes is not None:
+                self.counts[n.name] += nbytes
+                self.current = _ESTIMATED
         return super().run_node(n)
 
 
@@ -86,23 +104,26 @@ def saved_bytes_by_node(
     *,
     analytic: bool = False,
     train_all: bool = False,
+    estimates: dict[str, Estimate] | None = None,
 ) -> dict[str, int]:
     """Bytes of unique storages saved for backward, per FX node name, for one forward pass.
 
     train_all=True makes every parameter require grad (vanilla full-rank training); otherwise
-    parameters keep their own requires_grad (Facto training).
+    parameters keep their own requires_grad (Facto training). `estimates` maps node names to
+    functions of the node's arguments giving its saved bytes where hooks cannot see them.
     """
     state = _training_state(gm, analytic, train_all)
     excluded = {_storage_key(t) for t in state.values()}
     args = [torch.empty_like(x, device="meta") if analytic else x for x in inputs]
-    interpreter = _SavingInterpreter(gm)
     counts: dict[str, int] = defaultdict(int)
+    interpreter = _SavingInterpreter(gm, estimates or {}, counts)
     with _counting_saved(counts, excluded, lambda: interpreter.current):
         output = functional_call(_Runner(gm, interpreter.run), state, tuple(args), strict=False, tie_weights=False)
     # The interpreter keeps the output, whose autograd graph holds the pack hook, which holds the
     # interpreter: a cycle through C++ that would keep the model alive.
     interpreter.env.clear()
     del output
+    counts.pop(_ESTIMATED, None)
     return dict(counts)
 
 

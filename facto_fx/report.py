@@ -69,11 +69,7 @@ class MemoryReport:
 
 
 def _decision_label(d: Decision) -> str:
-    if d.rewritten and d.compress:
-        return "facto"
-    if d.rewritten:
-        return "frozen"
-    return "dense"
+    return d.method.label if d.rewritten else "dense"
 
 
 def build_report(

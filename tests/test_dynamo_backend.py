@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from torch import nn
 
 import facto_fx
 from facto_fx.dynamo_backend import facto_backend
+from facto_fx.layers import LOW_RANK_LAYERS
 
 
 class Gated(nn.Module):
@@ -63,7 +65,7 @@ def test_gradients_reach_m_and_not_the_frozen_weight(gated):
     model, x = gated
     compiled = torch.compile(model, backend="facto", options={"apply_ratio": 1.0, "inr": 0.5})
     compiled(x).square().sum().backward()
-    states = facto_fx.dynamo_backend.low_rank_states(model)
+    states = [m for m in model.modules() if isinstance(m, LOW_RANK_LAYERS)]
     assert {tuple(s.M.shape) for s in states} >= {(8, 4)}  # conv2: C_R = round(0.5 * 8)
     assert all(s.M.grad is not None and s.M.grad.abs().sum() > 0 for s in states)
     compressed = {id(s.weight) for s in states}
@@ -118,3 +120,124 @@ def test_entry_point_finds_the_backend_without_importing_facto_fx():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("(1, 4, 4, 4)")
+
+
+class Plain(nn.Module):
+    """Traceable by both entry points, with every kind the pass rewrites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.full((1,), 0.7))
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 2)
+        x = F.relu(self.bn(self.conv(x))) * self.scale
+        return self.fc(torch.flatten(F.max_pool2d(x, 2), 1))
+
+
+def _plain_pair():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Plain()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model, copy.deepcopy(model)
+
+
+def test_backend_and_fx_pass_give_the_same_m_gradients():
+    """Same plan, same seeds, same D: after a step M != 0, and the gradients still agree."""
+    options = {"apply_ratio": 1.0, "inr": 0.5, "lossy_kernel": 1, "seed": 3}
+    fx_model, dynamo_model = _plain_pair()
+    fmodel = facto_fx.compile(fx_model, **options)
+    compiled = torch.compile(dynamo_model.eval(), backend="facto", options=options)
+    fmodel.eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled(x)  # creates the backend's layers
+    layers = {name: dynamo_model.get_submodule(name).facto for name in ("conv", "fc")}
+    for name, layer in layers.items():
+        assert torch.equal(layer.D, fmodel.get_submodule(name).D)
+    fx_opt = torch.optim.SGD(facto_fx.low_rank_parameters(fmodel), lr=0.5)
+    dynamo_opt = torch.optim.SGD(facto_fx.low_rank_parameters(dynamo_model), lr=0.5)
+    for _ in range(2):
+        for model, optimizer in ((fmodel, fx_opt), (compiled, dynamo_opt)):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+        for name, layer in layers.items():
+            torch.testing.assert_close(layer.M.grad, fmodel.get_submodule(name).M.grad, rtol=1e-4, atol=1e-6)
+        fx_opt.step()
+        dynamo_opt.step()
+    assert all(layer.M.abs().sum() > 0 for layer in layers.values())
+    torch.testing.assert_close(compiled(x), fmodel(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_scale_times_a_number_is_left_dense_by_both():
+    """x * (self.scale * 2.0): the multiply by a number is not a scale of a feature map."""
+
+    class Doubled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.scale = nn.Parameter(torch.full((1,), 0.5))
+
+        def forward(self, x):
+            return self.conv(x) * (self.scale * 2.0)
+
+    torch._dynamo.reset()
+    model, x = Doubled(), torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="facto", options={"apply_ratio": 1.0})
+    torch.testing.assert_close(compiled(x), model(x))
+    decisions = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(model, apply_ratio=1.0))}
+    assert decisions["scale"].reason == "scale of a constant"
+
+
+def test_a_shared_conv_stays_dense_in_both():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(self.stem(x)))
+
+    torch._dynamo.reset()
+    model, x = Twice(), torch.randn(2, 3, 8, 8)
+    torch.compile(model, backend="facto", options={"apply_ratio": 1.0})(x)
+    assert not hasattr(model.conv, "facto")
+    assert {d.layer: d for d in facto_fx.decisions(facto_fx.compile(model))}["conv"].unsupported
+
+
+def test_the_backends_layers_live_in_the_model_and_survive_a_checkpoint(tmp_path):
+    model, _ = _plain_pair()
+    x = torch.randn(2, 3, 16, 16)
+    options = {"apply_ratio": 1.0}
+    compiled = torch.compile(model, backend="facto", options=options)
+    compiled(x)
+    keys = set(model.state_dict())
+    assert {"conv.facto.M", "conv.facto.D", "conv.facto.draws"} <= keys
+    assert "conv.facto.weight" not in keys  # the layer refers to conv.weight, it does not own it
+    assert model.conv.weight.requires_grad  # as dynamo saw it: no recompilation
+    optimizer = torch.optim.SGD(facto_fx.low_rank_parameters(model), lr=0.1)
+    hooks = facto_fx.attach(model, optimizer, merge_every=1000)
+    compiled(x).square().sum().backward()
+    optimizer.step()
+    hooks.remove()
+    expected = compiled(x).detach()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    resumed = Plain()
+    compiled = torch.compile(resumed, backend="facto", options=options)
+    compiled(x)  # the layers exist from the first call on
+    resumed.load_state_dict(torch.load(tmp_path / "model.pt"))
+    torch.testing.assert_close(compiled(x), expected)
+
+    resumed.to(torch.float64)
+    assert resumed.conv.facto.M.dtype == torch.float64
+    torch.testing.assert_close(compiled(x.double()), expected.double(), rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Training hooks: merge-and-reinit every N optimizer steps, and W regularisation (paper §3.1.3).
+"""Training hooks: each method's per-optimizer-step action (Facto: W regularisation after every
+step and merge-and-reinit every N steps, paper §3.1.3).
 
 They hang on the optimizer's step post-hook, so a normal training loop needs no change.
 """
@@ -10,18 +11,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from facto_fx.dynamo_backend import low_rank_states
-from facto_fx.layers import LOW_RANK_LAYERS
+from facto_fx.methods import Method, StepOptions, method_layers, method_parameters
 
 
-def low_rank_layers(model: nn.Module) -> list[nn.Module]:
-    """Facto layers of a compiled model, or the "facto" torch.compile backend's states of a model."""
-    return [m for m in model.modules() if isinstance(m, LOW_RANK_LAYERS)] or low_rank_states(model)
+def layers_by_method(model: nn.Module) -> dict[Method, list[nn.Module]]:
+    """The layers methods created in `model` (by `compile` or the "facto" backend), per handler."""
+    groups: dict[Method, list[nn.Module]] = {}
+    for _, layer, handler in method_layers(model):
+        groups.setdefault(handler, []).append(layer)
+    return groups
 
 
 @dataclass
 class FactoHooks:
-    """Handle returned by `attach`: counts steps, merges on schedule, `remove()` detaches."""
+    """Handle returned by `attach`: counts steps, runs each method's step action, `remove()` detaches."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -36,11 +39,15 @@ class FactoHooks:
             raise ValueError(f"merge_every must be a positive number of optimizer steps; got {self.merge_every!r}")
         if not self.w_decay >= 0.0:
             raise ValueError(f"w_decay (λ of W ← W − λ·Ω) must be >= 0; got {self.w_decay!r}")
-        self.layers = low_rank_layers(self.model)
-        if not self.layers:
-            raise ValueError("the model has no Facto conv / linear layers; was it built by facto_fx.compile?")
+        self.options = StepOptions(self.merge_every, self.w_decay)
+        self.groups = layers_by_method(self.model)
+        if not self.groups:
+            raise ValueError(
+                "the model has no Facto (or other method) layers; was it built by facto_fx.compile, or run "
+                "once through torch.compile(backend='facto')?"
+            )
         tracked = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        missing = [m for m in self.layers if id(m.M) not in tracked]
+        missing = [p for p in method_parameters(self.model) if id(p) not in tracked]
         if missing:
             raise ValueError(
                 f"{len(missing)} Facto layers' M are not in the optimizer; build it from fmodel.parameters()"
@@ -49,19 +56,16 @@ class FactoHooks:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.steps += 1
-        if self.w_decay:
-            for layer in self.layers:
-                layer.regularize(self.w_decay)
-        if self.steps % self.merge_every == 0:
-            self.merge_and_reinit()
+        reset = [handler.after_step(layers, optimizer, self.steps, self.options)
+                 for handler, layers in self.groups.items()]
+        self.merges += any(reset)
 
     @torch.no_grad()
     def merge_and_reinit(self) -> None:
-        """W ← W + M·D, M ← 0, a fresh D, and M's optimizer state cleared (momentum, moments, step)."""
-        for layer in self.layers:
-            layer.merge()
-            layer.redraw()
-            self.optimizer.state.pop(layer.M, None)
+        """Restart every method's accumulated state now (Facto: W ← W + M·D, M ← 0, a fresh D, and
+        M's optimizer state cleared)."""
+        for handler, layers in self.groups.items():
+            handler.reset(layers, self.optimizer)
         self.merges += 1
 
     def state_dict(self) -> dict:
@@ -80,5 +84,6 @@ class FactoHooks:
 def attach(
     model: nn.Module, optimizer: torch.optim.Optimizer, merge_every: int, w_decay: float = 0.0
 ) -> FactoHooks:
-    """Merge-and-reinit every `merge_every` optimizer steps; W ← W − w_decay·Ω after each step."""
+    """Run each method's step action after every optimizer step (Facto: W ← W − w_decay·Ω, and
+    merge-and-reinit every `merge_every` steps)."""
     return FactoHooks(model, optimizer, merge_every, w_decay)

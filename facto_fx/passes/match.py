@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
+from torch.fx.operator_schemas import normalize_function
 
 from facto_fx.passes.trace import OPAQUE_META, hook_reason, owner_module
-from facto_fx.shapes import SUPPORTED_BITS, code_bits
 
 CONV, LINEAR, RELU, MAX_POOL, SCALE, BATCH_NORM, DROPOUT = (
     "conv2d", "linear", "relu", "max_pool2d", "scale", "batch_norm", "dropout"
@@ -70,28 +70,75 @@ class Match:
     unsupported: str | None = None
 
 
-def _get_attr(gm: fx.GraphModule, node: object, getter) -> torch.Tensor | None:
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    try:
-        return getter(node.target)
-    except AttributeError:
-        return None
+class GraphTensors:
+    """The parameters and buffers a graph reads, by node, with their qualified names.
+
+    In the FX pass's trace they are get_attr nodes; in a graph dynamo captured they are lifted
+    placeholders (`names` and `values` given by the backend). Everything else the matcher and the
+    rewriter do is the same for both.
+    """
+
+    def __init__(self, gm: fx.GraphModule, lifted: dict[fx.Node, tuple[str, Tensor]] | None = None) -> None:
+        self.gm = gm
+        self.lifted = lifted
+
+    def lookup(self, node: object) -> tuple[str, Tensor] | None:
+        """(qualified name, tensor) for a node that reads a parameter or buffer, else None."""
+        if not isinstance(node, fx.Node):
+            return None
+        if self.lifted is not None:
+            return self.lifted.get(node)
+        if node.op != "get_attr":
+            return None
+        try:
+            value = self.gm.get_parameter(node.target)
+        except AttributeError:
+            try:
+                value = self.gm.get_buffer(node.target)
+            except AttributeError:
+                return None
+        return node.target, value
+
+    def tensor(self, node: object) -> Tensor | None:
+        found = self.lookup(node)
+        return None if found is None else found[1]
+
+    def name(self, node: object) -> str | None:
+        found = self.lookup(node)
+        return None if found is None else found[0]
+
+    def parameter(self, node: object) -> Tensor | None:
+        value = self.tensor(node)
+        return value if isinstance(value, nn.Parameter) else None
+
+    def buffer(self, node: object) -> Tensor | None:
+        value = self.tensor(node)
+        return value if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) else None
 
 
-def _get_attr_param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    """The Parameter a get_attr node reads, or None for anything else."""
-    return _get_attr(gm, node, gm.get_parameter)
+def _argument_type(value: object) -> object:
+    if isinstance(value, fx.Node):
+        return torch.Tensor
+    if isinstance(value, (tuple, list)):
+        return list[int]
+    return type(value)
 
 
-def _get_attr_buffer(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    """The buffer a get_attr node reads, or None for anything else."""
-    return _get_attr(gm, node, gm.get_buffer)
+def call_args(node: fx.Node) -> dict[str, object]:
+    """Every argument of a call_function node by its parameter name, defaults filled in.
 
-
-def arg(node: fx.Node, index: int, name: str, default=None):
-    """Argument `name` of a call node, given by position `index` or by keyword."""
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    torch's own signature binding (torch.fx.operator_schemas); argument types pick between
+    overloads such as conv2d's int and str paddings.
+    """
+    types = tuple(_argument_type(a) for a in node.args)
+    kwarg_types = {k: _argument_type(v) for k, v in node.kwargs.items()}
+    bound = normalize_function(
+        node.target, node.args, node.kwargs, arg_types=types, kwarg_types=kwarg_types,
+        normalize_to_only_use_kwargs=True,
+    )
+    if bound is None:
+        raise ValueError(f"cannot bind the arguments of {node.format_node()} to {node.target}'s signature")
+    return dict(bound.kwargs)
 
 
 def module_problem(module: nn.Module, kind: str) -> str | None:
@@ -145,23 +192,6 @@ def inplace_aliasing(node: fx.Node) -> str | None:
     return None
 
 
-def _conv_problem(conv: nn.Conv2d) -> str | None:
-    if conv.groups != 1:
-        return f"grouped convolution (groups={conv.groups}) is not supported; left dense and trainable"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode='{conv.padding_mode}' is not supported; left dense and trainable"
-    if isinstance(conv.padding, str):
-        return f"padding='{conv.padding}' is not supported; left dense and trainable"
-    return None
-
-
-def _max_pool_problem(kernel_size) -> str | None:
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    if kh * kw > 2 ** SUPPORTED_BITS[-1] or code_bits(kh * kw) not in SUPPORTED_BITS:
-        return f"{kh}x{kw} windows need more than 8 bits per argmax code"
-    return None
-
-
 def _match_module(gm: fx.GraphModule, node: fx.Node) -> Match | None:
     module = gm.get_submodule(node.target)
     layer = node.target
@@ -176,13 +206,10 @@ def _match_module(gm: fx.GraphModule, node: fx.Node) -> Match | None:
             if type(module) is cls:
                 return Match(node, type(module).__name__, layer, module, reason)
         return None if kind is None else Match(node, kind, layer, module, problem)
-    if kind == CONV:
-        problem = _conv_problem(module)
-    elif kind == RELU:
+    if kind == RELU:
         problem = inplace_aliasing(node) if module.inplace else None
     elif kind == MAX_POOL:
         problem = "return_indices=True is not supported" if module.return_indices else None
-        problem = problem or _max_pool_problem(module.kernel_size)
     elif kind == BATCH_NORM:
         problem = None if module.track_running_stats else "no running statistics to freeze"
     elif kind == DROPOUT:
@@ -194,96 +221,92 @@ def _owner(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _weighted_function_problem(gm: fx.GraphModule, node: fx.Node, kind: str) -> str | None:
-    """Why a functional conv / linear cannot become a Facto layer in place of its weight's module."""
-    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
-    if _get_attr_param(gm, weight) is None:
+def _weighted_function_problem(tensors: GraphTensors, kind: str, args: dict) -> str | None:
+    """Why a functional conv / linear cannot become a layer in place of its weight's module."""
+    weight, bias = args["weight"], args["bias"]
+    if tensors.parameter(weight) is None:
         return f"functional {kind} whose weight is computed in forward (weight standardisation, ...); left dense"
-    if bias is not None and _get_attr_param(gm, bias) is None:
+    if bias is not None and tensors.parameter(bias) is None:
         return f"functional {kind} whose bias is not a parameter; left dense"
     if len(weight.users) > 1:
-        return f"weight '{weight.target}' is also read elsewhere in forward; left dense"
-    owner = _owner(weight.target)
+        return f"weight '{tensors.name(weight)}' is also read elsewhere in forward; left dense"
+    owner = _owner(tensors.name(weight))
     expected = {f"{owner}.weight", f"{owner}.bias"}
-    if not owner or weight.target != f"{owner}.weight" or bias is not None and bias.target != f"{owner}.bias":
+    if not owner or tensors.name(weight) != f"{owner}.weight" or bias is not None and (
+        tensors.name(bias) != f"{owner}.bias"
+    ):
         return f"functional {kind} on parameters not named <module>.weight / <module>.bias; left dense"
-    others = [
-        n.name for n in gm.graph.nodes
-        if n.op in ("get_attr", "call_module") and (n.target == owner or str(n.target).startswith(f"{owner}."))
-        and n.target not in expected
-    ]
+    others = []
+    for n in tensors.gm.graph.nodes:
+        name = n.target if n.op == "call_module" else tensors.name(n)
+        if name is not None and (name == owner or str(name).startswith(f"{owner}.")) and name not in expected:
+            others.append(n.name)
     if others:
         return f"module '{owner}' is also used by {others[0]}; left dense"
     return None
 
 
-def _match_batch_norm_function(gm: fx.GraphModule, node: fx.Node) -> Match | None:
-    mean, var = arg(node, 1, "running_mean"), arg(node, 2, "running_var")
-    if _get_attr_buffer(gm, mean) is None or _get_attr_buffer(gm, var) is None:
+def _match_batch_norm_function(tensors: GraphTensors, node: fx.Node, args: dict) -> Match:
+    mean, var = args["running_mean"], args["running_var"]
+    if tensors.buffer(mean) is None or tensors.buffer(var) is None:
         return Match(node, BATCH_NORM, node.name, None, "batch statistics only (no running statistics to freeze)")
-    layer = _owner(mean.target) or node.name
-    if arg(node, 5, "training", False) is True:
+    layer = _owner(tensors.name(mean)) or node.name
+    if args["training"] is True:
         return Match(node, BATCH_NORM, layer, None, "uses batch statistics in every mode; left dense")
-    for name, index in (("weight", 3), ("bias", 4)):
-        value = arg(node, index, name)
-        if value is not None and _get_attr_param(gm, value) is None:
+    for name in ("weight", "bias"):
+        value = args[name]
+        if value is not None and tensors.parameter(value) is None:
             return Match(node, BATCH_NORM, layer, None, f"functional batch-norm whose {name} is not a parameter")
     return Match(node, BATCH_NORM, layer)
 
 
-def _match_function(gm: fx.GraphModule, node: fx.Node) -> Match | None:
+def _match_function(tensors: GraphTensors, node: fx.Node) -> Match | None:
     target = node.target
     if node.op == "call_method" and target in _RELU_METHODS or target in _RELU_FUNCTIONS:
         inplace = target in ("relu_", torch.relu_, F.relu_) or node.kwargs.get("inplace", False)
         return Match(node, RELU, node.name, None, inplace_aliasing(node) if inplace else None)
     if node.op != "call_function":
         return None
-    if target in _MAX_POOL_FUNCTIONS:
-        kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
-        problem = "return_indices=True is not supported" if node.kwargs.get("return_indices") else None
-        return Match(node, MAX_POOL, node.name, None, problem or _max_pool_problem(kernel))
     if target in _MUL_FUNCTIONS and len(node.args) == 2:
         for position, operand in enumerate(node.args):
-            param = _get_attr_param(gm, operand)
+            param = tensors.parameter(operand)
             if param is not None and param.numel() == 1:
                 problem = "in-place multiply" if target is operator.imul else None
-                other = node.args[1 - position]
-                if not isinstance(other, fx.Node):
+                if not isinstance(node.args[1 - position], fx.Node):
                     problem = "scale of a constant"
-                return Match(node, SCALE, operand.target, None, problem)
+                return Match(node, SCALE, tensors.name(operand), None, problem)
+        return None
+    if target in _MAX_POOL_FUNCTIONS:
+        problem = "return_indices=True is not supported" if call_args(node)["return_indices"] else None
+        return Match(node, MAX_POOL, node.name, None, problem)
     if target in _DROPOUT_FUNCTIONS:
-        problem = inplace_aliasing(node) if arg(node, 3, "inplace", False) else None
+        problem = inplace_aliasing(node) if call_args(node)["inplace"] else None
         return Match(node, DROPOUT, node.name, None, problem)
     if target in _CONV_FUNCTIONS or target in _LINEAR_FUNCTIONS:
         kind = CONV if target in _CONV_FUNCTIONS else LINEAR
-        weight = arg(node, 1, "weight")
-        layer = _owner(weight.target) if _get_attr_param(gm, weight) is not None else owner_module(node)
-        problem = _weighted_function_problem(gm, node, kind)
-        if kind == CONV and problem is None:
-            groups, padding = arg(node, 6, "groups", 1), arg(node, 4, "padding", 0)
-            if groups != 1:
-                problem = f"grouped convolution (groups={groups}) is not supported; left dense and trainable"
-            elif isinstance(padding, str):
-                problem = f"padding='{padding}' is not supported; left dense and trainable"
-        return Match(node, kind, layer or node.name, None, problem)
+        args = call_args(node)
+        weight = args["weight"]
+        layer = _owner(tensors.name(weight)) if tensors.parameter(weight) is not None else owner_module(node)
+        return Match(node, kind, layer or node.name, None, _weighted_function_problem(tensors, kind, args))
     if target in _BATCH_NORM_FUNCTIONS:
-        return _match_batch_norm_function(gm, node)
+        return _match_batch_norm_function(tensors, node, call_args(node))
     return None
 
 
-def find_matches(gm: fx.GraphModule) -> list[Match]:
+def find_matches(gm: fx.GraphModule, tensors: GraphTensors | None = None) -> list[Match]:
     """Every node of a kind the pass knows, in graph order, with unique layer names.
 
     A module called twice (torchvision's BasicBlock reuses `self.relu`) gets "name#2" for its
-    second call.
+    second call. `tensors` says how the graph reads parameters (default: get_attr nodes of `gm`).
     """
+    tensors = tensors or GraphTensors(gm)
     matches: list[Match] = []
     seen: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             match = _match_module(gm, node)
         elif node.op in ("call_function", "call_method"):
-            match = _match_function(gm, node)
+            match = _match_function(tensors, node)
         else:
             match = None
         if match is not None:

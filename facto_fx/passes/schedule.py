@@ -1,15 +1,23 @@
-"""The scheduler: which matched layers to compress, and why (paper §4.2).
+"""The scheduler: which method each matched layer gets, and why (docs/design.md §4).
 
-Conv, scale and batch-norm layers are ordered by their depth from the graph input (the longest
-path, in nodes, on a networkx view of the FX graph); the input layer is never compressed, and the
-first ceil(apply_ratio · n) of the rest are. Linear layers follow the same switch: one is
-compressed when no uncompressed conv / scale / batch-norm layer lies before it. ReLU, max-pool and
-dropout masks are binarised everywhere. Users override with include / exclude / layer_filter.
+A layer's method is chosen in this order:
+1. its exact name: `methods={"layer1.0.conv1": ...}`, `include` (the default Facto method) or
+   `exclude` (dense); then `layer_filter` returning False (dense);
+2. the first pattern (fnmatch glob) or filter function in `methods`, in the mapping's order,
+   whose method takes layers of this kind (None takes every kind);
+3. apply_ratio (paper §4.2): conv, scale and batch-norm layers are ordered by their depth from the
+   graph input (the longest path, in nodes, on a networkx view of the FX graph); the input layer
+   is never compressed, and the first ceil(apply_ratio · n) of the rest get Facto. A linear layer
+   gets Facto when no conv / scale / batch-norm layer before it is dense; ReLU, max-pool and
+   dropout get packed masks everywhere; batch-norm beyond the ratio is frozen at full resolution.
+A method that cannot take a layer says why: for a name that is an error, for a pattern or the
+default the layer stays dense with that reason.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -17,22 +25,28 @@ import networkx as nx
 from torch import fx
 
 from facto_fx.config import FactoConfig
+from facto_fx.methods import FrozenBatchNorm, MethodConfig, PackedMasks, PlanContext, method_handler
 from facto_fx.passes.match import BATCH_NORM, LINEAR, LOW_RANK_KINDS, ORDERED_KINDS, Match
 
 
 @dataclass
 class Decision:
-    """The scheduler's verdict on one layer: rewrite it or not, and the reason, for reports."""
+    """The scheduler's verdict on one layer: its method (None: dense) and the reason, for reports."""
 
     layer: str
     kind: str
     node: str
     depth: int
-    compress: bool
+    method: MethodConfig | None
     reason: str
     unsupported: bool = False
     rewritten: bool = False
-    excluded: bool = False  # by exclude / layer_filter: left exactly as it is (batch-norm not even frozen)
+    excluded: bool = False  # chosen dense by name, pattern or filter: left exactly as it is
+
+    @property
+    def compress(self) -> bool:
+        """Whether the layer's method saves memory (frozen batch-norm at full size does not)."""
+        return self.method is not None and self.method.saves_memory
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -60,86 +74,170 @@ def input_layers(dag: nx.DiGraph, matches: list[Match]) -> set[str]:
     return {name for name in weighted if not (nx.ancestors(dag, name) & weighted)}
 
 
+LINEAR_PENDING = "decided after the conv layers"
+
+
+def _is_pattern(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
 def _check_names(config: FactoConfig, matches: list[Match]) -> None:
     known = [m.layer for m in matches]
-    for arg in ("include", "exclude"):
-        for name in getattr(config, arg):
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=3)
-                hint = f"; did you mean {close}?" if close else ""
-                raise ValueError(f"{arg} names '{name}', which is not a layer the pass can rewrite{hint}")
+    named = [("include", n) for n in config.include] + [("exclude", n) for n in config.exclude]
+    named += [("methods", k) for k in config.methods if isinstance(k, str) and not _is_pattern(k)]
+    for arg, name in named:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"{arg} names '{name}', which is not a layer the pass can rewrite{hint}")
+    for key in config.methods:
+        if isinstance(key, str) and _is_pattern(key) and not fnmatch.filter(known, key):
+            raise ValueError(f"methods pattern '{key}' matches no layer the pass can rewrite (layers: {known[:5]}...)")
 
 
-def _override(config: FactoConfig, match: Match) -> tuple[bool, str] | None:
+def _takes(method: MethodConfig | None, kind: str) -> bool:
+    return method is None or kind in method_handler(method).kinds
+
+
+def _by_name(
+    config: FactoConfig, match: Match, default: MethodConfig | None
+) -> tuple[MethodConfig | None, str] | None:
+    """(method, reason) chosen for this layer by its exact name, or None."""
+    if match.layer in config.methods:
+        method = config.methods[match.layer]
+        if not _takes(method, match.kind):
+            kinds = ", ".join(sorted(method_handler(method).kinds))
+            raise ValueError(
+                f"methods['{match.layer}'] is {type(method).__name__}, which takes {kinds} layers; "
+                f"'{match.layer}' is a {match.kind}"
+            )
+        return method, f"{type(method).__name__ if method else 'dense'} by name"
     if match.layer in config.include:
-        return True, "included by name"
+        return default, "included by name"
     if match.layer in config.exclude:
-        return False, "excluded by name"
+        return None, "excluded by name"
     if config.layer_filter is not None and not config.layer_filter(match.layer, match.module):
-        return False, "excluded by layer_filter"
+        return None, "excluded by layer_filter"
     return None
+
+
+def _by_pattern(config: FactoConfig, match: Match) -> tuple[MethodConfig | None, str] | None:
+    """(method, reason) from the first pattern or filter function that applies, or None."""
+    for key, method in config.methods.items():
+        if isinstance(key, str) and not _is_pattern(key) or not _takes(method, match.kind):
+            continue
+        hit = fnmatch.fnmatchcase(match.layer, key) if isinstance(key, str) else key(match.layer, match.module)
+        if hit:
+            source = f"pattern '{key}'" if isinstance(key, str) else f"filter {getattr(key, '__name__', key)}"
+            return method, f"{type(method).__name__ if method else 'dense'} by {source}"
+    return None
+
+
+def _batch_stats(kind: str, config: FactoConfig) -> bool:
+    """Batch-norm kept in training mode (batch statistics): no method applies at all."""
+    return kind == BATCH_NORM and config.batch_norm == "train"
+
+
+class _Planner:
+    """One pass over the matches: explicit choices first, then apply_ratio for the rest."""
+
+    def __init__(self, gm: fx.GraphModule, matches: list[Match], config: FactoConfig) -> None:
+        self.config = config
+        dag = to_networkx(gm.graph)
+        self.depth = depths(dag)
+        self.inputs = input_layers(dag, matches)
+        self.low_rank = config.low_rank()
+        self.masks = PackedMasks() if config.binarize_activations else None
+        # What apply_ratio counts: supported conv / scale / batch-norm layers Facto could take.
+        self.ordered = sorted(
+            (m for m in matches if m.kind in ORDERED_KINDS and m.unsupported is None and not self._input(m)
+             and not _batch_stats(m.kind, config) and self._refusal(self.low_rank, m) is None),
+            key=lambda m: self.depth[m.node.name],
+        )
+        self.chosen = {m.node.name for m in self.ordered[: math.ceil(config.apply_ratio * len(self.ordered))]}
+
+    def _input(self, match: Match) -> bool:
+        return match.node.name in self.inputs
+
+    def _refusal(self, method: MethodConfig, match: Match) -> str | None:
+        return method_handler(method).refuses(match, method, PlanContext(input_layer=self._input(match)))
+
+    def decide(self, match: Match) -> Decision:
+        decision = Decision(match.layer, match.kind, match.node.name, self.depth[match.node.name], None, "")
+        if match.unsupported is not None:
+            decision.reason, decision.unsupported = match.unsupported, True
+            return decision
+        if _batch_stats(match.kind, self.config):
+            decision.reason, decision.unsupported = "batch_norm='train': left in training mode", True
+            return decision
+        default = self.masks if match.kind in method_handler(PackedMasks()).kinds else self.low_rank
+        explicit = _by_name(self.config, match, default)
+        if explicit is not None:
+            method, decision.reason = explicit
+            refusal = method and self._refusal(method, match)
+            if refusal:
+                raise ValueError(f"'{match.layer}' was given {type(method).__name__} by name, but: {refusal}")
+            decision.method, decision.excluded = method, method is None
+            return decision
+        chosen = _by_pattern(self.config, match)
+        if chosen is not None:
+            method, decision.reason = chosen
+            refusal = method and self._refusal(method, match)
+            if refusal:
+                decision.reason = f"{decision.reason} refused: {refusal}"
+                return decision
+            decision.method, decision.excluded = method, method is None
+            return decision
+        return self._default(match, decision)
+
+    def _default(self, match: Match, decision: Decision) -> Decision:
+        if self._input(match):
+            decision.reason = "input layer: never compressed (paper §4.2)"
+            return decision
+        if match.kind in ORDERED_KINDS:
+            refusal = self._refusal(self.low_rank, match)
+            if refusal:
+                decision.reason, decision.unsupported = refusal, True
+                if match.kind == BATCH_NORM:
+                    decision.method = FrozenBatchNorm()
+                return decision
+            within = match.node.name in self.chosen
+            verdict = "within" if within else "beyond"
+            decision.reason = (
+                f"#{self.ordered.index(match) + 1} of {len(self.ordered)} from the input, "
+                f"{verdict} apply_ratio={self.config.apply_ratio}"
+            )
+            decision.method = self.low_rank if within else FrozenBatchNorm() if match.kind == BATCH_NORM else None
+            return decision
+        if match.kind == LINEAR:
+            decision.reason = LINEAR_PENDING
+            return decision
+        if self.masks is None:
+            decision.reason = "binarize_activations=False"
+            return decision
+        refusal = self._refusal(self.masks, match)
+        if refusal:
+            decision.reason, decision.unsupported = refusal, True
+        else:
+            decision.method, decision.reason = self.masks, "mask stored as packed bits"
+        return decision
 
 
 def schedule(gm: fx.GraphModule, matches: list[Match], config: FactoConfig) -> list[Decision]:
     """One Decision per match, in graph order."""
     _check_names(config, matches)
-    dag = to_networkx(gm.graph)
-    depth = depths(dag)
-    inputs = input_layers(dag, matches)
-    for match in matches:
-        if match.node.name in inputs and match.layer in config.include:
-            raise ValueError(f"include names '{match.layer}', the input layer, which is never compressed")
-
-    ordered = sorted(
-        (m for m in matches if m.kind in ORDERED_KINDS and m.unsupported is None
-         and m.node.name not in inputs and not _batch_stats(m.kind, config)),
-        key=lambda m: depth[m.node.name],
-    )
-    chosen = {m.node.name for m in ordered[: math.ceil(config.apply_ratio * len(ordered))]}
-
-    decisions = [_decide(m, depth[m.node.name], config, inputs, chosen, ordered) for m in matches]
-    # A linear layer is compressed only when every conv / scale / batch-norm before it is,
-    # whatever made those dense (apply_ratio, exclude, an unsupported form).
+    planner = _Planner(gm, matches, config)
+    decisions = [planner.decide(m) for m in matches]
+    # A linear layer left to the default gets Facto only when every conv / scale / batch-norm before
+    # it saves memory, whatever made those dense (apply_ratio, exclude, an unsupported form).
     dense_depths = [
         d.depth for d in decisions
-        if d.kind in ORDERED_KINDS and not d.compress and d.node not in inputs and not _batch_stats(d.kind, config)
+        if d.kind in ORDERED_KINDS and not d.compress and d.node not in planner.inputs
+        and not _batch_stats(d.kind, config)
     ]
     cutoff = min(dense_depths, default=math.inf)
-    for d, m in zip(decisions, matches, strict=True):
-        if d.kind == LINEAR and not d.unsupported and d.node not in inputs and _override(config, m) is None:
-            d.compress = d.depth < cutoff
-            d.reason = "all earlier conv layers compressed" if d.compress else "an earlier conv layer is dense"
+    for d in decisions:
+        if d.kind == LINEAR and d.reason == LINEAR_PENDING:
+            d.method = planner.low_rank if d.depth < cutoff else None
+            d.reason = "all earlier conv layers compressed" if d.method else "an earlier conv layer is dense"
     return decisions
-
-
-def _batch_stats(kind: str, config: FactoConfig) -> bool:
-    """Batch-norm kept in training mode (batch statistics): not a Facto layer at all."""
-    return kind == BATCH_NORM and config.batch_norm == "train"
-
-
-def _decide(
-    m: Match, depth: int, config: FactoConfig, inputs: set[str], chosen: set[str], ordered: list[Match]
-) -> Decision:
-    batch_stats = _batch_stats(m.kind, config)
-    override = _override(config, m)
-    if m.unsupported is not None:
-        compress, reason = False, m.unsupported
-    elif batch_stats:
-        compress, reason = False, "batch_norm='train': left in training mode"
-    elif m.node.name in inputs:
-        compress, reason = False, "input layer: never compressed (paper §4.2)"
-    elif override is not None:
-        compress, reason = override
-    elif m.kind in ORDERED_KINDS:
-        compress = m.node.name in chosen
-        verdict = "within" if compress else "beyond"
-        reason = f"#{ordered.index(m) + 1} of {len(ordered)} from the input, {verdict} apply_ratio={config.apply_ratio}"
-    elif m.kind == LINEAR:
-        compress, reason = False, "decided after the conv layers"
-    elif config.binarize_activations:
-        compress, reason = True, "mask stored as packed bits"
-    else:
-        compress, reason = False, "binarize_activations=False"
-    excluded = override is not None and not override[0]
-    unsupported = m.unsupported is not None or batch_stats
-    return Decision(m.layer, m.kind, m.node.name, depth, compress, reason, unsupported, excluded=excluded)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
-from facto_fx.passes.match import WEIGHTED_FUNCTIONS, arg
+from facto_fx.passes.match import WEIGHTED_FUNCTIONS, call_args
 from facto_fx.passes.rewrite import MOVED
 from facto_fx.passes.schedule import Decision
 from facto_fx.passes.trace import modes
@@ -35,7 +35,7 @@ def _first_layer(gm: fx.GraphModule) -> tuple[Tensor, bool] | None:
         if node.op == "call_module":
             weight = getattr(gm.get_submodule(node.target), "weight", None)
         elif node.op == "call_function" and node.target in WEIGHTED_FUNCTIONS:
-            source = arg(node, 1, "weight")
+            source = call_args(node)["weight"]
             if isinstance(source, fx.Node) and source.op == "get_attr":
                 weight = gm.get_parameter(source.target)
         if isinstance(weight, Tensor) and weight.dim() in (2, 4):

@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import facto_fx
+from facto_fx.methods import method_parameters
 from facto_fx.model_zoo import build_model
-from facto_fx.passes.hooks import low_rank_layers
 from facto_fx.report import MemoryReport
 from facto_fx.training import checkpoint, distributed
 from facto_fx.training.config import TrainConfig
@@ -111,7 +111,7 @@ class Trainer:
         if recalibrate:
             self._recalibrate_batch_norm()
         fmodel = facto_fx.compile(self.raw, config.facto_config())
-        low_rank = [layer.M for layer in low_rank_layers(fmodel)]
+        low_rank = method_parameters(fmodel)
         low_rank_ids = {id(p) for p in low_rank}
         others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in low_rank_ids]
         # W is regularised by the hooks (paper eq. 14), not by decaying M.

@@ -183,8 +183,10 @@ def test_functional_dropout_follows_the_mode():
     (nn.MaxPool2d(17), False),
 ])
 def test_max_pool_window_limits(module, supported):
-    kind, problem = _kinds(nn.Sequential(module))["0"]
-    assert kind == "max_pool2d" and (problem is None) == supported
+    """return_indices is the matcher's refusal, a 17x17 window (9-bit codes) the packed masks'."""
+    decision = facto_fx.decisions(facto_fx.compile(nn.Sequential(module), verify=False))[0]
+    assert decision.kind == "max_pool2d" and decision.rewritten == supported
+    assert decision.unsupported != supported
 
 
 def test_inplace_relu_seen_through_an_earlier_view_is_not_rewritten():

@@ -1,0 +1,38 @@
+"""Memory-saving methods, chosen per layer by `facto_fx.compile(..., methods={...})`.
+
+Each method is a frozen config plus a registered handler (docs/design.md §6); importing this
+package registers the built-in ones.
+"""
+
+from facto_fx.methods.base import (
+    Method,
+    MethodConfig,
+    PlanContext,
+    RewriteSite,
+    StepOptions,
+    layer_handler,
+    method_handler,
+    method_layers,
+    method_parameters,
+    register_method,
+)
+from facto_fx.methods.facto import FactoLowRank, layer_seed
+from facto_fx.methods.frozen import FrozenBatchNorm
+from facto_fx.methods.masks import PackedMasks
+
+__all__ = [
+    "FactoLowRank",
+    "FrozenBatchNorm",
+    "Method",
+    "MethodConfig",
+    "PackedMasks",
+    "PlanContext",
+    "RewriteSite",
+    "StepOptions",
+    "layer_handler",
+    "layer_seed",
+    "method_handler",
+    "method_layers",
+    "method_parameters",
+    "register_method",
+]

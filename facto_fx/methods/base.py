@@ -1,0 +1,156 @@
+"""The method seam: a memory-saving method is a config (what the user picks per layer) plus a
+handler (how the pass applies it), registered together (docs/design.md §6).
+
+A handler says which matched layers it can take, rewrites one through a `RewriteSite` (the FX
+pass's graph or a graph dynamo captured: the handler does not know which), and optionally acts
+after each optimizer step, exports its layers back to dense tensors, and estimates its saved bytes
+where autograd's hooks cannot see them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+from torch import Tensor, fx, nn
+
+from facto_fx.passes.match import Match
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config: a frozen, validated dataclass the user passes per layer.
+
+    `label` names the method in reports; `saves_memory` is False for a rewrite that keeps every
+    saved tensor (frozen batch-norm at full resolution), which the scheduler counts as dense.
+    """
+
+    label: ClassVar[str] = "method"
+
+    @property
+    def saves_memory(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What the scheduler knows about a layer beyond its match, for `Method.refuses`."""
+
+    input_layer: bool  # a conv / linear that sees the data itself (no conv / linear upstream)
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The per-optimizer-step schedule `attach` was given, handed to every method's `after_step`."""
+
+    merge_every: int
+    w_decay: float = 0.0
+
+
+class RewriteSite(Protocol):
+    """Where a rewrite lands: the FX pass's GraphModule, or a graph dynamo captured.
+
+    Both expose parameters by graph node and rewrite nodes in place, so one handler serves both.
+    """
+
+    seed: int
+
+    def tensor(self, node: object) -> Tensor | None:
+        """The parameter or buffer a graph node reads (get_attr, or a lifted placeholder), else None."""
+
+    def use_layer(self, match: Match, layer: nn.Module) -> None:
+        """Make the matched node compute `layer(x)`: a module swap, or a call of its functional form."""
+
+    def use_function(self, node: fx.Node, function: Callable, args: tuple, kwargs: dict) -> None:
+        """Make `node` a call of `function(*args, **kwargs)` (arguments may be graph nodes)."""
+
+    def stop_training(self, parameter: nn.Parameter) -> None:
+        """The method trains something else in place of `parameter` (Facto's frozen W)."""
+
+
+class Method:
+    """How the pass applies one kind of MethodConfig. Subclass, then `register_method(Config)`."""
+
+    kinds: ClassVar[frozenset[str]] = frozenset()  # match kinds (passes.match) it can rewrite
+    modules: ClassVar[tuple[type[nn.Module], ...]] = ()  # the layer types its rewrites create
+
+    def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:
+        """Why this method cannot take a layer of a kind it knows (None: it can)."""
+        return None
+
+    def rewrite(self, site: RewriteSite, match: Match, method: MethodConfig) -> None:
+        raise NotImplementedError
+
+    def after_step(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer, step: int,
+                   options: StepOptions) -> bool:
+        """Run after optimizer step number `step` on this method's layers; True if it reset them."""
+        return False
+
+    def reset(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        """Restart whatever the method accumulates (Facto: merge-and-reinit); a no-op by default."""
+
+    def trainable(self, layer: nn.Module) -> list[nn.Parameter]:
+        """Parameters the method adds; the optimizer must see them, without weight decay."""
+        return []
+
+    def dense_state(self, layer: nn.Module) -> dict[str, Tensor]:
+        """The original layer's tensors as this layer computes them now (e.g. a merged weight)."""
+        return {}
+
+    def saved_bytes(self, method: MethodConfig, node: fx.Node, args: tuple, kwargs: dict) -> int | None:
+        """Bytes the node keeps for backward, from its (meta) arguments; None: count with autograd's
+        hooks. Needed where the hooks cannot see the real size (variable-length codes)."""
+        return None
+
+
+_METHODS: dict[type[MethodConfig], Method] = {}
+
+
+def register_method(config: type[MethodConfig]) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make `config` usable in `compile(methods=...)`, applied by the decorated handler."""
+    if not (isinstance(config, type) and issubclass(config, MethodConfig)):
+        raise TypeError(f"register_method takes a MethodConfig subclass; got {config!r}")
+
+    def register(handler: type[Method]) -> type[Method]:
+        if not handler.kinds:
+            raise ValueError(f"{handler.__name__}.kinds is empty: name the match kinds it rewrites")
+        _METHODS[config] = handler()
+        return handler
+
+    return register
+
+
+def method_handler(method: MethodConfig) -> Method:
+    """The handler registered for `method`'s config type."""
+    handler = _METHODS.get(type(method))
+    if handler is None:
+        known = ", ".join(sorted(c.__name__ for c in _METHODS))
+        raise ValueError(
+            f"{type(method).__name__} is not a registered method (known: {known}); "
+            "decorate its handler with facto_fx.methods.register_method"
+        )
+    return handler
+
+
+def layer_handler(layer: nn.Module) -> Method | None:
+    """The handler whose rewrites create modules of `layer`'s type, if any."""
+    return next((h for h in _METHODS.values() if h.modules and isinstance(layer, h.modules)), None)
+
+
+def method_layers(model: nn.Module) -> list[tuple[str, nn.Module, Method]]:
+    """Every (qualified name, layer, handler) a method created in `model`, in module order."""
+    found = []
+    for name, module in model.named_modules():
+        handler = layer_handler(module)
+        if handler is not None:
+            found.append((name, module, handler))
+    return found
+
+
+
+def method_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter a method added to `model` (Facto's M): an optimizer must see them, and
+    they take no weight decay (docs/design.md §3)."""
+    return [p for _, layer, handler in method_layers(model) for p in handler.trainable(layer)]

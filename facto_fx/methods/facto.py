@@ -1,0 +1,136 @@
+"""Facto (docs/design.md §1-3): a frozen W trained as W + M·D, with pooled, projected saved maps.
+
+Conv and linear layers become FactoConv2d / FactoLinear; scale and frozen batch-norm layers save
+their input mean-pooled. After optimizer steps, W is regularised and merged on schedule.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from facto_fx import ops
+from facto_fx.dtypes import parse_dtype
+from facto_fx.layers import FactoConv2d, FactoLinear
+from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, StepOptions, register_method
+from facto_fx.methods.frozen import freeze_batch_norm
+from facto_fx.passes.match import BATCH_NORM, CONV, LINEAR, SCALE, Match, call_args
+
+
+@dataclass(frozen=True)
+class FactoLowRank(MethodConfig):
+    """Facto on one layer.
+
+    inr: internal node ratio, C_R = round(inr * C_I) (paper §3.1.1), in (0, 1].
+    lossy_kernel: k of the mean-pool that compresses saved maps (paper §3.3); 1 = no pooling.
+    storage_dtype: dtype of compressed maps; None keeps the activation dtype.
+    """
+
+    label = "facto"
+
+    inr: float = 0.3
+    lossy_kernel: int = 2
+    storage_dtype: torch.dtype | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inr, bool) or not isinstance(self.inr, (int, float)) or not (
+            0.0 < self.inr <= 1.0
+        ):
+            raise ValueError(f"inr must be a number in (0, 1] (the paper uses 0.2-0.4); got {self.inr!r}")
+        if isinstance(self.lossy_kernel, bool) or not isinstance(self.lossy_kernel, int) or self.lossy_kernel < 1:
+            raise ValueError(
+                f"lossy_kernel must be an integer >= 1 (1 disables pooling, the paper uses 2); "
+                f"got {self.lossy_kernel!r}"
+            )
+        object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype))
+
+    def rank(self, features: int) -> int:
+        """Internal rank for a layer with `features` input channels / nodes (at least 1)."""
+        return max(1, min(features, round(self.inr * features)))
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    """Seed of a layer's D: the same on every process and every run with the same config."""
+    return seed * 2**32 + zlib.crc32(layer.encode())
+
+
+def _conv_problem(match: Match) -> str | None:
+    if match.module is not None:
+        groups, padding, mode = match.module.groups, match.module.padding, match.module.padding_mode
+    else:
+        args = call_args(match.node)
+        groups, padding, mode = args["groups"], args["padding"], "zeros"
+    if groups != 1:
+        return f"grouped convolution (groups={groups}) is not supported; left dense and trainable"
+    if mode != "zeros":
+        return f"padding_mode='{mode}' is not supported; left dense and trainable"
+    if isinstance(padding, str):
+        return f"padding='{padding}' is not supported; left dense and trainable"
+    return None
+
+
+def _low_rank_layer(site: RewriteSite, match: Match, method: FactoLowRank) -> nn.Module:
+    """The FactoConv2d / FactoLinear for a matched module or functional call."""
+    seed, k, dtype = layer_seed(site.seed, match.layer), method.lossy_kernel, method.storage_dtype
+    module = match.module
+    if module is not None:
+        if match.kind == CONV:
+            return FactoConv2d.from_conv(module, method.rank(module.in_channels), k, dtype, seed)
+        return FactoLinear.from_linear(module, method.rank(module.in_features), dtype, seed)
+    args = call_args(match.node)
+    weight, bias = site.tensor(args["weight"]), site.tensor(args["bias"])
+    rank = method.rank(weight.shape[1])
+    if match.kind == CONV:
+        return FactoConv2d(weight, bias, args["stride"], args["padding"], args["dilation"], rank, k, dtype, seed)
+    return FactoLinear(weight, bias, rank, dtype, seed)
+
+
+@register_method(FactoLowRank)
+class Facto(Method):
+    kinds = frozenset({CONV, LINEAR, SCALE, BATCH_NORM})
+    modules = (FactoConv2d, FactoLinear)
+
+    def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:
+        if context.input_layer:
+            return "input layer: never compressed (paper §4.2)"
+        return _conv_problem(match) if match.kind == CONV else None
+
+    def rewrite(self, site: RewriteSite, match: Match, method: FactoLowRank) -> None:
+        node = match.node
+        if match.kind in (CONV, LINEAR):
+            site.use_layer(match, _low_rank_layer(site, match, method))
+        elif match.kind == SCALE:
+            x, s = node.args if site.tensor(node.args[1]) is not None else node.args[::-1]
+            site.use_function(node, ops.scale, (x, s), {"lossy_kernel": method.lossy_kernel,
+                                                         "storage_dtype": method.storage_dtype})
+        else:
+            freeze_batch_norm(site, match, method.lossy_kernel, method.storage_dtype)
+
+    def after_step(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer, step: int,
+                   options: StepOptions) -> bool:
+        """W ← W − λ·Ω after every step (paper eq. 14); merge-and-reinit every `merge_every` steps."""
+        if options.w_decay:
+            for layer in layers:
+                layer.regularize(options.w_decay)
+        if step % options.merge_every:
+            return False
+        self.reset(layers, optimizer)
+        return True
+
+    @torch.no_grad()
+    def reset(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        """W ← W + M·D, M ← 0, a fresh D, and M's optimizer state cleared (momentum, moments, step)."""
+        for layer in layers:
+            layer.merge()
+            layer.redraw()
+            optimizer.state.pop(layer.M, None)
+
+    def trainable(self, layer: nn.Module) -> list[nn.Parameter]:
+        return [layer.M]
+
+    def dense_state(self, layer: nn.Module) -> dict[str, Tensor]:
+        return {"weight": layer.merged_weight()}

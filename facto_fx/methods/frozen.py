@@ -1,0 +1,56 @@
+"""Batch-norm with frozen running statistics (docs/design.md §1): γ and β train, the statistics
+do not, so the saved input can be pooled (lossy_kernel > 1) or kept whole (lossy_kernel = 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from facto_fx import ops
+from facto_fx.dtypes import parse_dtype
+from facto_fx.layers import FactoBatchNorm
+from facto_fx.methods.base import Method, MethodConfig, RewriteSite, register_method
+from facto_fx.passes.match import BATCH_NORM, Match, call_args
+
+
+@dataclass(frozen=True)
+class FrozenBatchNorm(MethodConfig):
+    """Frozen statistics; the saved input mean-pooled by `lossy_kernel` (1: kept whole)."""
+
+    label = "frozen"
+
+    lossy_kernel: int = 1
+    storage_dtype: torch.dtype | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lossy_kernel, bool) or not isinstance(self.lossy_kernel, int) or self.lossy_kernel < 1:
+            raise ValueError(f"lossy_kernel must be an integer >= 1 (1 disables pooling); got {self.lossy_kernel!r}")
+        object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype))
+
+    @property
+    def saves_memory(self) -> bool:
+        return self.lossy_kernel > 1 or self.storage_dtype is not None
+
+
+def freeze_batch_norm(
+    site: RewriteSite, match: Match, lossy_kernel: int, storage_dtype: torch.dtype | None
+) -> None:
+    """Rewrite a batch-norm module or call into frozen-statistics batch-norm."""
+    if match.module is not None:
+        site.use_layer(match, FactoBatchNorm(match.module, lossy_kernel, storage_dtype))
+        return
+    args = call_args(match.node)
+    site.use_function(
+        match.node, ops.batch_norm,
+        tuple(args[name] for name in ("input", "running_mean", "running_var", "weight", "bias")),
+        {"eps": args["eps"], "lossy_kernel": lossy_kernel, "storage_dtype": storage_dtype},
+    )
+
+
+@register_method(FrozenBatchNorm)
+class Frozen(Method):
+    kinds = frozenset({BATCH_NORM})
+
+    def rewrite(self, site: RewriteSite, match: Match, method: FrozenBatchNorm) -> None:
+        freeze_batch_norm(site, match, method.lossy_kernel, method.storage_dtype)
