@@ -9,6 +9,7 @@ from facto_fx.memory import saved_bytes_by_node
 from facto_fx.methods import (
     FactoLowRank,
     FrozenBatchNorm,
+    Last,
     Method,
     MethodConfig,
     PackedMasks,
@@ -28,6 +29,7 @@ __all__ = [
     "FactoConfig",
     "FactoLowRank",
     "FrozenBatchNorm",
+    "Last",
     "Method",
     "MethodConfig",
     "PackedMasks",

@@ -9,11 +9,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from facto_fx.methods import FactoLowRank, MethodConfig, method_handler
+from facto_fx.methods import FactoLowRank, Last, MethodConfig, method_handler
 from facto_fx.triton_ops.dispatch import Kernels, check_mode
 
 LayerFilter = Callable[[str, "nn.Module | None"], bool]
-MethodChoices = Mapping["str | LayerFilter", "MethodConfig | None"]
+MethodChoices = Mapping["str | Last | LayerFilter", "MethodConfig | None"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ class FactoConfig:
         one opaque (dense) call and listing it in the report.
     binarize_activations: store ReLU / max-pool / dropout masks as packed bits.
     seed: seeds the random direction matrices D, per layer and per redraw.
-    methods: per-layer methods, {name, glob pattern or filter function: MethodConfig or None},
-        e.g. {"layer4.*": HOSVD(), "fc": None}. An exact layer name beats a pattern or filter
-        (tried in the mapping's order), which beats apply_ratio; None leaves the layer dense.
+    methods: per-layer methods, {name, glob pattern, Last(n) or filter function: MethodConfig or
+        None}, e.g. {"layer4.*": HOSVD(), "fc": None}. An exact layer name beats a pattern, Last(n)
+        or filter (tried in the mapping's order), which beats apply_ratio; None leaves it dense.
     kernels: "auto" runs the Triton kernels on CUDA tensors and PyTorch elsewhere; "torch" always
         PyTorch; "triton" always Triton, failing with a RuntimeError where it cannot run. "auto"
         leaves the choice to an enclosing `facto_fx.use_kernels(...)` block, if any.
@@ -83,8 +83,10 @@ class FactoConfig:
         if not isinstance(self.methods, Mapping):
             raise ValueError(f"methods must map layer names, patterns or filters to methods; got {self.methods!r}")
         for key, method in self.methods.items():
-            if not (isinstance(key, str) or callable(key)):
-                raise ValueError(f"methods keys must be layer names, glob patterns or filter functions; got {key!r}")
+            if not (isinstance(key, (str, Last)) or callable(key)):
+                raise ValueError(
+                    f"methods keys must be layer names, glob patterns, Last(n) or filter functions; got {key!r}"
+                )
             if method is not None:
                 if not isinstance(method, MethodConfig):
                     raise ValueError(

@@ -5,6 +5,7 @@ package registers the built-in ones.
 """
 
 from facto_fx.methods.base import (
+    Last,
     Method,
     MethodConfig,
     PlanContext,
@@ -23,6 +24,7 @@ from facto_fx.methods.masks import PackedMasks
 __all__ = [
     "FactoLowRank",
     "FrozenBatchNorm",
+    "Last",
     "Method",
     "MethodConfig",
     "PackedMasks",

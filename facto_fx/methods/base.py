@@ -35,6 +35,22 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class Last:
+    """A `methods` key selecting the last `n` layers of `kinds`, counted from the output in
+    execution order (the HOSVD paper's "last N conv layers"): methods={Last(4): ...}."""
+
+    n: int
+    kinds: tuple[str, ...] = ("conv2d",)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"Last(n): n must be an integer >= 1 (layers counted from the output); got {self.n!r}")
+        if isinstance(self.kinds, str) or not self.kinds:
+            raise ValueError(f"Last(kinds=...) must be a non-empty tuple of layer kinds; got {self.kinds!r}")
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+
+
+@dataclass(frozen=True)
 class PlanContext:
     """What the scheduler knows about a layer beyond its match, for `Method.refuses`."""
 
@@ -61,13 +77,11 @@ class RewriteSite(Protocol):
         """The parameter or buffer a graph node reads (get_attr, or a lifted placeholder), else None."""
 
     def use_layer(self, match: Match, layer: nn.Module) -> None:
-        """Make the matched node compute `layer(x)`: a module swap, or a call of its functional form."""
+        """Make the matched node compute `layer(x)`: a module swap, or a call of `layer.functional`
+        with `layer.arguments()` where the graph has no modules (dynamo's)."""
 
     def use_function(self, node: fx.Node, function: Callable, args: tuple, kwargs: dict) -> None:
         """Make `node` a call of `function(*args, **kwargs)` (arguments may be graph nodes)."""
-
-    def stop_training(self, parameter: nn.Parameter) -> None:
-        """The method trains something else in place of `parameter` (Facto's frozen W)."""
 
 
 class Method:

@@ -3,8 +3,9 @@
 A layer's method is chosen in this order:
 1. its exact name: `methods={"layer1.0.conv1": ...}`, `include` (the default Facto method) or
    `exclude` (dense); then `layer_filter` returning False (dense);
-2. the first pattern (fnmatch glob) or filter function in `methods`, in the mapping's order,
-   whose method takes layers of this kind (None takes every kind);
+2. the first pattern (fnmatch glob), Last(n) (the last n conv layers, counted from the output in
+   execution order) or filter function in `methods`, in the mapping's order, whose method takes
+   layers of this kind (None takes every kind);
 3. apply_ratio (paper §4.2): conv, scale and batch-norm layers are ordered by their depth from the
    graph input (the longest path, in nodes, on a networkx view of the FX graph); the input layer
    is never compressed, and the first ceil(apply_ratio · n) of the rest get Facto. A linear layer
@@ -25,7 +26,7 @@ import networkx as nx
 from torch import fx
 
 from facto_fx.config import FactoConfig
-from facto_fx.methods import FrozenBatchNorm, MethodConfig, PackedMasks, PlanContext, method_handler
+from facto_fx.methods import FrozenBatchNorm, Last, MethodConfig, PackedMasks, PlanContext, method_handler
 from facto_fx.passes.match import BATCH_NORM, LINEAR, LOW_RANK_KINDS, ORDERED_KINDS, Match
 
 
@@ -121,14 +122,26 @@ def _by_name(
     return None
 
 
-def _by_pattern(config: FactoConfig, match: Match) -> tuple[MethodConfig | None, str] | None:
-    """(method, reason) from the first pattern or filter function that applies, or None."""
+def last_layers(matches: list[Match], selector: Last) -> set[str]:
+    """Node names of the last `selector.n` supported layers of its kinds, in execution order."""
+    chosen = [m.node.name for m in matches if m.kind in selector.kinds and m.unsupported is None]
+    return set(chosen[-selector.n :])
+
+
+def _by_pattern(
+    config: FactoConfig, match: Match, last: dict[Last, set[str]]
+) -> tuple[MethodConfig | None, str] | None:
+    """(method, reason) from the first pattern, Last(n) or filter function that applies, or None."""
     for key, method in config.methods.items():
         if isinstance(key, str) and not _is_pattern(key) or not _takes(method, match.kind):
             continue
-        hit = fnmatch.fnmatchcase(match.layer, key) if isinstance(key, str) else key(match.layer, match.module)
+        if isinstance(key, str):
+            hit, source = fnmatch.fnmatchcase(match.layer, key), f"pattern '{key}'"
+        elif isinstance(key, Last):
+            hit, source = match.node.name in last[key], f"Last({key.n})"
+        else:
+            hit, source = key(match.layer, match.module), f"filter {getattr(key, '__name__', key)}"
         if hit:
-            source = f"pattern '{key}'" if isinstance(key, str) else f"filter {getattr(key, '__name__', key)}"
             return method, f"{type(method).__name__ if method else 'dense'} by {source}"
     return None
 
@@ -155,6 +168,7 @@ class _Planner:
             key=lambda m: self.depth[m.node.name],
         )
         self.chosen = {m.node.name for m in self.ordered[: math.ceil(config.apply_ratio * len(self.ordered))]}
+        self.last = {key: last_layers(matches, key) for key in config.methods if isinstance(key, Last)}
 
     def _input(self, match: Match) -> bool:
         return match.node.name in self.inputs
@@ -179,7 +193,7 @@ class _Planner:
                 raise ValueError(f"'{match.layer}' was given {type(method).__name__} by name, but: {refusal}")
             decision.method, decision.excluded = method, method is None
             return decision
-        chosen = _by_pattern(self.config, match)
+        chosen = _by_pattern(self.config, match, self.last)
         if chosen is not None:
             method, decision.reason = chosen
             refusal = method and self._refusal(method, match)

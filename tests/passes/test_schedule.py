@@ -106,3 +106,52 @@ def test_fixup_scale_layers_scheduled_and_counted():
     assert max(d.depth for d in compressed) <= min(d.depth for d in ordered if not d.compress)
     assert all("of 27 from the input" in d.reason for d in ordered)
     assert decisions["layer1.0.scale"].compress and not decisions["layer4.1.scale"].compress
+
+
+def test_last_n_counts_conv_layers_from_the_output(vgg11):
+    """Last(2) takes the two deepest convs in execution order; the rest follow apply_ratio (0 here)."""
+    decisions = _decide(vgg11, apply_ratio=0.0, methods={facto_fx.Last(2): facto_fx.FactoLowRank(inr=0.5)})
+    chosen = [c for c in CONVS if decisions[c].method is not None]
+    assert chosen == CONVS[-2:]
+    assert decisions["features.18"].reason == "FactoLowRank by Last(2)"
+    assert decisions["features.18"].method.inr == 0.5
+    assert all(decisions[n].method is None for n in LINEARS)  # earlier convs are dense
+
+
+def test_mixing_front_by_ratio_and_back_by_last(vgg11):
+    """apply_ratio's Facto on the front convs, another config on the last ones: Last wins there."""
+    back = facto_fx.FactoLowRank(inr=0.1, lossy_kernel=1)
+    decisions = _decide(vgg11, apply_ratio=0.5, methods={facto_fx.Last(3): back})
+    assert [decisions[c].method == back for c in CONVS] == [False] * 5 + [True] * 3
+    assert [decisions[c].compress for c in CONVS] == [False] + [True] * 4 + [True] * 3
+
+
+def test_method_resolution_order(vgg11):
+    """Exact name beats pattern (first in mapping order), which beats apply_ratio."""
+    low, high = facto_fx.FactoLowRank(inr=0.1), facto_fx.FactoLowRank(inr=0.9)
+    decisions = _decide(vgg11, apply_ratio=1.0, methods={
+        "features.1[68]": high, "features.1*": low, "features.16": None, "classifier.*": None,
+    })
+    assert decisions["features.16"].method is None and decisions["features.16"].excluded  # name
+    assert decisions["features.18"].method == high  # first pattern in order
+    assert decisions["features.11"].method == low and decisions["features.13"].method == low
+    assert decisions["features.8"].method == facto_fx.FactoLowRank(inr=INR)  # apply_ratio's default
+    assert all(decisions[n].method is None for n in LINEARS)
+    assert decisions["features.1"].method is not None  # a ReLU: FactoLowRank does not take it, masks do
+
+
+@pytest.mark.parametrize(("methods", "message"), [
+    ({"feature.3": None}, r"methods names 'feature\.3'.*did you mean"),
+    ({"nothing.*": None}, r"pattern 'nothing\.\*' matches no layer"),
+    ({"features.0": facto_fx.FactoLowRank()}, r"'features\.0' was given FactoLowRank by name.*input layer"),
+    ({"features.1": facto_fx.FactoLowRank()}, r"takes batch_norm, conv2d, linear, scale layers"),
+    ({3: None}, "methods keys must be"),
+])
+def test_bad_method_choices_are_named(vgg11, methods, message):
+    with pytest.raises(ValueError, match=message):
+        facto_fx.compile(vgg11, inr=INR, methods=methods)
+
+
+def test_last_validates_its_arguments():
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        facto_fx.Last(0)

@@ -1,0 +1,487 @@
+"""facto::hosvd_conv2d and facto::hosvd_linear: train the full weight, save a truncated (HO)SVD of the input.
+
+The layer computes Y = W * X as usual and grad_X = conv2d_input(grad_Y, W), exactly. Only grad_W
+needs X; instead of X the op saves a truncated decomposition of it, and grad_W is computed from the
+decomposition without rebuilding X (paper: "Activation Map Compression through Tensor
+Decomposition", shared/papers/hosvd-activation-compression.txt).
+
+**Codes** (the op's second output, in this order, each in x's dtype):
+
+- conv, mode="hosvd": [core (K_B×K_C×K_H×K_W), U_B (B×K_B), U_C (C×K_C), U_H (H×K_H), U_W (W×K_W)],
+  X ≈ core ×_B U_B ×_C U_C ×_H U_H ×_W U_W.
+- conv, mode="svd": [U_B (B×K_B), R (K_B×C×H×W, x's memory format)], X_(B) ≈ U_B·R, R = U_Bᵀ·X_(B).
+- linear (x of shape (..., in) taken as the rows × in matrix X): "hosvd" is 2 modes,
+  [core (K_R×K_F), U_R, U_F]; "svd" the rows mode only, [U_R, R (K_R×in)].
+
+**Ranks.** Each factor U_n holds the leading eigenvectors of the mode's Gram matrix
+G_n = X_(n)·X_(n)ᵀ (I_n×I_n, torch.linalg.eigh in fp32, fp64 for fp64 inputs); no SVD of an unfolding
+and no right factor V is ever formed. The rank K_n is the smallest K with
+
+    Σ_{i≤K} λ_i  ≥  ε · Σ_i λ_i,      λ_1 ≥ λ_2 ≥ ... the eigenvalues of G_n (= σ_i², σ the singular
+                                       values of the unfolding X_(n)), clamped at 0.
+
+The energy is thus the squared Frobenius norm (Σ_i λ_i = ‖X‖_F² for every mode), uncentered: no mean
+is subtracted. The paper keeps "the desired amount of information ε"; its authors' code measures it
+as cumsum(σ²)/Σσ² of the raw unfolding, and σ² is the right measure: projecting X on the K leading
+vectors of a mode leaves exactly ‖X − X ×_n U_n U_nᵀ‖_F² = (1 − kept)·‖X‖_F², and grad_W is linear in
+X, so ε bounds the squared relative error of what grad_W sees along each mode. (Counting σ instead
+of σ² would keep more rank than asked for, and its fraction has no such meaning.) ε = 1 is lossless:
+only directions of exactly zero energy are dropped. The core is that of the plain truncated HOSVD:
+every factor comes from X itself, not from a partly projected core.
+
+**Weight gradient.** HOSVD: grad_Y is contracted with U_B over the batch (K_B×O×H'×W'), the core is
+expanded along H and W with U_H, U_W padded by zero rows for the conv's padding (each side apart,
+so asymmetric and "same" padding are exact), the weight-gradient correlation runs on that
+K_B×K_C map, and U_C projects the result back to channels; a grouped conv projects each group's
+output channels with that group's rows of U_C. Where K_C exceeds a group's channel count
+(depthwise, most grouped convs) the core is expanded with U_C first and the grouped correlation
+runs on the K_B×C map instead, which is then the cheaper order. SVD: the same correlation, on the
+K_B rows R. Linear: grad_W = (U_Rᵀ·G)ᵀ·core·U_Fᵀ, or (U_Rᵀ·G)ᵀ·R.
+
+**Host syncs** in a training forward: one `.tolist()` per op, of all the modes' ranks at once (the
+ranks are found on the device with cumsum / searchsorted). On CUDA, torch.linalg.eigh also checks
+the solver's status on the host, once per call; modes of equal size (H = W, the usual square map)
+share one batched call, so a square conv map costs 3 such checks for HOSVD and 1 for SVD. The
+backward has no host sync. Under torch.compile the fake kernel gives every rank an unbacked size
+(`new_dynamic_size`, bounded by the mode's size), so the graph traces with data-dependent ranks.
+
+**Autocast** (ops/autocast.py): like F.conv2d / F.linear, x is cast to the autocast dtype; the op
+runs in x's dtype (weight and bias cast to it), so y and the codes take x's dtype; grad_W and
+grad_bias come back in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.lossy import cast
+from facto_fx.shapes import pair
+
+MODES = ("hosvd", "svd")
+
+
+class ModeRank(NamedTuple):
+    """One mode of a decomposition: its dim in x, size I_n, rank K_n and energy fraction kept."""
+
+    dim: int
+    size: int
+    rank: int
+    kept: float
+
+
+# ---------------------------------------------------------------------------------------------
+# The decomposition (shared by the ops, their fakes and the public helpers)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the Gram matrices and eigh: fp32 at least, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_order(x: Tensor) -> list[int]:
+    """x's dims from outermost to innermost in memory (stable for ties), so x.permute(order) is
+    contiguous for contiguous, channels_last and permuted inputs alike."""
+    return sorted(range(x.dim()), key=lambda d: -x.stride(d))
+
+
+def _as_3d(t: Tensor, dim: int) -> tuple[int, int, int]:
+    """(P, I, Q): the sizes before, at and after `dim` of a contiguous tensor."""
+    return math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1:])
+
+
+def _gram(t: Tensor, dim: int) -> Tensor:
+    """X_(dim)·X_(dim)ᵀ of a contiguous tensor, without permuting it."""
+    p, i, q = _as_3d(t, dim)
+    if p == 1:
+        m = t.view(i, q)
+        return m @ m.T
+    if q == 1:
+        m = t.view(p, i)
+        return m.T @ m
+    v = t.view(p, i, q)
+    return torch.einsum("piq,pjq->ij", v, v)
+
+
+def _mode_product(t: Tensor, m: Tensor, dim: int) -> Tensor:
+    """t ×_dim m: contracts dim of contiguous t (size I) with the columns of m (K×I); contiguous result."""
+    p, i, q = _as_3d(t, dim)
+    shape = (*t.shape[:dim], m.shape[0], *t.shape[dim + 1:])
+    if guard_or_false(p == 1):  # (sizes may be unbacked ranks under torch.compile: no guard on them)
+        return (m @ t.view(i, q)).view(shape)
+    if guard_or_false(q == 1):
+        return (t.view(p, i) @ m.T).view(shape)
+    return torch.matmul(m, t.view(p, i, q)).view(shape)
+
+
+def _spectra(t: Tensor, dims: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Per dim: (eigenvalues, descending and clamped at 0; eigenvectors in that order) of its Gram.
+
+    Grams of equal size share one batched eigh call (one solver status check on CUDA).
+    """
+    grams = {d: _gram(t, d) for d in dims}
+    by_size: dict[object, list[int]] = {}
+    for d in dims:
+        size = t.shape[d]
+        by_size.setdefault(size if isinstance(size, int) else ("dim", d), []).append(d)
+    out = {}
+    for group in by_size.values():
+        values, vectors = torch.linalg.eigh(torch.stack([grams[d] for d in group]))
+        for j, d in enumerate(group):
+            out[d] = (values[j].flip(0).clamp(min=0), vectors[j].flip(-1))
+    return [out[d] for d in dims]
+
+
+def _rank_and_kept(values: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """On the device: the smallest K with Σ_{i≤K} λ_i ≥ eps·Σλ (at least 1), and the fraction kept."""
+    energy = values.cumsum(0)
+    total = energy[-1:]
+    k = torch.searchsorted(energy, total * eps).clamp(max=values.shape[0] - 1)
+    kept = torch.where(total > 0, energy.gather(0, k) / total, torch.ones_like(total))
+    return k + 1, kept
+
+
+def _measured_ranks(spectra: list[tuple[Tensor, Tensor]], eps: float) -> list[int]:
+    """The ranks of every mode, with one host sync for all of them."""
+    ks = [_rank_and_kept(values, eps)[0] for values, _ in spectra]
+    return torch.cat(ks).tolist()
+
+
+def _unbacked_ranks(spectra: list[tuple[Tensor, Tensor]], eps: float) -> list[int | torch.SymInt]:
+    """The fake kernel's ranks: data-dependent sizes in [1, I_n] (a size-1 mode has rank 1)."""
+    ranks = []
+    for values, _ in spectra:
+        size = values.shape[0]
+        if isinstance(size, int) and size == 1:
+            ranks.append(1)
+            continue
+        k = torch.library.get_ctx().new_dynamic_size(min=1, max=size if isinstance(size, int) else None)
+        torch._check(k <= size)
+        ranks.append(k)
+    return ranks
+
+
+def _contraction_order(sizes: list, ranks: list) -> list[int]:
+    """Contract first the modes that shrink most (known ranks); the given order for symbolic ones."""
+    order = list(range(len(sizes)))
+    if all(isinstance(v, int) for v in (*sizes, *ranks)):
+        order.sort(key=lambda j: ranks[j] / sizes[j])
+    return order
+
+
+def _decompose(x: Tensor, eps: float, mode: str, rank_fn) -> list[Tensor]:
+    """The codes of x (see the module docstring), with ranks from `rank_fn` (measured, or unbacked)."""
+    dtype, work = x.dtype, _work_dtype(x.dtype)
+    order = _memory_order(x)
+    inverse = [order.index(d) for d in range(x.dim())]
+    xp = x.permute(order).to(work).contiguous()  # x's dims in memory order: no copy for fp32/fp64 inputs
+    dims = list(range(x.dim())) if mode == "hosvd" else [0]
+    positions = [inverse[d] for d in dims]  # where each mode sits in xp
+    spectra = _spectra(xp, positions)
+    ranks = rank_fn(spectra, eps)
+    factors = [vectors[:, :k] for (_, vectors), k in zip(spectra, ranks, strict=True)]
+    rest = xp
+    sizes = [xp.shape[p] for p in positions]
+    for j in _contraction_order(sizes, ranks):
+        rest = _mode_product(rest, factors[j].T, positions[j])
+    stored = [f.to(dtype).clone(memory_format=torch.contiguous_format) for f in factors]
+    if mode == "hosvd":
+        core = rest.permute(inverse).contiguous().to(dtype)
+        return [core, *stored]
+    return [*stored, rest.permute(inverse).to(dtype)]  # R keeps x's memory order (channels_last: channels_last)
+
+
+def _check(eps: float, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps (the fraction of each mode's energy kept) must be in (0, 1]; got {eps!r}")
+
+
+def decompose(x: Tensor, eps: float = 0.8, mode: str = "hosvd") -> list[Tensor]:
+    """The codes the ops save for x: all modes of x (mode="hosvd") or its dim-0 unfolding ("svd").
+
+    A conv layer decomposes its 4-D input as is; a linear layer decomposes x.reshape(-1, in).
+    """
+    _check(eps, mode)
+    if x.dim() < 2:
+        raise ValueError(f"decompose needs a tensor of 2 or more dims; got shape {tuple(x.shape)}")
+    with torch.no_grad():
+        return _decompose(x.detach(), float(eps), mode, _measured_ranks)
+
+
+def reconstruct(codes: list[Tensor]) -> Tensor:
+    """X̂ from `decompose`'s (or an op's) codes: U·R for SVD codes, core ×_n U_n for HOSVD codes."""
+    if len(codes) == 2:
+        u, r = codes
+        return (u @ r.reshape(r.shape[0], -1)).view(u.shape[0], *r.shape[1:])
+    core, *factors = codes
+    out = core.contiguous()
+    for d, u in enumerate(factors):
+        out = _mode_product(out, u, d)
+    return out
+
+
+def rank_report(x: Tensor, eps: float = 0.8, mode: str = "hosvd") -> list[ModeRank]:
+    """Per decomposed mode of x: its rank and the fraction of its energy kept (one host sync)."""
+    _check(eps, mode)
+    with torch.no_grad():
+        x = x.detach()
+        order = _memory_order(x)
+        inverse = [order.index(d) for d in range(x.dim())]
+        xp = x.permute(order).to(_work_dtype(x.dtype)).contiguous()
+        dims = list(range(x.dim())) if mode == "hosvd" else [0]
+        spectra = _spectra(xp, [inverse[d] for d in dims])
+        found = [_rank_and_kept(values, float(eps)) for values, _ in spectra]
+        flat = torch.cat([torch.cat([k.to(torch.float64), kept.to(torch.float64)]) for k, kept in found]).tolist()
+    return [ModeRank(d, x.shape[d], int(flat[2 * j]), flat[2 * j + 1]) for j, d in enumerate(dims)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution
+
+
+def conv_padding(
+    padding: int | tuple[int, ...] | list[int] | str,
+    kernel_size: tuple[int, int],
+    stride: list[int],
+    dilation: list[int],
+) -> list[int]:
+    """Any conv2d padding as (left, right, top, bottom), F.pad's order.
+
+    An int pads all sides, (ph, pw) pads top/bottom by ph and left/right by pw, a 4-tuple is taken
+    as (left, right, top, bottom), "valid" is no padding and "same" is PyTorch's: dilation·(k − 1)
+    in all, the odd one on the right / bottom (stride 1 only, as in F.conv2d).
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding != "same":
+            raise ValueError(f"padding string must be 'same' or 'valid'; got {padding!r}")
+        if any(s != 1 for s in stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True))
+        return [total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2]
+    if isinstance(padding, int):
+        return [padding] * 4
+    padding = list(padding)
+    if len(padding) == 2:
+        return [padding[1], padding[1], padding[0], padding[0]]
+    if len(padding) == 4:
+        return padding
+    raise ValueError(f"padding must be an int, 'same', 'valid', (ph, pw) or (left, right, top, bottom); got {padding}")
+
+
+def _symmetric(pads: list[int]) -> bool:
+    left, right, top, bottom = pads
+    return left == right and top == bottom
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, pads, dilation, groups) -> Tensor:
+    if _symmetric(pads):
+        return F.conv2d(x, weight, bias, stride, (pads[2], pads[0]), dilation, groups)
+    return F.conv2d(F.pad(x, pads), weight, bias, stride, 0, dilation, groups)
+
+
+@torch.library.custom_op("facto::hosvd_conv2d", mutates_args=())
+def hosvd_conv2d_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    eps: float,
+    mode: str,
+) -> tuple[Tensor, list[Tensor]]:
+    return _conv_forward(x, weight, bias, stride, padding, dilation, groups, eps, mode, _measured_ranks)
+
+
+def _conv_forward(x, weight, bias, stride, padding, dilation, groups, eps, mode, rank_fn):
+    """The op's computation (padding is (left, right, top, bottom)); runs in x's dtype."""
+    bias = None if bias is None else cast(bias, x.dtype)
+    y = _conv(x, cast(weight, x.dtype), bias, stride, padding, dilation, groups)
+    return y, _decompose(x, eps, mode, rank_fn)
+
+
+@hosvd_conv2d_fwd.register_fake
+def _conv_fake(x, weight, bias, stride, padding, dilation, groups, eps, mode):
+    """The same computation on fake tensors, with unbacked ranks."""
+    return _conv_forward(x, weight, bias, stride, padding, dilation, groups, eps, mode, _unbacked_ranks)
+
+
+def _conv_input_grad(grad_y: Tensor, x_shape, weight: Tensor, stride, pads, dilation, groups) -> Tensor:
+    """grad_X = conv2d_input(grad_Y, W), exact; asymmetric padding: that of the padded input, cropped."""
+    w = cast(weight, grad_y.dtype)
+    if _symmetric(pads):
+        return torch.nn.grad.conv2d_input(x_shape, w, grad_y, stride, (pads[2], pads[0]), dilation, groups)
+    left, right, top, bottom = pads
+    b, c, h, wd = x_shape
+    padded = (b, c, h + top + bottom, wd + left + right)
+    grad = torch.nn.grad.conv2d_input(padded, w, grad_y, stride, 0, dilation, groups)
+    return grad[:, :, top:top + h, left:left + wd]
+
+
+def _batch_contracted(grad_y: Tensor, u_b: Tensor) -> Tensor:
+    """Σ_b U_B[b, i]·grad_Y[b]: grad_Y in the batch factor's K_B space."""
+    return (u_b.T @ grad_y.reshape(grad_y.shape[0], -1)).view(u_b.shape[1], *grad_y.shape[1:])
+
+
+def _hosvd_weight_grad(grad_y: Tensor, codes, weight_shape, stride, pads, dilation, groups) -> Tensor:
+    """grad_W from the core and factors, never rebuilding X (module docstring)."""
+    core, u_b, u_c, u_h, u_w = (cast(c, grad_y.dtype) for c in codes)
+    left, right, top, bottom = pads
+    g_b = _batch_contracted(grad_y, u_b)  # K_B × O × H' × W'
+    u_h = F.pad(u_h, (0, 0, top, bottom))  # zero rows: the conv's padding, each side apart
+    u_w = F.pad(u_w, (0, 0, left, right))
+    z = torch.matmul(u_h, torch.matmul(core, u_w.T))  # K_B × K_C × Hp × Wp: the padded X in K_B × K_C space
+    out_channels, group_channels, kh, kw = weight_shape
+    k_c = u_c.shape[1]
+    if groups == 1 or guard_or_false(k_c <= group_channels):
+        # correlation in K_C space, then each group's output channels projected by its rows of U_C
+        g = torch.nn.grad.conv2d_weight(z, (out_channels, k_c, kh, kw), g_b, stride, 0, dilation, 1)
+        g = g.view(groups, out_channels // groups, k_c, kh * kw)
+        grad = torch.matmul(u_c.view(groups, 1, group_channels, k_c), g)
+        return grad.view(weight_shape)
+    # K_C above a group's channels (depthwise): expand the channels first, then the grouped correlation
+    zc = torch.matmul(u_c, z.reshape(z.shape[0], k_c, -1)).view(z.shape[0], u_c.shape[0], *z.shape[2:])
+    return torch.nn.grad.conv2d_weight(zc, weight_shape, g_b, stride, 0, dilation, groups)
+
+
+def _svd_weight_grad(grad_y: Tensor, codes, weight_shape, stride, pads, dilation, groups) -> Tensor:
+    """grad_W as the weight-gradient correlation of U_Bᵀ·grad_Y with the K_B rows R."""
+    u_b, r = (cast(c, grad_y.dtype) for c in codes)
+    g_b = _batch_contracted(grad_y, u_b)
+    if _symmetric(pads):
+        return torch.nn.grad.conv2d_weight(r, weight_shape, g_b, stride, (pads[2], pads[0]), dilation, groups)
+    return torch.nn.grad.conv2d_weight(F.pad(r, pads), weight_shape, g_b, stride, 0, dilation, groups)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, _, mode = inputs
+    codes = output[1]
+    ctx.save_for_backward(weight, *codes)
+    ctx.mark_non_differentiable(*codes)
+    ctx.x_shape = x.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.mode = mode
+
+
+def _conv_backward(ctx, grad_y, _grad_codes):
+    weight, *codes = ctx.saved_tensors
+    grad_x = grad_w = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _conv_input_grad(grad_y, ctx.x_shape, weight, *ctx.conv_args)
+    if ctx.needs_input_grad[1]:
+        weight_grad = _hosvd_weight_grad if ctx.mode == "hosvd" else _svd_weight_grad
+        grad_w = cast(weight_grad(grad_y, codes, weight.shape, *ctx.conv_args), weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_bias = cast(grad_y.sum((0, 2, 3)), ctx.bias_dtype)
+    return grad_x, grad_w, grad_bias, None, None, None, None, None, None
+
+
+register_autograd(hosvd_conv2d_fwd, _conv_backward, _conv_setup_context)
+
+
+def hosvd_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    eps: float = 0.8,
+    mode: str = "hosvd",
+) -> Tensor:
+    """conv2d that saves a truncated HOSVD (or batch-mode SVD) of x for grad_W; a plain conv when
+    no gradient is needed. padding: int, (ph, pw), (left, right, top, bottom), "same" or "valid"."""
+    _check(eps, mode)
+    stride, dilation = pair(stride), pair(dilation)
+    pads = conv_padding(padding, tuple(weight.shape[2:]), stride, dilation)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        return _conv(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype), stride, pads, dilation,
+                     groups)
+    y, _ = torch.ops.facto.hosvd_conv2d(x, weight, bias, stride, pads, dilation, groups, float(eps), mode)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+
+
+@torch.library.custom_op("facto::hosvd_linear", mutates_args=())
+def hosvd_linear_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str
+) -> tuple[Tensor, list[Tensor]]:
+    return _linear_forward(x, weight, bias, eps, mode, _measured_ranks)
+
+
+def _linear_forward(x, weight, bias, eps, mode, rank_fn):
+    """y = x·Wᵀ + b in x's dtype; codes of the rows × in matrix x.reshape(-1, in)."""
+    bias = None if bias is None else cast(bias, x.dtype)
+    y = F.linear(x, cast(weight, x.dtype), bias)
+    return y, _decompose(x.reshape(-1, x.shape[-1]), eps, mode, rank_fn)
+
+
+@hosvd_linear_fwd.register_fake
+def _linear_fake(x, weight, bias, eps, mode):
+    return _linear_forward(x, weight, bias, eps, mode, _unbacked_ranks)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    _, weight, bias, _, mode = inputs
+    codes = output[1]
+    ctx.save_for_backward(weight, *codes)
+    ctx.mark_non_differentiable(*codes)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mode = mode
+
+
+def _linear_backward(ctx, grad_y, _grad_codes):
+    weight, *codes = ctx.saved_tensors
+    grad_x = grad_w = grad_bias = None
+    rows = grad_y.reshape(-1, grad_y.shape[-1])
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y @ cast(weight, grad_y.dtype)
+    if ctx.needs_input_grad[1]:
+        codes = [cast(c, grad_y.dtype) for c in codes]
+        if ctx.mode == "hosvd":
+            core, u_r, u_f = codes
+            grad_w = ((u_r.T @ rows).T @ core) @ u_f.T
+        else:
+            u_r, r = codes
+            grad_w = (u_r.T @ rows).T @ r
+        grad_w = cast(grad_w, weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_bias = cast(rows.sum(0), ctx.bias_dtype)
+    return grad_x, grad_w, grad_bias, None, None
+
+
+register_autograd(hosvd_linear_fwd, _linear_backward, _linear_setup_context)
+
+
+def hosvd_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 0.8, mode: str = "hosvd"
+) -> Tensor:
+    """linear that saves a truncated decomposition of x's rows × in matrix for grad_W: 2-mode HOSVD
+    or the rows-mode SVD; a plain linear when no gradient is needed."""
+    _check(eps, mode)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        return F.linear(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype))
+    y, _ = torch.ops.facto.hosvd_linear(x, weight, bias, float(eps), mode)
+    return y
