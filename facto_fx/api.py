@@ -60,6 +60,11 @@ def compile(
     if verify and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("a model on the meta device cannot be verified: pass verify=False (nothing can run on it)")
     gm = _trace(model, config)
+    if verify and example_inputs is None:
+        example_inputs = verification_inputs(model, gm)  # read from the plain trace's first layer
+        propagate = False
+    else:
+        propagate = example_inputs is not None
     matches = find_matches(gm)
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, ModuleSite(gm, config.seed))
@@ -67,9 +72,8 @@ def compile(
     if config.kernels != "auto":
         KernelScope(config.kernels).attach(gm)
     if verify:
-        inputs = example_inputs if example_inputs is not None else verification_inputs(model, gm)
-        check(model, gm, inputs, plan, lambda: _trace(model, config, gm))
-    if example_inputs is not None:
+        check(model, gm, example_inputs, plan, lambda: _trace(model, config, gm))
+    if propagate:
         propagate_shapes(gm, *example_inputs)
     return gm
 

@@ -34,7 +34,7 @@ class FactoConfig:
     binarize_activations: store ReLU / max-pool / dropout masks as packed bits.
     seed: seeds the random direction matrices D, per layer and per redraw.
     methods: per-layer methods, {name, glob pattern, Last(n) or filter function: MethodConfig or
-        None}, e.g. {"layer4.*": HOSVD(), "fc": None}. An exact layer name beats a pattern, Last(n)
+        None}, e.g. {"layer4.*": FactoLowRank(inr=0.5), "fc": None}. An exact layer name beats a pattern, Last(n)
         or filter (tried in the mapping's order), which beats apply_ratio; None leaves it dense.
     kernels: "auto" runs the Triton kernels on CUDA tensors and PyTorch elsewhere; "torch" always
         PyTorch; "triton" always Triton, failing with a RuntimeError where it cannot run. "auto"
@@ -54,7 +54,7 @@ class FactoConfig:
     binarize_activations: bool = True
     seed: int = 0
     kernels: Kernels = "auto"
-    methods: MethodChoices = field(default_factory=dict)
+    methods: MethodChoices = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         low_rank = FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype)  # validates all three

@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -112,30 +111,21 @@ class CapturedSite:
         name, weight = self.tensors.lookup(weight_node)
         owner = _owning_module(weight_node, weight)
         kept = getattr(owner, CHILD, None)
-        for key, value in list(layer.named_parameters(recurse=False)):
-            if id(value) in self.inputs:
-                delattr(layer, key)
-                object.__setattr__(layer, key, value)
-                value.requires_grad_(self.requires_grad[id(value)])
+        inputs = {key: value for key, value in layer.named_parameters(recurse=False) if id(value) in self.inputs}
         if kept is not None:
             if not _same_layer(kept, layer):
                 raise RuntimeError(
                     f"'{name.rpartition('.')[0]}' already has a {type(kept).__name__} from an earlier facto "
                     f"compilation with other options; recompiling with new options needs a fresh model"
                 )
-            return kept
-        owner.add_module(CHILD, layer)
+            layer = kept
+        for key, value in inputs.items():  # the owner's current tensors (a load with assign=True replaces them)
+            if key in dict(layer.named_parameters(recurse=False)):
+                delattr(layer, key)
+            object.__setattr__(layer, key, value)
+        if kept is None:
+            owner.add_module(CHILD, layer)
         return layer
-
-
-def _freeze_batch_norm_calls(gm: fx.GraphModule, tensors: GraphTensors) -> None:
-    """batch_norm="freeze": batch-norm on running statistics runs in eval form, as the FX pass
-    traces it (dynamo records a module in train mode as training=True)."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is F.batch_norm:
-            args = call_args(node)
-            if tensors.buffer(args["running_mean"]) is not None and tensors.buffer(args["running_var"]) is not None:
-                node.args, node.kwargs = (), {**args, "training": False}
 
 
 def rewrite_captured(gm: fx.GraphModule, example_inputs: list, config: FactoConfig) -> CapturedSite:
@@ -146,13 +136,19 @@ def rewrite_captured(gm: fx.GraphModule, example_inputs: list, config: FactoConf
         if isinstance(v, Tensor) and re.search(r"_(parameters|buffers)_", str(n.target))
     }
     tensors = GraphTensors(gm, lifted)
-    if config.batch_norm == "freeze":
-        _freeze_batch_norm_calls(gm, tensors)
     matches = find_matches(gm, tensors)
-    decisions = schedule(gm, matches, config)
+    # A name may belong to another piece of a model dynamo split: names are not checked per piece.
+    decisions = schedule(gm, matches, config, check_names=False)
+    gm.meta["facto_decisions"] = decisions
     site = CapturedSite(gm, tensors, config.seed)
-    with unset_fake_temporarily(), torch.no_grad():  # real layer tensors that outlive this compilation
-        rewrite(gm, matches, decisions, site)
+    try:
+        with unset_fake_temporarily(), torch.no_grad():  # real layer tensors that outlive this compilation
+            rewrite(gm, matches, decisions, site)
+    finally:
+        # Layers freeze the weights they train around; dynamo guards on requires_grad, and the
+        # graph gives those weights no gradient anyway: leave every input as dynamo saw it.
+        for _, tensor in lifted.values():
+            tensor.requires_grad_(site.requires_grad[id(tensor)])
     return site
 
 

@@ -241,3 +241,66 @@ def test_the_backends_layers_live_in_the_model_and_survive_a_checkpoint(tmp_path
     resumed.to(torch.float64)
     assert resumed.conv.facto.M.dtype == torch.float64
     torch.testing.assert_close(compiled(x.double()), expected.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_max_pool2d_and_a_dense_train_mode_batch_norm():
+    """torch.max_pool2d has no return_indices argument; an excluded batch-norm keeps batch statistics."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.max_pool2d(self.bn(self.conv(x)), 2).relu()
+
+    torch._dynamo.reset()
+    model, x = Pooled(), torch.randn(4, 3, 8, 8)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="facto", options={"apply_ratio": 1.0, "exclude": ["bn"]})
+    torch.testing.assert_close(compiled(x), reference(x))
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+    assert model.bn.num_batches_tracked == 1
+    kinds = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(Pooled().eval()))}
+    assert kinds["max_pool2d"].rewritten
+
+
+def test_methods_options_reach_every_piece_of_a_split_model(gated):
+    """Names and patterns are the model's: a piece without them is not an error."""
+    model, x = gated
+    compiled = torch.compile(model, backend="facto", options={"apply_ratio": 1.0, "methods": {"conv*": None}})
+    torch.testing.assert_close(compiled(x), model(x))
+    assert not hasattr(model.conv, "facto") and not hasattr(model.conv2, "facto")
+    assert hasattr(model.fc, "facto") is False  # an earlier conv is dense: the linear rule keeps it dense
+
+
+def test_an_assign_load_rebinds_the_kept_layer():
+    """load_state_dict(assign=True) replaces the weights; the next compilation's layer must use them."""
+    model, _ = _plain_pair()
+    x = torch.randn(2, 3, 16, 16)
+    torch.compile(model, backend="facto", options={"apply_ratio": 1.0})(x)
+    state = {k: v.clone() + (0.1 if k == "conv.weight" else 0.0) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="facto", options={"apply_ratio": 1.0})
+    compiled(x)
+    assert model.conv.facto.weight is model.conv.weight
+    with torch.no_grad():
+        model.conv.facto.M.normal_()
+    before = compiled(x).detach()
+    optimizer = torch.optim.SGD(facto_fx.low_rank_parameters(model), lr=0.1)
+    facto_fx.attach(model, optimizer, merge_every=1).merge_and_reinit()
+    assert torch.count_nonzero(model.conv.facto.M) == 0
+    torch.testing.assert_close(compiled(x).detach(), before, rtol=1e-4, atol=1e-5)
+
+
+def test_no_recompilation_after_the_layers_are_added():
+    model, _ = _plain_pair()
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    compiled = torch.compile(model, backend=_counting_backend(calls, apply_ratio=1.0))
+    compiled(x)
+    compiled(x)
+    compiled(x).sum().backward()
+    assert len(calls) == 1

@@ -128,8 +128,15 @@ def register_method(config: type[MethodConfig]) -> Callable[[type[Method]], type
         raise TypeError(f"register_method takes a MethodConfig subclass; got {config!r}")
 
     def register(handler: type[Method]) -> type[Method]:
+        if not (isinstance(handler, type) and issubclass(handler, Method)):
+            raise TypeError(f"register_method({config.__name__}) decorates a Method subclass; got {handler!r}")
         if not handler.kinds:
             raise ValueError(f"{handler.__name__}.kinds is empty: name the match kinds it rewrites")
+        if config in _METHODS:
+            raise ValueError(f"{config.__name__} is already registered (to {type(_METHODS[config]).__name__})")
+        shared = [m.__name__ for h in _METHODS.values() for m in h.modules if m in handler.modules]
+        if shared:
+            raise ValueError(f"{handler.__name__} creates {shared}, which another method's layers already are")
         _METHODS[config] = handler()
         return handler
 

@@ -9,7 +9,8 @@ Decomposition", shared/papers/hosvd-activation-compression.txt).
 
 - conv, mode="hosvd": [core (K_B×K_C×K_H×K_W), U_B (B×K_B), U_C (C×K_C), U_H (H×K_H), U_W (W×K_W)],
   X ≈ core ×_B U_B ×_C U_C ×_H U_H ×_W U_W.
-- conv, mode="svd": [U_B (B×K_B), R (K_B×C×H×W, x's memory format)], X_(B) ≈ U_B·R, R = U_Bᵀ·X_(B).
+- conv, mode="svd": [U_B (B×K_B), R (K_B×C×H×W, x's memory format)], X_(B) ≈ U_B·R with R = U_Bᵀ·X_(B)
+  the K_B×(C·H·W) right part S·Vᵀ, kept in the map's 4-D shape.
 - linear (x of shape (..., in) taken as the rows × in matrix X): "hosvd" is 2 modes,
   [core (K_R×K_F), U_R, U_F]; "svd" the rows mode only, [U_R, R (K_R×in)].
 
@@ -21,29 +22,40 @@ and no right factor V is ever formed. The rank K_n is the smallest K with
                                        values of the unfolding X_(n)), clamped at 0.
 
 The energy is thus the squared Frobenius norm (Σ_i λ_i = ‖X‖_F² for every mode), uncentered: no mean
-is subtracted. The paper keeps "the desired amount of information ε"; its authors' code measures it
-as cumsum(σ²)/Σσ² of the raw unfolding, and σ² is the right measure: projecting X on the K leading
-vectors of a mode leaves exactly ‖X − X ×_n U_n U_nᵀ‖_F² = (1 − kept)·‖X‖_F², and grad_W is linear in
-X, so ε bounds the squared relative error of what grad_W sees along each mode. (Counting σ instead
-of σ² would keep more rank than asked for, and its fraction has no such meaning.) ε = 1 is lossless:
-only directions of exactly zero energy are dropped. The core is that of the plain truncated HOSVD:
-every factor comes from X itself, not from a partly projected core.
+is subtracted. The paper speaks of "the desired amount of information to retain (ε)" without a
+formula; the authors' public code measures it as cumsum(σ²)/Σσ² of the raw unfolding, and σ² is the
+right measure: projecting X on the K leading vectors of a mode leaves exactly
+‖X − X ×_n U_n U_nᵀ‖_F² = (1 − kept)·‖X‖_F², and grad_W is linear in X, so ε bounds the squared
+relative error of what grad_W sees along each mode. (Counting σ instead of σ² would keep more rank
+than asked for, and its fraction has no such meaning.) ε = 1 is lossless up to rounding: the rank
+stops only where the remaining eigenvalues add nothing to the floating-point sum. The core is that
+of the plain truncated HOSVD: every factor comes from X itself, not from a partly projected core.
 
 **Weight gradient.** HOSVD: grad_Y is contracted with U_B over the batch (K_B×O×H'×W'), the core is
 expanded along H and W with U_H, U_W padded by zero rows for the conv's padding (each side apart,
-so asymmetric and "same" padding are exact), the weight-gradient correlation runs on that
-K_B×K_C map, and U_C projects the result back to channels; a grouped conv projects each group's
-output channels with that group's rows of U_C. Where K_C exceeds a group's channel count
-(depthwise, most grouped convs) the core is expanded with U_C first and the grouped correlation
-runs on the K_B×C map instead, which is then the cheaper order. SVD: the same correlation, on the
-K_B rows R. Linear: grad_W = (U_Rᵀ·G)ᵀ·core·U_Fᵀ, or (U_Rᵀ·G)ᵀ·R.
+so asymmetric and "same" padding are exact), the weight-gradient correlation
+(aten.convolution_backward, weight only) runs on that K_B×K_C map, and U_C projects the result
+back to channels; a grouped conv projects each group's output channels with that group's rows of
+U_C. Where K_C exceeds a group's channel count (depthwise, most grouped convs) the core is expanded
+with U_C first and the grouped correlation runs on the K_B×C map instead, the cheaper order there.
+SVD: the same correlation on U_Bᵀ·grad_Y and the K_B rows R. Linear: grad_W = (U_Rᵀ·G)ᵀ·core·U_Fᵀ,
+or (U_Rᵀ·G)ᵀ·R, G = grad_y as rows × out. The conv's grad_W is its own op,
+facto::hosvd_conv2d_weight_grad: its work has the ranks in its shapes (a filter of K_C channels),
+which the convolution meta kernel cannot trace with unbacked sizes, while its result has the
+weight's static shape.
+
+**Cost.** The forward forms one Gram matrix per mode (B², C², H², W² entries; X is read once per
+mode, from an fp32 copy for 16-bit inputs) and runs eigh on each, so the forward costs more than a
+plain conv's; the backward's weight-gradient correlation runs on K_B (not B) samples of K_C (not C)
+channels.
 
 **Host syncs** in a training forward: one `.tolist()` per op, of all the modes' ranks at once (the
 ranks are found on the device with cumsum / searchsorted). On CUDA, torch.linalg.eigh also checks
 the solver's status on the host, once per call; modes of equal size (H = W, the usual square map)
-share one batched call, so a square conv map costs 3 such checks for HOSVD and 1 for SVD. The
+share one batched call, so a square conv map costs at most 3 such checks for HOSVD, 1 for SVD. The
 backward has no host sync. Under torch.compile the fake kernel gives every rank an unbacked size
-(`new_dynamic_size`, bounded by the mode's size), so the graph traces with data-dependent ranks.
+(`new_dynamic_size`, bounded by the mode's size), so the graph traces with data-dependent ranks;
+the fake is the op's own computation on fake tensors with those ranks.
 
 **Autocast** (ops/autocast.py): like F.conv2d / F.linear, x is cast to the autocast dtype; the op
 runs in x's dtype (weight and bias cast to it), so y and the codes take x's dtype; grad_W and
@@ -175,15 +187,21 @@ def _contraction_order(sizes: list, ranks: list) -> list[int]:
     return order
 
 
-def _decompose(x: Tensor, eps: float, mode: str, rank_fn) -> list[Tensor]:
-    """The codes of x (see the module docstring), with ranks from `rank_fn` (measured, or unbacked)."""
-    dtype, work = x.dtype, _work_dtype(x.dtype)
+def _in_memory_order(x: Tensor, mode: str) -> tuple[Tensor, list[int], list[int], list[tuple[Tensor, Tensor]]]:
+    """x in its working dtype with its dims in memory order (no copy for fp32 / fp64 inputs that are
+    dense in some dim order), the permutation back, each decomposed mode's position there, and the
+    modes' spectra."""
     order = _memory_order(x)
     inverse = [order.index(d) for d in range(x.dim())]
-    xp = x.permute(order).to(work).contiguous()  # x's dims in memory order: no copy for fp32/fp64 inputs
-    dims = list(range(x.dim())) if mode == "hosvd" else [0]
-    positions = [inverse[d] for d in dims]  # where each mode sits in xp
-    spectra = _spectra(xp, positions)
+    xp = x.permute(order).to(_work_dtype(x.dtype)).contiguous()
+    positions = [inverse[d] for d in (range(x.dim()) if mode == "hosvd" else [0])]
+    return xp, inverse, positions, _spectra(xp, positions)
+
+
+def _decompose(x: Tensor, eps: float, mode: str, rank_fn) -> list[Tensor]:
+    """The codes of x (see the module docstring), with ranks from `rank_fn` (measured, or unbacked)."""
+    dtype = x.dtype
+    xp, inverse, positions, spectra = _in_memory_order(x, mode)
     ranks = rank_fn(spectra, eps)
     factors = [vectors[:, :k] for (_, vectors), k in zip(spectra, ranks, strict=True)]
     rest = xp
@@ -231,15 +249,13 @@ def reconstruct(codes: list[Tensor]) -> Tensor:
 def rank_report(x: Tensor, eps: float = 0.8, mode: str = "hosvd") -> list[ModeRank]:
     """Per decomposed mode of x: its rank and the fraction of its energy kept (one host sync)."""
     _check(eps, mode)
+    if x.dim() < 2:
+        raise ValueError(f"rank_report needs a tensor of 2 or more dims; got shape {tuple(x.shape)}")
     with torch.no_grad():
-        x = x.detach()
-        order = _memory_order(x)
-        inverse = [order.index(d) for d in range(x.dim())]
-        xp = x.permute(order).to(_work_dtype(x.dtype)).contiguous()
-        dims = list(range(x.dim())) if mode == "hosvd" else [0]
-        spectra = _spectra(xp, [inverse[d] for d in dims])
+        spectra = _in_memory_order(x.detach(), mode)[3]
         found = [_rank_and_kept(values, float(eps)) for values, _ in spectra]
         flat = torch.cat([torch.cat([k.to(torch.float64), kept.to(torch.float64)]) for k, kept in found]).tolist()
+    dims = range(x.dim()) if mode == "hosvd" else [0]
     return [ModeRank(d, x.shape[d], int(flat[2 * j]), flat[2 * j + 1]) for j, d in enumerate(dims)]
 
 
@@ -268,14 +284,15 @@ def conv_padding(
             raise ValueError("padding='same' is not supported for strided convolutions")
         total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True))
         return [total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2]
-    if isinstance(padding, int):
-        return [padding] * 4
-    padding = list(padding)
-    if len(padding) == 2:
-        return [padding[1], padding[1], padding[0], padding[0]]
-    if len(padding) == 4:
-        return padding
-    raise ValueError(f"padding must be an int, 'same', 'valid', (ph, pw) or (left, right, top, bottom); got {padding}")
+    sides = [padding] * 4 if isinstance(padding, int) else list(padding)
+    if len(sides) == 2:
+        sides = [sides[1], sides[1], sides[0], sides[0]]
+    if len(sides) != 4 or any(not isinstance(p, int) or p < 0 for p in sides):
+        raise ValueError(
+            f"padding must be 'same', 'valid', or a non-negative int, (ph, pw) or (left, right, top, bottom); "
+            f"got {padding!r}"
+        )
+    return sides
 
 
 def _symmetric(pads: list[int]) -> bool:
@@ -344,10 +361,10 @@ def _hosvd_weight_grad(grad_y: Tensor, codes, weight_shape, stride, pads, dilati
     z = torch.matmul(u_h, torch.matmul(core, u_w.T))  # K_B × K_C × Hp × Wp: the padded X in K_B × K_C space
     out_channels, group_channels, kh, kw = weight_shape
     k_c = u_c.shape[1]
-    if groups == 1 or guard_or_false(k_c <= group_channels):
+    if k_c <= group_channels:
         # correlation in K_C space, then each group's output channels projected by its rows of U_C
         g = torch.nn.grad.conv2d_weight(z, (out_channels, k_c, kh, kw), g_b, stride, 0, dilation, 1)
-        g = g.view(groups, out_channels // groups, k_c, kh * kw)
+        g = g.reshape(groups, out_channels // groups, k_c, kh * kw)
         grad = torch.matmul(u_c.view(groups, 1, group_channels, k_c), g)
         return grad.view(weight_shape)
     # K_C above a group's channels (depthwise): expand the channels first, then the grouped correlation
@@ -362,6 +379,32 @@ def _svd_weight_grad(grad_y: Tensor, codes, weight_shape, stride, pads, dilation
     if _symmetric(pads):
         return torch.nn.grad.conv2d_weight(r, weight_shape, g_b, stride, (pads[2], pads[0]), dilation, groups)
     return torch.nn.grad.conv2d_weight(F.pad(r, pads), weight_shape, g_b, stride, 0, dilation, groups)
+
+
+@torch.library.custom_op("facto::hosvd_conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad(
+    grad_y: Tensor,
+    codes: list[Tensor],
+    weight_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    mode: str,
+) -> Tensor:
+    """grad_W (contiguous, grad_y's dtype) from the saved codes: the backward's one opaque step.
+
+    An op of its own because its work has the data-dependent ranks in its shapes (the correlation
+    in K_C space has a filter of K_C channels), which torch.compile's convolution meta cannot trace
+    with unbacked sizes; its result has the weight's static shape, which the fake gives alone.
+    """
+    weight_grad = _hosvd_weight_grad if mode == "hosvd" else _svd_weight_grad
+    return weight_grad(grad_y, codes, weight_shape, stride, padding, dilation, groups).contiguous()
+
+
+@conv2d_weight_grad.register_fake
+def _conv2d_weight_grad_fake(grad_y, codes, weight_shape, stride, padding, dilation, groups, mode):
+    return grad_y.new_empty(weight_shape)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -381,8 +424,8 @@ def _conv_backward(ctx, grad_y, _grad_codes):
     if ctx.needs_input_grad[0]:
         grad_x = _conv_input_grad(grad_y, ctx.x_shape, weight, *ctx.conv_args)
     if ctx.needs_input_grad[1]:
-        weight_grad = _hosvd_weight_grad if ctx.mode == "hosvd" else _svd_weight_grad
-        grad_w = cast(weight_grad(grad_y, codes, weight.shape, *ctx.conv_args), weight.dtype)
+        grad_w = torch.ops.facto.hosvd_conv2d_weight_grad(grad_y, codes, list(weight.shape), *ctx.conv_args, ctx.mode)
+        grad_w = cast(grad_w, weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = cast(grad_y.sum((0, 2, 3)), ctx.bias_dtype)
     return grad_x, grad_w, grad_bias, None, None, None, None, None, None

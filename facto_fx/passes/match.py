@@ -74,8 +74,9 @@ class GraphTensors:
     """The parameters and buffers a graph reads, by node, with their qualified names.
 
     In the FX pass's trace they are get_attr nodes; in a graph dynamo captured they are lifted
-    placeholders (`names` and `values` given by the backend). Everything else the matcher and the
-    rewriter do is the same for both.
+    placeholders (`lifted`: node -> (name, tensor), given by the backend), and a batch-norm's
+    `training=True` is the module's mode, not a choice of batch statistics. Everything else the
+    matcher and the rewriter do is the same for both.
     """
 
     def __init__(self, gm: fx.GraphModule, lifted: dict[fx.Node, tuple[str, Tensor]] | None = None) -> None:
@@ -251,7 +252,7 @@ def _match_batch_norm_function(tensors: GraphTensors, node: fx.Node, args: dict)
     if tensors.buffer(mean) is None or tensors.buffer(var) is None:
         return Match(node, BATCH_NORM, node.name, None, "batch statistics only (no running statistics to freeze)")
     layer = _owner(tensors.name(mean)) or node.name
-    if args["training"] is True:
+    if args["training"] is True and tensors.lifted is None:
         return Match(node, BATCH_NORM, layer, None, "uses batch statistics in every mode; left dense")
     for name in ("weight", "bias"):
         value = args[name]
@@ -277,7 +278,7 @@ def _match_function(tensors: GraphTensors, node: fx.Node) -> Match | None:
                 return Match(node, SCALE, tensors.name(operand), None, problem)
         return None
     if target in _MAX_POOL_FUNCTIONS:
-        problem = "return_indices=True is not supported" if call_args(node)["return_indices"] else None
+        problem = "return_indices=True is not supported" if call_args(node).get("return_indices") else None
         return Match(node, MAX_POOL, node.name, None, problem)
     if target in _DROPOUT_FUNCTIONS:
         problem = inplace_aliasing(node) if call_args(node)["inplace"] else None

@@ -83,6 +83,7 @@ def _is_pattern(key: str) -> bool:
 
 
 def _check_names(config: FactoConfig, matches: list[Match]) -> None:
+    """Every name must be a layer; every pattern must match a layer its method can take."""
     known = [m.layer for m in matches]
     named = [("include", n) for n in config.include] + [("exclude", n) for n in config.exclude]
     named += [("methods", k) for k in config.methods if isinstance(k, str) and not _is_pattern(k)]
@@ -91,9 +92,14 @@ def _check_names(config: FactoConfig, matches: list[Match]) -> None:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"; did you mean {close}?" if close else ""
             raise ValueError(f"{arg} names '{name}', which is not a layer the pass can rewrite{hint}")
-    for key in config.methods:
-        if isinstance(key, str) and _is_pattern(key) and not fnmatch.filter(known, key):
-            raise ValueError(f"methods pattern '{key}' matches no layer the pass can rewrite (layers: {known[:5]}...)")
+    for key, method in config.methods.items():
+        if isinstance(key, str) and _is_pattern(key):
+            hits = [m for m in matches if fnmatch.fnmatchcase(m.layer, key)]
+            if not any(_takes(method, m.kind) for m in hits):
+                close = difflib.get_close_matches(key, known, n=3)
+                what = f"no {'/'.join(sorted(method_handler(method).kinds))} layer" if hits else "no layer"
+                hint = f"; close layer names: {close}" if close else ""
+                raise ValueError(f"methods pattern '{key}' matches {what} the pass can rewrite{hint}")
 
 
 def _takes(method: MethodConfig | None, kind: str) -> bool:
@@ -178,19 +184,21 @@ class _Planner:
 
     def decide(self, match: Match) -> Decision:
         decision = Decision(match.layer, match.kind, match.node.name, self.depth[match.node.name], None, "")
-        if match.unsupported is not None:
-            decision.reason, decision.unsupported = match.unsupported, True
-            return decision
-        if _batch_stats(match.kind, self.config):
-            decision.reason, decision.unsupported = "batch_norm='train': left in training mode", True
-            return decision
-        default = self.masks if match.kind in method_handler(PackedMasks()).kinds else self.low_rank
+        default = PackedMasks() if match.kind in method_handler(PackedMasks()).kinds else self.low_rank
         explicit = _by_name(self.config, match, default)
+        problem = match.unsupported
+        if problem is None and _batch_stats(match.kind, self.config):
+            problem = "batch_norm='train': left in training mode"
+        if problem is not None:
+            if explicit is not None and explicit[0] is not None:
+                raise ValueError(f"'{match.layer}' ({explicit[1]}) cannot be rewritten: {problem}")
+            decision.reason, decision.unsupported = problem, True
+            return decision
         if explicit is not None:
             method, decision.reason = explicit
             refusal = method and self._refusal(method, match)
             if refusal:
-                raise ValueError(f"'{match.layer}' was given {type(method).__name__} by name, but: {refusal}")
+                raise ValueError(f"{type(method).__name__} refuses '{match.layer}' ({decision.reason}): {refusal}")
             decision.method, decision.excluded = method, method is None
             return decision
         chosen = _by_pattern(self.config, match, self.last)
@@ -198,7 +206,7 @@ class _Planner:
             method, decision.reason = chosen
             refusal = method and self._refusal(method, match)
             if refusal:
-                decision.reason = f"{decision.reason} refused: {refusal}"
+                decision.reason, decision.unsupported = f"{decision.reason} refused: {refusal}", True
                 return decision
             decision.method, decision.excluded = method, method is None
             return decision
@@ -237,9 +245,13 @@ class _Planner:
         return decision
 
 
-def schedule(gm: fx.GraphModule, matches: list[Match], config: FactoConfig) -> list[Decision]:
-    """One Decision per match, in graph order."""
-    _check_names(config, matches)
+def schedule(
+    gm: fx.GraphModule, matches: list[Match], config: FactoConfig, *, check_names: bool = True
+) -> list[Decision]:
+    """One Decision per match, in graph order. check_names=False skips the check that every name
+    and pattern the config gives is a layer of this graph (one piece of a model dynamo split)."""
+    if check_names:
+        _check_names(config, matches)
     planner = _Planner(gm, matches, config)
     decisions = [planner.decide(m) for m in matches]
     # A linear layer left to the default gets Facto only when every conv / scale / batch-norm before

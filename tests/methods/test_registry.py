@@ -37,12 +37,13 @@ class _HalfInputConv(torch.autograd.Function):
 class HalfInputConv(nn.Module):
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias
+        # Not "weight": export_dense must get the dense key from dense_state, not from a shared name.
+        self.kernel, self.bias = conv.weight, conv.bias
         self.stride, self.padding = conv.stride, conv.padding
         self.steps = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        return _HalfInputConv.apply(x, self.weight, self.bias, self.stride, self.padding)
+        return _HalfInputConv.apply(x, self.kernel, self.bias, self.stride, self.padding)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class SavedInHalfMethod(Method):
         return False
 
     def dense_state(self, layer: HalfInputConv) -> dict[str, Tensor]:
-        return {"weight": layer.weight.detach() * 1.0}
+        return {"weight": layer.kernel}
 
     def saved_bytes(self, method: SavedInHalf, node: fx.Node, args: tuple, kwargs: dict) -> int | None:
         assert args[0].is_meta and node.op == "call_module"
@@ -148,10 +149,12 @@ def test_trained_stepped_and_exported(compiled):
     hooks = facto_fx.attach(fmodel, optimizer, merge_every=1000)
     F.cross_entropy(fmodel(x), target).backward()
     F.cross_entropy(reference(x), target).backward()
-    grad = fmodel.get_submodule("2").weight.grad
+    grad = fmodel.get_submodule("2").kernel.grad
     torch.testing.assert_close(grad, reference[2].weight.grad, rtol=2e-2, atol=2e-3)  # fp16-saved input
     optimizer.step()
     assert hooks.steps == 1 and fmodel.get_submodule("2").steps == 1
+    with torch.no_grad():
+        fmodel.get_submodule("2").kernel.add_(1.0)  # export must carry the layer's current weight
     dense = facto_fx.export_dense(fmodel)
     fresh = _model()
     fresh.load_state_dict(dense.state_dict())
@@ -167,3 +170,14 @@ def test_unregistered_configs_are_rejected():
         facto_fx.compile(_model(), methods={"2": Nowhere()})
     with pytest.raises(ValueError, match="must be a method config"):
         facto_fx.compile(_model(), methods={"2": "facto"})
+
+
+def test_registration_is_checked():
+    with pytest.raises(ValueError, match="SavedInHalf is already registered"):
+        register_method(SavedInHalf)(SavedInHalfMethod)
+    with pytest.raises(TypeError, match="decorates a Method subclass"):
+        @dataclass(frozen=True)
+        class Other(MethodConfig):
+            pass
+
+        register_method(Other)(object)

@@ -143,9 +143,12 @@ def test_method_resolution_order(vgg11):
 @pytest.mark.parametrize(("methods", "message"), [
     ({"feature.3": None}, r"methods names 'feature\.3'.*did you mean"),
     ({"nothing.*": None}, r"pattern 'nothing\.\*' matches no layer"),
-    ({"features.0": facto_fx.FactoLowRank()}, r"'features\.0' was given FactoLowRank by name.*input layer"),
+    ({"features.0": facto_fx.FactoLowRank()},
+     r"FactoLowRank refuses 'features\.0' \(FactoLowRank by name\): input layer"),
     ({"features.1": facto_fx.FactoLowRank()}, r"takes batch_norm, conv2d, linear, scale layers"),
     ({3: None}, "methods keys must be"),
+    ({"features.*": facto_fx.PackedMasks(), "classifier.[0]": facto_fx.PackedMasks()},
+     r"pattern 'classifier\.\[0\]' matches no dropout/max_pool2d/relu layer"),
 ])
 def test_bad_method_choices_are_named(vgg11, methods, message):
     with pytest.raises(ValueError, match=message):
@@ -155,3 +158,22 @@ def test_bad_method_choices_are_named(vgg11, methods, message):
 def test_last_validates_its_arguments():
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         facto_fx.Last(0)
+
+
+def test_names_on_layers_that_cannot_be_rewritten_are_errors():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match=r"'1' \(FactoLowRank by name\) cannot be rewritten: batch_norm='train'"):
+        facto_fx.compile(model, batch_norm="train", methods={"1": facto_fx.FactoLowRank()}, verify=False)
+    with pytest.raises(ValueError, match=r"FactoLowRank refuses '2' \(included by name\): grouped convolution"):
+        facto_fx.compile(model, include=["2"])
+    fmodel = facto_fx.compile(model, methods={"*": facto_fx.FactoLowRank()})
+    decisions = {d.layer: d for d in facto_fx.decisions(fmodel)}
+    assert decisions["2"].unsupported and "refused: grouped convolution" in decisions["2"].reason
+
+
+def test_include_packs_masks_even_when_binarizing_is_off():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    decisions = {d.layer: d for d in facto_fx.decisions(
+        facto_fx.compile(model, binarize_activations=False, include=["1"]))}
+    assert decisions["1"].method == facto_fx.PackedMasks() and decisions["1"].rewritten
+    assert decisions["3"].method is None and decisions["3"].reason == "binarize_activations=False"
