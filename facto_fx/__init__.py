@@ -7,6 +7,8 @@ from facto_fx.dynamo_backend import facto_backend
 from facto_fx.inspection import GraphInspection, inspect
 from facto_fx.memory import saved_bytes_by_node
 from facto_fx.methods import (
+    HOSVD,
+    SVD,
     FactoLowRank,
     FrozenBatchNorm,
     Last,
@@ -26,6 +28,8 @@ from facto_fx.triton_ops.dispatch import use_kernels
 low_rank_parameters = method_parameters
 
 __all__ = [
+    "HOSVD",
+    "SVD",
     "FactoConfig",
     "FactoLowRank",
     "FrozenBatchNorm",

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx, nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import DynamicOutputShapeException, unset_fake_temporarily
 
 from facto_fx.config import FactoConfig
 from facto_fx.passes.match import GraphTensors, Match, call_args, find_matches
@@ -172,7 +172,14 @@ def facto_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     # dynamo never saw.
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     extra_examples = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in extra()]
-    compiled = compile_fx(gm, [*example_inputs, *extra_examples])
+    try:
+        compiled = compile_fx(gm, [*example_inputs, *extra_examples])
+    except DynamicOutputShapeException as error:
+        # Dynamo would quietly run the model eagerly, without the pass: say so instead.
+        raise RuntimeError(
+            f"{error.func} keeps codes of data-dependent size (HOSVD / SVD ranks); under backend='facto' set "
+            "torch._dynamo.config.capture_dynamic_output_shape_ops = True before compiling"
+        ) from error
 
     def run(*args):
         with use_kernels(config.kernels) if config.kernels != "auto" else contextlib.nullcontext():

@@ -247,3 +247,68 @@ class FactoDropout(nn.Module):
 
 
 LOW_RANK_LAYERS = (FactoConv2d, FactoLinear)
+
+
+class HOSVDConv2d(nn.Module):
+    """A Conv2d that trains its own weight and saves a truncated HOSVD / SVD of its input for grad_W."""
+
+    functional = staticmethod(ops.hosvd_conv2d)
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, ...] | str,
+        dilation: int | tuple[int, int],
+        groups: int,
+        eps: float,
+        mode: str,
+    ) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.stride, self.dilation = tuple(pair(stride)), tuple(pair(dilation))
+        # int, (ph, pw), (left, right, top, bottom) or "same" / "valid", as ops.conv_padding reads it
+        self.padding = padding if isinstance(padding, str) else tuple(pair(padding)) if isinstance(padding, int) else (
+            tuple(padding)
+        )
+        self.groups, self.eps, self.mode = groups, eps, mode
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, eps: float, mode: str) -> HOSVDConv2d:
+        """The layer for an nn.Conv2d, sharing its weight and bias."""
+        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, eps, mode)
+
+    def arguments(self) -> tuple:
+        """Everything `functional` takes after x: graphs without modules call it with these."""
+        return self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.eps, self.mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.hosvd_conv2d(x, *self.arguments())
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}, {self.mode}, eps={self.eps}"
+
+
+class HOSVDLinear(nn.Module):
+    """A Linear that trains its own weight and saves a truncated decomposition of its input rows."""
+
+    functional = staticmethod(ops.hosvd_linear)
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, eps: float, mode: str) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps, self.mode = weight, bias, eps, mode
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, eps: float, mode: str) -> HOSVDLinear:
+        return cls(linear.weight, linear.bias, eps, mode)
+
+    def arguments(self) -> tuple:
+        """Everything `functional` takes after x: graphs without modules call it with these."""
+        return self.weight, self.bias, self.eps, self.mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.hosvd_linear(x, *self.arguments())
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, {self.mode}, eps={self.eps}"

@@ -19,9 +19,12 @@ from facto_fx.methods.base import (
 )
 from facto_fx.methods.facto import FactoLowRank, layer_seed
 from facto_fx.methods.frozen import FrozenBatchNorm
+from facto_fx.methods.hosvd import HOSVD, SVD
 from facto_fx.methods.masks import PackedMasks
 
 __all__ = [
+    "HOSVD",
+    "SVD",
     "FactoLowRank",
     "FrozenBatchNorm",
     "Last",

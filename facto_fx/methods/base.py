@@ -134,7 +134,8 @@ def register_method(config: type[MethodConfig]) -> Callable[[type[Method]], type
             raise ValueError(f"{handler.__name__}.kinds is empty: name the match kinds it rewrites")
         if config in _METHODS:
             raise ValueError(f"{config.__name__} is already registered (to {type(_METHODS[config]).__name__})")
-        shared = [m.__name__ for h in _METHODS.values() for m in h.modules if m in handler.modules]
+        shared = [m.__name__ for h in _METHODS.values() if type(h) is not handler for m in h.modules
+                  if m in handler.modules]
         if shared:
             raise ValueError(f"{handler.__name__} creates {shared}, which another method's layers already are")
         _METHODS[config] = handler()

@@ -453,7 +453,9 @@ def hosvd_conv2d(
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if not needs_grad:
+    # Meta tensors (analytic reports) cannot hold data-dependent ranks: the plain conv gives the
+    # shapes, and the report takes the codes' worst case from the method.
+    if not needs_grad or x.is_meta:
         return _conv(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype), stride, pads, dilation,
                      groups)
     y, _ = torch.ops.facto.hosvd_conv2d(x, weight, bias, stride, pads, dilation, groups, float(eps), mode)
@@ -524,7 +526,7 @@ def hosvd_linear(
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if not needs_grad:
+    if not needs_grad or x.is_meta:  # meta: see hosvd_conv2d
         return F.linear(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype))
     y, _ = torch.ops.facto.hosvd_linear(x, weight, bias, float(eps), mode)
     return y

@@ -1,0 +1,89 @@
+"""HOSVD / SVD activation compression (papers/hosvd-activation-compression.txt, docs/design.md §6).
+
+A conv or linear layer trains its full weight and computes grad_X exactly; for grad_W it saves a
+truncated decomposition of its input instead of the input, each rank the smallest that keeps ε of
+the mode's energy (facto_fx.ops.hosvd). HOSVD decomposes every mode, SVD the batch mode only.
+The paper's setting is fine-tuning the last layers: `methods={facto_fx.Last(4): HOSVD(0.8)}`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import fx
+
+from facto_fx.layers import HOSVDConv2d, HOSVDLinear
+from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
+from facto_fx.passes.match import CONV, LINEAR, Match, call_args
+
+
+@dataclass(frozen=True)
+class HOSVD(MethodConfig):
+    """Save a truncated HOSVD of the layer's input; eps in (0, 1] is the energy kept per mode
+    (1: lossless, the paper uses 0.8 and 0.9)."""
+
+    label = "hosvd"
+    mode: ClassVar[str] = "hosvd"
+
+    eps: float = 0.8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 < self.eps <= 1.0:
+            raise ValueError(f"eps must be a number in (0, 1] (the energy kept per mode; 0.8 or 0.9); got {self.eps!r}")
+
+
+@dataclass(frozen=True)
+class SVD(HOSVD):
+    """Save a truncated SVD of the input's batch-mode unfolding (B × C·H·W); eps as in HOSVD."""
+
+    label = "svd"
+    mode: ClassVar[str] = "svd"
+
+
+def _worst_case_elements(shape: tuple[int, ...], mode: str, conv: bool) -> int:
+    """Elements of the codes at full rank: what the analytic report can promise before data exist."""
+    dims = list(shape) if conv else [math.prod(shape[:-1]), shape[-1]]
+    if mode == "svd":
+        return dims[0] * dims[0] + math.prod(dims)
+    return math.prod(dims) + sum(d * d for d in dims)
+
+
+class _Decomposed(Method):
+    kinds = frozenset({CONV, LINEAR})
+    modules = (HOSVDConv2d, HOSVDLinear)
+
+    def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:
+        module = match.module
+        if module is None:
+            return None
+        if not module.weight.requires_grad:
+            return "its weight is frozen: there is no weight gradient whose input to compress"
+        if getattr(module, "padding_mode", "zeros") != "zeros":
+            return f"padding_mode='{module.padding_mode}' is not supported; left dense"
+        return None
+
+    def rewrite(self, site: RewriteSite, match: Match, method: HOSVD) -> None:
+        module = match.module
+        if module is not None:
+            layer = (HOSVDConv2d.from_conv(module, method.eps, method.mode) if match.kind == CONV
+                     else HOSVDLinear.from_linear(module, method.eps, method.mode))
+        else:
+            args = call_args(match.node)
+            weight, bias = site.tensor(args["weight"]), site.tensor(args["bias"])
+            if match.kind == CONV:
+                layer = HOSVDConv2d(weight, bias, args["stride"], args["padding"], args["dilation"], args["groups"],
+                                    method.eps, method.mode)
+            else:
+                layer = HOSVDLinear(weight, bias, method.eps, method.mode)
+        site.use_layer(match, layer)
+
+    def saved_bytes(self, method: HOSVD, node: fx.Node, args: tuple, kwargs: dict) -> int | None:
+        """The full-rank worst case (ranks depend on the data; real runs report what was kept)."""
+        x = args[0]
+        return _worst_case_elements(tuple(x.shape), method.mode, x.dim() == 4) * x.element_size()
+
+
+register_method(HOSVD)(_Decomposed)
+register_method(SVD)(_Decomposed)
