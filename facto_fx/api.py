@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from facto_fx.config import FactoConfig
-from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
+from facto_fx.memory import input_bytes_by_node, peak_training_bytes, saved_bytes_by_node
 from facto_fx.methods import method_handler, method_layers
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
@@ -116,7 +116,7 @@ def report(
         for d in state.decisions if d.rewritten and d.node in nodes
     }
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
-    result = build_report(state.decisions, vanilla_gm, vanilla, facto)
+    result = build_report(state.decisions, vanilla_gm, vanilla, facto, input_bytes_by_node(vanilla_gm, example_inputs))
     if peak:
         result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
         result.facto_peak = peak_training_bytes(fmodel, example_inputs)

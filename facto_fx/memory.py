@@ -127,6 +127,34 @@ def saved_bytes_by_node(
     return dict(counts)
 
 
+class _InputRecorder(fx.Interpreter):
+    """Runs the graph and keeps the size of every call node's first tensor argument."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.sizes: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node):
+        if n.op.startswith("call"):
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            if args and isinstance(args[0], Tensor):
+                self.sizes[n.name] = args[0].nelement() * args[0].element_size()
+        return super().run_node(n)
+
+
+def input_bytes_by_node(gm: fx.GraphModule, inputs: Sequence[Tensor]) -> dict[str, int]:
+    """Bytes of each call node's (first) input, on meta tensors: what a dense conv or linear keeps
+    for its weight gradient, counted per layer even where another node saved the same tensor first
+    (the HOSVD paper's per-layer activation memory)."""
+    state = {f"gm.{name}": torch.empty_like(t, device="meta") for name, t in
+             [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+    recorder = _InputRecorder(gm)
+    args = tuple(torch.empty_like(x, device="meta") for x in inputs)
+    with torch.no_grad():
+        functional_call(_Runner(gm, recorder.run), state, args, strict=False, tie_weights=False)
+    return recorder.sizes
+
+
 def peak_step_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """The most memory held at once while `step()` runs, beyond what was live before it.
 

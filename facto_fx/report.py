@@ -18,6 +18,7 @@ class Row:
     decision: str
     vanilla_bytes: int
     facto_bytes: int
+    input_bytes: int = 0  # the layer's input, counted even where an earlier node saved it first
 
 
 @dataclass
@@ -73,7 +74,8 @@ def _decision_label(d: Decision) -> str:
 
 
 def build_report(
-    decisions: list[Decision], vanilla_gm: fx.GraphModule, vanilla: dict[str, int], facto: dict[str, int]
+    decisions: list[Decision], vanilla_gm: fx.GraphModule, vanilla: dict[str, int], facto: dict[str, int],
+    inputs: dict[str, int] | None = None,
 ) -> MemoryReport:
     """Join per-node byte counts (node names match between the two graphs) into table rows."""
     by_node = {d.node: d for d in decisions}
@@ -87,7 +89,7 @@ def build_report(
             op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             rows.append(Row(node.name, str(op)[:11], "-", v, f))
         else:
-            rows.append(Row(d.layer, d.kind, _decision_label(d), v, f))
+            rows.append(Row(d.layer, d.kind, _decision_label(d), v, f, (inputs or {}).get(node.name, 0)))
     stray = set(facto) - {n.name for n in vanilla_gm.graph.nodes}
     rows.extend(Row(name, "?", "-", 0, facto[name]) for name in sorted(stray))
     unrewritten = [d for d in decisions if d.unsupported]

@@ -25,6 +25,14 @@ def test_memory_targets_are_met():
         assert report.ratio <= target.limit, (target, report.ratio)
 
 
+def test_hosvd_paper_vanilla_column_is_reproduced():
+    """resnet18 / mobilenet_v2, batch 64, 224²: the last 2 / 4 convs keep the paper's input MiB
+    (12.25 / 30.63 and 15.31 / 28.71, to the paper's two decimals)."""
+    results = _load("hosvd_memory").main()
+    for key, paper in _load("hosvd_memory").PAPER_MIB.items():
+        assert results[key] == pytest.approx(paper, abs=0.005 + 1e-9), key  # the paper rounds to 2 places
+
+
 @pytest.mark.slow
 def test_facto_step_is_not_slower_than_vanilla_on_cpu():
     """CIFAR VGG11, batch 64: a Facto step does less arithmetic than a vanilla one."""
