@@ -18,6 +18,7 @@ from facto_fx.methods import (
     method_parameters,
     register_method,
 )
+from facto_fx.methods.hosvd import rank_table
 from facto_fx.passes.hooks import FactoHooks
 from facto_fx.passes.trace import FactoTraceError
 from facto_fx.passes.verify import FactoVerificationError
@@ -53,6 +54,7 @@ __all__ = [
     "method_parameters",
     "methods",
     "ops",
+    "rank_table",
     "register_method",
     "report",
     "saved_bytes_by_node",

@@ -19,6 +19,18 @@ def test_report_prints_a_per_layer_table_with_total(capsys):
     assert 0 < ratio < 20
 
 
+def test_report_with_hosvd_on_the_last_layers(capsys):
+    """--method hosvd --last 2: the two deepest convs are HOSVD rows, worst case said."""
+    code = main(["report", "--model", "resnet18", "--batch-size", "64", "--method", "hosvd", "--eps", "0.9",
+                 "--last", "2", "--apply-ratio", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "full-rank worst case" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[1:3] == ["conv2d", "hosvd"]]
+    assert [r[0] for r in rows] == ["layer4.1.conv1", "layer4.1.conv2"]
+    assert main(["report", "--model", "resnet18", "--method", "hosvd", "--eps", "1.5"]) == 2
+    assert "eps must be a number in (0, 1]" in capsys.readouterr().err
+
+
 def test_report_matches_the_measured_figure_at_batch_256(capsys):
     """vgg16 at batch 256, 224²: docs/design.md §5's 17,909 MiB baseline, computed without allocating."""
     assert main(["report", "--model", "vgg16", "--apply-ratio", "0.6"]) == 0

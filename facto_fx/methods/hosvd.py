@@ -12,10 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import fx
+import torch
+from torch import Tensor, fx, nn
 
+from facto_fx import ops
 from facto_fx.layers import HOSVDConv2d, HOSVDLinear
-from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
+from facto_fx.methods.base import Last, Method, MethodConfig, PlanContext, RewriteSite, register_method
 from facto_fx.passes.match import CONV, LINEAR, Match, call_args
 
 
@@ -87,3 +89,70 @@ class _Decomposed(Method):
 
 register_method(HOSVD)(_Decomposed)
 register_method(SVD)(_Decomposed)
+
+DECOMPOSITIONS = {"hosvd": HOSVD, "svd": SVD}
+
+
+def on_last_layers(name: str, eps: float, last: int) -> dict:
+    """`methods=` for the command line's `--method hosvd|svd --eps E --last N`."""
+    if name not in DECOMPOSITIONS:
+        raise ValueError(f"method must be one of {sorted(DECOMPOSITIONS)} here; got {name!r}")
+    return {Last(last): DECOMPOSITIONS[name](eps)}
+
+
+@dataclass
+class RankRow:
+    """One HOSVD / SVD layer on one batch: its input's shape and, per eps, the ranks kept."""
+
+    layer: str
+    mode: str
+    shape: tuple[int, ...]
+    ranks: dict[float, tuple[int, ...]]
+    kept: dict[float, tuple[float, ...]]
+
+
+@dataclass
+class RankTable:
+    """What each decomposed layer keeps at several eps: read it to pick eps."""
+
+    rows: list[RankRow]
+
+    def __str__(self) -> str:
+        lines = []
+        for row in self.rows:
+            lines.append(f"{row.layer} ({row.mode}, input {'x'.join(map(str, row.shape))})")
+            for eps, ranks in row.ranks.items():
+                kept = ", ".join(f"{k:.3f}" for k in row.kept[eps])
+                lines.append(f"  eps {eps:<5g} ranks {'x'.join(map(str, ranks)):<16} energy kept per mode {kept}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def rank_table(fmodel: nn.Module, *inputs: Tensor, eps: tuple[float, ...] = (0.8, 0.9, 0.95, 0.99)) -> RankTable:
+    """Run `fmodel` on `inputs` and tabulate, for every HOSVD / SVD layer, the ranks and kept energy
+    its input would get at each eps (and at the layer's own)."""
+    seen: dict[str, tuple[nn.Module, Tensor]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, _output: Tensor) -> None:
+            seen.setdefault(name, (module, args[0]))
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(record(name))
+        for name, layer in fmodel.named_modules() if isinstance(layer, (HOSVDConv2d, HOSVDLinear))
+    ]
+    try:
+        fmodel(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for name, (layer, x) in seen.items():
+        levels = sorted({*eps, layer.eps})
+        x = x if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+        reports = {e: ops.rank_report(x, e, layer.mode) for e in levels}
+        rows.append(RankRow(name, layer.mode, tuple(x.shape), {e: tuple(m.rank for m in r) for e, r in reports.items()},
+                            {e: tuple(m.kept for m in r) for e, r in reports.items()}))
+    return RankTable(rows)

@@ -158,3 +158,21 @@ def test_the_facto_backend_gives_the_fx_pass_gradients():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="capture_dynamic_output_shape_ops = True"):
         torch.compile(_chain(), backend="facto", options=options)(x)
+
+
+def test_rank_table_lists_every_decomposed_layer_and_its_eps():
+    """Kept energy is measured against the input itself: at least eps for every mode at every eps."""
+    model, _ = _pair()
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"c3": HOSVD(0.85), "fc": SVD(0.9)})
+    x = torch.randn(6, 3, 16, 16)
+    table = facto_fx.rank_table(fmodel, x, eps=(0.5, 0.99))
+    assert [row.layer for row in table.rows] == ["c3", "fc"]
+    c3, fc = table.rows
+    assert c3.shape == (6, 8, 16, 16) and fc.shape == (6, 16 * 4 * 3)
+    assert sorted(c3.ranks) == [0.5, 0.85, 0.99] and sorted(fc.ranks) == [0.5, 0.9, 0.99]
+    for row in table.rows:
+        for eps, kept in row.kept.items():
+            assert all(k >= eps - 1e-6 for k in kept)
+            assert all(1 <= r <= size for r, size in zip(row.ranks[eps], row.shape, strict=False))
+        assert all(a <= b for a, b in zip(row.ranks[0.5], row.ranks[0.99], strict=True))  # more eps, more rank
+    assert "c3 (hosvd, input 6x8x16x16)" in str(table)
