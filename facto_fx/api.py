@@ -116,7 +116,8 @@ def report(
         for d in state.decisions if d.rewritten and d.node in nodes
     }
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
-    result = build_report(state.decisions, vanilla_gm, vanilla, facto, input_bytes_by_node(vanilla_gm, example_inputs))
+    inputs = input_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic)
+    result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs)
     if peak:
         result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
         result.facto_peak = peak_training_bytes(fmodel, example_inputs)

@@ -142,14 +142,13 @@ class _InputRecorder(fx.Interpreter):
         return super().run_node(n)
 
 
-def input_bytes_by_node(gm: fx.GraphModule, inputs: Sequence[Tensor]) -> dict[str, int]:
-    """Bytes of each call node's (first) input, on meta tensors: what a dense conv or linear keeps
-    for its weight gradient, counted per layer even where another node saved the same tensor first
-    (the HOSVD paper's per-layer activation memory)."""
-    state = {f"gm.{name}": torch.empty_like(t, device="meta") for name, t in
-             [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+def input_bytes_by_node(gm: fx.GraphModule, inputs: Sequence[Tensor], *, analytic: bool = False) -> dict[str, int]:
+    """Bytes of each call node's (first) input: what a dense conv or linear keeps for its weight
+    gradient, counted per layer even where another node saved the same tensor first (the HOSVD
+    paper's per-layer activation memory). analytic=True runs on meta tensors."""
+    state = _training_state(gm, analytic, train_all=False)
     recorder = _InputRecorder(gm)
-    args = tuple(torch.empty_like(x, device="meta") for x in inputs)
+    args = tuple(torch.empty_like(x, device="meta") if analytic else x for x in inputs)
     with torch.no_grad():
         functional_call(_Runner(gm, recorder.run), state, args, strict=False, tie_weights=False)
     return recorder.sizes
