@@ -11,7 +11,7 @@ from torch import Tensor, fx, nn
 
 from facto_fx.config import FactoConfig
 from facto_fx.memory import input_bytes_by_node, peak_training_bytes, saved_bytes_by_node
-from facto_fx.methods import method_handler, method_layers
+from facto_fx.methods import method_handler, method_layers, method_notes
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import ModuleSite, rewrite
@@ -118,6 +118,8 @@ def report(
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
     inputs = input_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic)
     result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs)
+    if not analytic:  # notes come from real data (HOSVD's ranks); analytic rows are worst cases
+        result.notes = method_notes(fmodel, example_inputs)
     if peak:
         result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
         result.facto_peak = peak_training_bytes(fmodel, example_inputs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import fx
 
@@ -31,6 +31,7 @@ class MemoryReport:
     facto_by_node: dict[str, int]
     vanilla_peak: int | None = None  # peak bytes of one forward + backward (report(..., peak=True))
     facto_peak: int | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # per layer, from its method (HOSVD: the ranks)
 
     @property
     def vanilla_bytes(self) -> int:
@@ -63,6 +64,9 @@ class MemoryReport:
                 f"peak of a forward + backward: vanilla {self.vanilla_peak / MiB:.3f} MiB, facto "
                 f"{self.facto_peak / MiB:.3f} MiB   ({100 * self.facto_peak / self.vanilla_peak:.2f} % of vanilla)"
             )
+        if self.notes:
+            lines.append("\nper layer:")
+            lines.extend(f"  {layer}: {note}" for layer, note in self.notes.items())
         if self.unrewritten:
             lines.append("\nleft unrewritten:")
             lines.extend(f"  {d.layer} ({d.kind}): {d.reason}" for d in self.unrewritten)

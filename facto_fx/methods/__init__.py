@@ -14,6 +14,7 @@ from facto_fx.methods.base import (
     layer_handler,
     method_handler,
     method_layers,
+    method_notes,
     method_parameters,
     register_method,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "layer_seed",
     "method_handler",
     "method_layers",
+    "method_notes",
     "method_parameters",
     "register_method",
 ]

@@ -113,6 +113,10 @@ class Method:
         """The original layer's tensors as this layer computes them now (e.g. a merged weight)."""
         return {}
 
+    def describe(self, layer: nn.Module, x: Tensor) -> str | None:
+        """A note for the report on what `layer` keeps for input `x` (HOSVD: the ranks chosen)."""
+        return None
+
     def saved_bytes(self, method: MethodConfig, node: fx.Node, args: tuple, kwargs: dict) -> int | None:
         """Bytes the node keeps for backward, from its (meta) arguments; None: count with autograd's
         hooks. Needed where the hooks cannot see the real size (variable-length codes)."""
@@ -176,3 +180,31 @@ def method_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter a method added to `model` (Facto's M): an optimizer must see them, and
     they take no weight decay (docs/design.md §3)."""
     return [p for _, layer, handler in method_layers(model) for p in handler.trainable(layer)]
+
+
+@torch.no_grad()
+def method_notes(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, str]:
+    """Each method layer's `describe` note for one forward pass on `inputs` (real tensors), by
+    qualified name; no forward pass at all when no method has notes."""
+    notes: dict[str, str] = {}
+
+    def record(name: str, handler: Method):
+        def hook(layer: nn.Module, args: tuple, _output: object) -> None:
+            note = handler.describe(layer, args[0])
+            if note is not None and name not in notes:
+                notes[name] = note
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(record(name, handler)) for name, layer, handler in method_layers(model)
+        if type(handler).describe is not Method.describe
+    ]
+    if not handles:
+        return notes
+    try:
+        model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return notes

@@ -81,6 +81,12 @@ class _Decomposed(Method):
                 layer = HOSVDLinear(weight, bias, method.eps, method.mode)
         site.use_layer(match, layer)
 
+    def describe(self, layer: nn.Module, x: Tensor) -> str | None:
+        x = x if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+        modes = ops.rank_report(x, layer.eps, layer.mode)
+        ranks = "x".join(str(m.rank) for m in modes)
+        return f"{layer.mode} eps {layer.eps}: ranks {ranks} of {'x'.join(map(str, x.shape))}"
+
     def saved_bytes(self, method: HOSVD, node: fx.Node, args: tuple, kwargs: dict) -> int | None:
         """The full-rank worst case (ranks depend on the data; real runs report what was kept)."""
         x = args[0]

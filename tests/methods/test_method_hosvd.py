@@ -176,3 +176,14 @@ def test_rank_table_lists_every_decomposed_layer_and_its_eps():
             assert all(1 <= r <= size for r, size in zip(row.ranks[eps], row.shape, strict=False))
         assert all(a <= b for a, b in zip(row.ranks[0.5], row.ranks[0.99], strict=True))  # more eps, more rank
     assert "c3 (hosvd, input 6x8x16x16)" in str(table)
+
+
+def test_real_reports_name_the_ranks_each_layer_kept():
+    model, _ = _pair()
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"c3": HOSVD(0.5)})
+    x = torch.randn(8, 3, 16, 16)
+    report = facto_fx.report(fmodel, x)
+    expected = "x".join(map(str, facto_fx.rank_table(fmodel, x, eps=(0.5,)).rows[0].ranks[0.5]))
+    assert report.notes == {"c3": f"hosvd eps 0.5: ranks {expected} of 8x8x16x16"}
+    assert f"c3: hosvd eps 0.5: ranks {expected}" in str(report)
+    assert facto_fx.report(fmodel, x, analytic=True).notes == {}
