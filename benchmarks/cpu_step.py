@@ -32,6 +32,18 @@ def make_step(model, batch, target):
     return step
 
 
+def median_step_times(steps: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each step, the steps taking turns so machine noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cifar_vgg11", choices=model_names(), metavar="MODEL",
@@ -53,14 +65,7 @@ def main(argv=None) -> dict:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch_size,))
     steps = {"vanilla": make_step(vanilla, x, y), "facto": make_step(facto, x, y)}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(args.warmup + args.steps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = median_step_times(steps, args.warmup, args.steps)
     ratio = medians["facto"] / medians["vanilla"]
     print(
         f"{args.model} batch {args.batch_size} {args.image_size}x{args.image_size}, {torch.get_num_threads()} threads: "

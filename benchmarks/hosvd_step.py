@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
+from cpu_step import make_step, median_step_times  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 import facto_fx
@@ -37,18 +36,6 @@ def fine_tune_only(model: nn.Module, layers: list[str]) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
     return model
-
-
-def make_step(model: nn.Module, batch: torch.Tensor, target: torch.Tensor):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(batch), target).backward()
-        opt.step()
-
-    return step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,14 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch_size,))
     steps = {"vanilla": make_step(vanilla, x, y), args.mode: make_step(compressed, x, y)}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(args.warmup + args.steps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = median_step_times(steps, args.warmup, args.steps)
     ratio = medians[args.mode] / medians["vanilla"]
     print(
         f"{args.model} batch {args.batch_size} {args.image_size}x{args.image_size}, last {args.last} convs, "

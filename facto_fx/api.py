@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from facto_fx.config import FactoConfig
-from facto_fx.memory import input_bytes_by_node, peak_training_bytes, saved_bytes_by_node
+from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
 from facto_fx.methods import method_handler, method_layers, method_notes
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
@@ -60,11 +60,9 @@ def compile(
     if verify and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("a model on the meta device cannot be verified: pass verify=False (nothing can run on it)")
     gm = _trace(model, config)
-    if verify and example_inputs is None:
-        example_inputs = verification_inputs(model, gm)  # read from the plain trace's first layer
-        propagate = False
-    else:
-        propagate = example_inputs is not None
+    inputs = example_inputs
+    if verify and inputs is None:
+        inputs = verification_inputs(model, gm)  # read from the plain trace's first layer
     matches = find_matches(gm)
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, ModuleSite(gm, config.seed))
@@ -72,8 +70,8 @@ def compile(
     if config.kernels != "auto":
         KernelScope(config.kernels).attach(gm)
     if verify:
-        check(model, gm, example_inputs, plan, lambda: _trace(model, config, gm))
-    if propagate:
+        check(model, gm, inputs, plan, lambda: _trace(model, config, gm))
+    if example_inputs is not None:
         propagate_shapes(gm, *example_inputs)
     return gm
 
@@ -109,14 +107,14 @@ def report(
         raise ValueError("peak=True measures real allocations; it cannot be combined with analytic=True")
     state = _state(fmodel)
     vanilla_gm = _trace(state.source, state.config, fmodel)
-    vanilla = saved_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic, train_all=True)
+    inputs: dict[str, int] = {}
+    vanilla = saved_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic, train_all=True, input_bytes=inputs)
     nodes = {node.name: node for node in fmodel.graph.nodes} if analytic else {}
     estimates = {
         d.node: functools.partial(method_handler(d.method).saved_bytes, d.method, nodes[d.node])
         for d in state.decisions if d.rewritten and d.node in nodes
     }
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
-    inputs = input_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic)
     result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs)
     if not analytic:  # notes come from real data (HOSVD's ranks); analytic rows are worst cases
         result.notes = method_notes(fmodel, example_inputs)

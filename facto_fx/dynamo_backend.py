@@ -79,7 +79,6 @@ class CapturedSite:
     def __init__(self, gm: fx.GraphModule, tensors: GraphTensors, seed: int) -> None:
         self.gm, self.tensors, self.seed = gm, tensors, seed
         self.inputs = {id(t): node for node, (_, t) in tensors.lifted.items()}
-        self.requires_grad = {id(t): t.requires_grad for _, t in tensors.lifted.values()}
         self.extra: list[tuple[nn.Module, int]] = []  # (layer, position in layer.arguments())
 
     def tensor(self, node: object) -> Tensor | None:
@@ -107,7 +106,7 @@ class CapturedSite:
     def _adopt(self, weight_node: fx.Node, layer: nn.Module) -> nn.Module:
         """Keep `layer` as the `facto` child of the user's module that owns the weight, or reuse the
         one an earlier compilation put there. The layer refers to the module's own parameters
-        without registering them again, and leaves their requires_grad as dynamo saw it."""
+        without registering them again."""
         name, weight = self.tensors.lookup(weight_node)
         owner = _owning_module(weight_node, weight)
         kept = getattr(owner, CHILD, None)
@@ -118,14 +117,14 @@ class CapturedSite:
                     f"'{name.rpartition('.')[0]}' already has a {type(kept).__name__} from an earlier facto "
                     f"compilation with other options; recompiling with new options needs a fresh model"
                 )
-            layer = kept
+        target = layer if kept is None else kept
         for key, value in inputs.items():  # the owner's current tensors (a load with assign=True replaces them)
-            if key in dict(layer.named_parameters(recurse=False)):
-                delattr(layer, key)
-            object.__setattr__(layer, key, value)
+            if kept is None:
+                delattr(layer, key)  # registered on the fresh layer; a kept one holds them unregistered
+            object.__setattr__(target, key, value)
         if kept is None:
             owner.add_module(CHILD, layer)
-        return layer
+        return target
 
 
 def rewrite_captured(gm: fx.GraphModule, example_inputs: list, config: FactoConfig) -> CapturedSite:
@@ -141,6 +140,7 @@ def rewrite_captured(gm: fx.GraphModule, example_inputs: list, config: FactoConf
     decisions = schedule(gm, matches, config, check_names=False)
     gm.meta["facto_decisions"] = decisions
     site = CapturedSite(gm, tensors, config.seed)
+    requires_grad = {id(t): t.requires_grad for _, t in lifted.values()}
     try:
         with unset_fake_temporarily(), torch.no_grad():  # real layer tensors that outlive this compilation
             rewrite(gm, matches, decisions, site)
@@ -148,7 +148,7 @@ def rewrite_captured(gm: fx.GraphModule, example_inputs: list, config: FactoConf
         # Layers freeze the weights they train around; dynamo guards on requires_grad, and the
         # graph gives those weights no gradient anyway: leave every input as dynamo saw it.
         for _, tensor in lifted.values():
-            tensor.requires_grad_(site.requires_grad[id(tensor)])
+            tensor.requires_grad_(requires_grad[id(tensor)])
     return site
 
 
@@ -166,7 +166,9 @@ def facto_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
 
     def extra() -> list[Tensor]:
         # Read at every call: `.to()` replaces a layer's buffers, merges update them in place.
-        return [layer.arguments()[position] for layer, position in site.extra]
+        # One arguments() per layer, however many of its tensors are inputs.
+        current = {id(layer): layer.arguments() for layer, _ in site.extra}
+        return [current[id(layer)][position] for layer, position in site.extra]
 
     # The extra inputs enter as fakes with static shapes: symbolic sizes would add guards on tensors
     # dynamo never saw.

@@ -30,20 +30,27 @@ class _SavingInterpreter(fx.Interpreter):
     """Runs the graph node by node so every saved tensor can be charged to its node.
 
     A node with an estimate (a method whose saved size hooks cannot see) is charged the estimate
-    computed from its arguments instead, unless the estimate is None.
+    computed from its arguments instead, unless the estimate is None. `input_bytes`, if given,
+    gets the size of every call node's first tensor argument.
     """
 
     current = "<input>"
 
-    def __init__(self, gm: fx.GraphModule, estimates: dict[str, Estimate], counts: dict[str, int]) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, estimates: dict[str, Estimate], counts: dict[str, int],
+        input_bytes: dict[str, int] | None,
+    ) -> None:
         super().__init__(gm)
-        self.estimates, self.counts = estimates, counts
+        self.estimates, self.counts, self.input_bytes = estimates, counts, input_bytes
 
     def run_node(self, n: fx.Node):
         self.current = n.name
         estimate = self.estimates.get(n.name)
-        if estimate is not None:
-            nbytes = estimate(*self.fetch_args_kwargs_from_env(n))
+        if (estimate is not None or self.input_bytes is not None) and n.op.startswith("call"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if self.input_bytes is not None and args and isinstance(args[0], Tensor):
+                self.input_bytes[n.name] = args[0].nelement() * args[0].element_size()
+            nbytes = None if estimate is None else estimate(args, kwargs)
             if nbytes is not None:
                 self.counts[n.name] += nbytes
                 self.current = _ESTIMATED
@@ -105,18 +112,22 @@ def saved_bytes_by_node(
     analytic: bool = False,
     train_all: bool = False,
     estimates: dict[str, Estimate] | None = None,
+    input_bytes: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Bytes of unique storages saved for backward, per FX node name, for one forward pass.
 
     train_all=True makes every parameter require grad (vanilla full-rank training); otherwise
     parameters keep their own requires_grad (Facto training). `estimates` maps node names to
     functions of the node's arguments giving its saved bytes where hooks cannot see them.
+    `input_bytes`, if given, is filled with each call node's (first) input size: what a dense conv
+    or linear keeps for its weight gradient, counted per layer even where another node saved the
+    same tensor first (the HOSVD paper's per-layer activation memory).
     """
     state = _training_state(gm, analytic, train_all)
     excluded = {_storage_key(t) for t in state.values()}
     args = [torch.empty_like(x, device="meta") if analytic else x for x in inputs]
     counts: dict[str, int] = defaultdict(int)
-    interpreter = _SavingInterpreter(gm, estimates or {}, counts)
+    interpreter = _SavingInterpreter(gm, estimates or {}, counts, input_bytes)
     with _counting_saved(counts, excluded, lambda: interpreter.current):
         output = functional_call(_Runner(gm, interpreter.run), state, tuple(args), strict=False, tie_weights=False)
     # The interpreter keeps the output, whose autograd graph holds the pack hook, which holds the
@@ -125,33 +136,6 @@ def saved_bytes_by_node(
     del output
     counts.pop(_ESTIMATED, None)
     return dict(counts)
-
-
-class _InputRecorder(fx.Interpreter):
-    """Runs the graph and keeps the size of every call node's first tensor argument."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.sizes: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node):
-        if n.op.startswith("call"):
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            if args and isinstance(args[0], Tensor):
-                self.sizes[n.name] = args[0].nelement() * args[0].element_size()
-        return super().run_node(n)
-
-
-def input_bytes_by_node(gm: fx.GraphModule, inputs: Sequence[Tensor], *, analytic: bool = False) -> dict[str, int]:
-    """Bytes of each call node's (first) input: what a dense conv or linear keeps for its weight
-    gradient, counted per layer even where another node saved the same tensor first (the HOSVD
-    paper's per-layer activation memory). analytic=True runs on meta tensors."""
-    state = _training_state(gm, analytic, train_all=False)
-    recorder = _InputRecorder(gm)
-    args = tuple(torch.empty_like(x, device="meta") if analytic else x for x in inputs)
-    with torch.no_grad():
-        functional_call(_Runner(gm, recorder.run), state, args, strict=False, tie_weights=False)
-    return recorder.sizes
 
 
 def peak_step_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -> int:

@@ -175,7 +175,6 @@ def method_layers(model: nn.Module) -> list[tuple[str, nn.Module, Method]]:
     return found
 
 
-
 def method_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter a method added to `model` (Facto's M): an optimizer must see them, and
     they take no weight decay (docs/design.md §3)."""

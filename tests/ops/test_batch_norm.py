@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from leaves import leaf
 from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
@@ -33,14 +34,10 @@ def _inputs(shape, seed=0, affine=True):
     return x, mean, var, weight, bias
 
 
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
-
-
 def _facto_and_reference(x, mean, var, weight, bias, k):
     """Run both with fresh leaves; return outputs, the leaves of each, and a shared grad_y."""
-    f_leaves = [_leaf(t) for t in (x, weight, bias)]
-    r_leaves = [_leaf(t) for t in (x, weight, bias)]
+    f_leaves = [leaf(t) for t in (x, weight, bias)]
+    r_leaves = [leaf(t) for t in (x, weight, bias)]
     fx, fw, fb = f_leaves
     rx, rw, rb = r_leaves
     y = facto.batch_norm(fx, mean, var, fw, fb, eps=EPS, lossy_kernel=k)
@@ -89,7 +86,7 @@ def test_pooled_grad_weight_k2(hw):
 def test_frozen_weight_saves_nothing():
     """Frozen γ: grad_x needs no feature map, so only an empty placeholder (besides γ and σ²) is saved."""
     x, mean, var, weight, bias = _inputs((2, 3, 5, 7), seed=2)
-    x, bias = _leaf(x), _leaf(bias)
+    x, bias = leaf(x), leaf(bias)
     saved = _excluding(_saved(lambda: facto.batch_norm(x, mean, var, weight, bias, eps=EPS)), weight, mean, var)
     assert saved and all(t.numel() == 0 for t in saved)
 
@@ -97,7 +94,7 @@ def test_frozen_weight_saves_nothing():
 @pytest.mark.parametrize(("storage_dtype", "dtype"), [(None, F64), (torch.bfloat16, torch.bfloat16)])
 def test_trained_weight_saves_pooled_x_hat(storage_dtype, dtype):
     x, mean, var, weight, bias = _inputs((2, 3, 5, 7), seed=3)
-    x, weight = _leaf(x), _leaf(weight)
+    x, weight = leaf(x), leaf(weight)
     saved = _saved(lambda: facto.batch_norm(x, mean, var, weight, bias, EPS, 2, storage_dtype))
     assert [(t.dtype, tuple(t.shape)) for t in _excluding(saved, weight, mean, var)] == [(dtype, (2, 3, 3, 4))]
 
@@ -105,11 +102,11 @@ def test_trained_weight_saves_pooled_x_hat(storage_dtype, dtype):
 def test_no_grad_path_matches():
     x, mean, var, weight, bias = _inputs((2, 3, 4, 4), seed=4)
     with torch.no_grad():
-        y = facto.batch_norm(x, mean, var, _leaf(weight), bias, eps=EPS)
+        y = facto.batch_norm(x, mean, var, leaf(weight), bias, eps=EPS)
     torch.testing.assert_close(y, F.batch_norm(x, mean, var, weight, bias, training=False, eps=EPS))
 
 
 def test_opcheck():
     x, mean, var, weight, bias = _inputs((2, 3, 5, 4), seed=5)
-    args = (_leaf(x), _leaf(weight), _leaf(bias), mean, var, EPS, 2, None, True)
+    args = (leaf(x), leaf(weight), leaf(bias), mean, var, EPS, 2, None, True)
     torch.library.opcheck(torch.ops.facto.batch_norm.default, args)

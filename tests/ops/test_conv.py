@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from leaves import leaf
 from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
@@ -21,10 +22,6 @@ def _tensors(b, c_in, c_out, c_r, kh, kw, h, w, bias=True, dtype=F64, seed=0):
     D = torch.randn(c_r, c_in * kh * kw, generator=g, dtype=dtype)
     b_ = torch.randn(c_out, generator=g, dtype=dtype) if bias else None
     return x, weight, M, D, b_
-
-
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
 
 
 def _grads(out, inputs, grad_out):
@@ -47,7 +44,7 @@ def _upsampled_grad_m(x, D, weight_shape, grad_y, stride, padding, dilation, k):
 
 
 def _run_facto(x, weight, M, D, bias, stride, padding, dilation, k):
-    x, M, bias = _leaf(x), _leaf(M), _leaf(bias)
+    x, M, bias = leaf(x), leaf(M), leaf(bias)
     y = facto.conv2d(x, weight, M, D, bias, stride, padding, dilation, lossy_kernel=k)
     return y, (x, M, bias)
 
@@ -55,7 +52,7 @@ def _run_facto(x, weight, M, D, bias, stride, padding, dilation, k):
 def _check_against_dense(x, weight, M, D, bias, args, k, generator=None):
     """Output, grad_x and grad_bias equal dense autograd of W + M·D; grad_M is the upsampled-Z_p formula."""
     y, leaves = _run_facto(x, weight, M, D, bias, *args, k=k)
-    rx, rb = _leaf(x), _leaf(bias)
+    rx, rb = leaf(x), leaf(bias)
     y_ref = _dense(rx, weight, M, D, rb, *args)
     torch.testing.assert_close(y, y_ref)
     grad_y = torch.randn(y_ref.shape, generator=generator, dtype=y_ref.dtype)
@@ -80,7 +77,7 @@ def test_k1_forward_and_all_grads_match_dense_reparameterisation(bias):
     x, weight, M, D, b = _tensors(2, 3, 4, 2, 3, 3, 7, 6, bias=bias)
     args = ((2, 1), (1, 0), (1, 2))
     y, leaves = _run_facto(x, weight, M, D, b, *args, k=1)
-    rx, rM, rb = _leaf(x), _leaf(M), _leaf(b)
+    rx, rM, rb = leaf(x), leaf(M), leaf(b)
     y_ref = F.conv2d(rx, weight + (rM @ D).view(weight.shape), rb, *args)
     torch.testing.assert_close(y, y_ref)
     grad_y = torch.randn_like(y_ref)
@@ -140,7 +137,7 @@ def test_only_m_trained_first_layer():
     """The input of the first layer needs no grad: grad_M alone must still come out right."""
     x, weight, M, D, _ = _tensors(1, 3, 4, 2, 3, 3, 6, 6, bias=False, seed=2)
     args = ((1, 1), (1, 1), (1, 1))
-    M_leaf = _leaf(M)
+    M_leaf = leaf(M)
     y = facto.conv2d(x, weight, M_leaf, D, None, *args, lossy_kernel=2)
     grad_y = torch.randn_like(y)
     (gM,) = torch.autograd.grad(y, [M_leaf], grad_y)
@@ -152,7 +149,7 @@ def test_bf16_storage_saves_small_map_and_keeps_grad_m_close():
     b, c_in, c_out, c_r, h, w, k = 2, 3, 4, 2, 11, 10, 2
     x, weight, M, D, bias = _tensors(b, c_in, c_out, c_r, 3, 3, h, w, dtype=torch.float32, seed=3)
     args = ((1, 1), (1, 1), (1, 1))
-    x, M, bias = _leaf(x), _leaf(M), _leaf(bias)
+    x, M, bias = leaf(x), leaf(M), leaf(bias)
     out = []
     saved = _saved(lambda: out.append(facto.conv2d(x, weight, M, D, bias, *args, k, torch.bfloat16)))
     saved = _excluding(saved, weight, M, D)
@@ -167,7 +164,7 @@ def test_bf16_storage_saves_small_map_and_keeps_grad_m_close():
 def test_saved_map_without_storage_dtype_is_full_precision_z_p():
     """The input X itself is never saved, only Z_p in the input's dtype."""
     x, weight, M, D, bias = _tensors(2, 3, 4, 2, 3, 3, 9, 9, seed=4)
-    x, M = _leaf(x), _leaf(M)
+    x, M = leaf(x), leaf(M)
     saved = _saved(lambda: facto.conv2d(x, weight, M, D, bias, (2, 2), (1, 1), (1, 1), lossy_kernel=2))
     assert [(t.dtype, tuple(t.shape)) for t in _excluding(saved, weight, M, D)] == [(F64, (2, 2, 3, 3))]
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from leaves import leaf
 from saved_tensors import saved_tensors as _saved
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -74,10 +75,6 @@ def _check_energy(x, codes, mode, eps):
         assert _kept(x, u, dim) >= eps - 1e-9
         if u.shape[1] > 1:
             assert _kept(x, u[:, :-1], dim) < eps + 1e-9
-
-
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
 
 
 def _tensors(b, c, o, groups, kh, kw, h, w, bias=True, dtype=F64, seed=0):
@@ -149,8 +146,8 @@ def conv_cases(draw):
 
 def _check_conv_against_dense(x, weight, bias, args, mode, eps=1.0):
     """hosvd_conv2d's y, grad_X, grad_W and grad_bias equal dense autograd of F.conv2d at eps = 1."""
-    fx, fw, fb = _leaf(x), _leaf(weight), _leaf(bias)
-    rx, rw, rb = _leaf(x), _leaf(weight), _leaf(bias)
+    fx, fw, fb = leaf(x), leaf(weight), leaf(bias)
+    rx, rw, rb = leaf(x), leaf(weight), leaf(bias)
     y = facto.hosvd_conv2d(fx, fw, fb, *args, eps=eps, mode=mode)
     y_ref = _dense_conv(rx, rw, rb, *args)
     torch.testing.assert_close(y, y_ref)
@@ -230,12 +227,12 @@ def test_lossy_grad_w_is_that_of_the_reconstruction(mode, eps, geometry):
     stride, padding, dilation, groups = CONV_GEOMETRIES[geometry]
     x, weight, bias = _tensors(4, 6, 6, groups, 3, 3, 9, 8, seed=geometry)
     pads = facto.conv_padding(padding, (3, 3), list(stride), list(dilation))
-    fx, fw, fb = _leaf(x), _leaf(weight), _leaf(bias)
+    fx, fw, fb = leaf(x), leaf(weight), leaf(bias)
     y, codes = torch.ops.facto.hosvd_conv2d(fx, fw, fb, list(stride), pads, list(dilation), groups, eps, mode)
     grad_y = torch.randn_like(y)
     gx, gw, gb = torch.autograd.grad(y, [fx, fw, fb], grad_y)
 
-    rx, rw, rb = _leaf(x), _leaf(weight), _leaf(bias)
+    rx, rw, rb = leaf(x), leaf(weight), leaf(bias)
     ref = _dense_conv(rx, rw, rb, stride, padding, dilation, groups)
     torch.testing.assert_close(y, ref)
     ref_gx, ref_gb = torch.autograd.grad(ref, [rx, rb], grad_y)
@@ -263,12 +260,12 @@ def test_first_layer_and_frozen_weight():
     """An input that needs no grad still gets the lossless grad_W; a frozen weight still gives grad_X."""
     x, weight, bias = _tensors(2, 3, 4, 1, 3, 3, 6, 6, seed=5)
     args = ((1, 1), 1, (1, 1), 1)
-    fw, rw = _leaf(weight), _leaf(weight)
+    fw, rw = leaf(weight), leaf(weight)
     grad_y = torch.randn(2, 4, 6, 6, dtype=F64)
     (gw,) = torch.autograd.grad(facto.hosvd_conv2d(x, fw, bias, *args, eps=1.0), [fw], grad_y)
     (ref,) = torch.autograd.grad(_dense_conv(x, rw, bias, *args), [rw], grad_y)
     torch.testing.assert_close(gw, ref)
-    fx, rx = _leaf(x), _leaf(x)
+    fx, rx = leaf(x), leaf(x)
     (gx,) = torch.autograd.grad(facto.hosvd_conv2d(fx, weight, bias, *args, eps=0.5), [fx], grad_y)
     (ref,) = torch.autograd.grad(_dense_conv(rx, weight, bias, *args), [rx], grad_y)
     torch.testing.assert_close(gx, ref)
@@ -314,11 +311,11 @@ def test_linear_against_dense(mode, lead, eps):
     g = torch.Generator().manual_seed(len(lead))
     x = torch.randn(*lead, 9, generator=g, dtype=F64)
     weight, bias = torch.randn(4, 9, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
-    fx, fw, fb = _leaf(x), _leaf(weight), _leaf(bias)
+    fx, fw, fb = leaf(x), leaf(weight), leaf(bias)
     y, codes = torch.ops.facto.hosvd_linear(fx, fw, fb, eps, mode)
     grad_y = torch.randn_like(y)
     gx, gw, gb = torch.autograd.grad(y, [fx, fw, fb], grad_y)
-    rx, rw, rb = _leaf(x), _leaf(weight), _leaf(bias)
+    rx, rw, rb = leaf(x), leaf(weight), leaf(bias)
     ref = F.linear(rx, rw, rb)
     torch.testing.assert_close(y, ref)
     ref_gx, ref_gw, ref_gb = torch.autograd.grad(ref, [rx, rw, rb], grad_y)
@@ -372,7 +369,7 @@ def test_conv_low_precision_and_autocast(mode, layout, dtype, autocast):
     reference on the same rounded inputs: grad_X and grad_bias with X, grad_W with X̂ from the codes."""
     x = _layout(_low_rank((3, 6, 7, 5), (2, 3, 4, 3), noise=0.1, seed=7, dtype=torch.float32).to(dtype), layout)
     weight, bias = torch.randn(6, 3, 3, 2), torch.randn(6)  # fp32 parameters
-    fx, fw, fb = _leaf(x), _leaf(weight), _leaf(bias)
+    fx, fw, fb = leaf(x), leaf(weight), leaf(bias)
     pads = [1, 0, 1, 1]
     with _autocast(autocast):
         y, codes = torch.ops.facto.hosvd_conv2d(fx, fw, fb, [1, 2], pads, [1, 1], 2, 0.8, mode)
@@ -386,7 +383,7 @@ def test_conv_low_precision_and_autocast(mode, layout, dtype, autocast):
 
     # float64 references on the rounded tensors the op saw
     x64, w64, b64 = x.to(run_dtype).to(F64), weight.to(run_dtype).to(F64), bias.to(run_dtype).to(F64)
-    rx, rw, rb = _leaf(x64), _leaf(w64), _leaf(b64)
+    rx, rw, rb = leaf(x64), leaf(w64), leaf(b64)
     ref = _dense_conv(rx, rw, rb, (1, 2), tuple(pads), (1, 1), 2)
     tol = TOLERANCE[run_dtype]
     assert _rel(y, ref) < tol
@@ -405,7 +402,7 @@ def test_conv_low_precision_and_autocast(mode, layout, dtype, autocast):
 def test_linear_low_precision_and_autocast(mode, dtype, autocast):
     x = torch.randn(2, 5, 8).to(dtype)
     weight, bias = torch.randn(3, 8), torch.randn(3)
-    fx, fw, fb = _leaf(x), _leaf(weight), _leaf(bias)
+    fx, fw, fb = leaf(x), leaf(weight), leaf(bias)
     with _autocast(autocast):
         y, codes = torch.ops.facto.hosvd_linear(fx, fw, fb, 0.8, mode)
     run_dtype = autocast or dtype

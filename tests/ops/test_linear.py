@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from leaves import leaf
 from saved_tensors import saved_tensors as _saved
 
 import facto_fx.ops as facto
@@ -20,10 +21,6 @@ def _tensors(lead, i, o, r, bias=True, dtype=F64, seed=0):
     return x, weight, M, D, b
 
 
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
-
-
 def _excluding(saved, *params):
     ptrs = {p.untyped_storage().data_ptr() for p in params if p is not None and p.numel()}
     return [t for t in saved if not (t.numel() and t.untyped_storage().data_ptr() in ptrs)]
@@ -39,8 +36,8 @@ def test_forward_and_grads_match_dense_reparameterisation(lead, bias):
 
 def _check_against_dense(x, weight, M, D, b):
     """facto.linear's output and every gradient equal autograd of F.linear(x, W + M·D, b)."""
-    fx, fM, fb = _leaf(x), _leaf(M), _leaf(b)
-    rx, rM, rb = _leaf(x), _leaf(M), _leaf(b)
+    fx, fM, fb = leaf(x), leaf(M), leaf(b)
+    rx, rM, rb = leaf(x), leaf(M), leaf(b)
     y = facto.linear(fx, weight, fM, D, fb)
     y_ref = F.linear(rx, weight + rM @ D, rb)
     torch.testing.assert_close(y, y_ref)
@@ -57,7 +54,7 @@ def _check_against_dense(x, weight, M, D, b):
 def test_only_m_trained():
     """A first layer whose input needs no grad still gets the exact grad_M."""
     x, weight, M, D, _ = _tensors((4,), 5, 3, 2, seed=1)
-    fM, rM = _leaf(M), _leaf(M)
+    fM, rM = leaf(M), leaf(M)
     grad_y = torch.randn(4, 3, dtype=F64)
     facto.linear(x, weight, fM, D).backward(grad_y)
     F.linear(x, weight + rM @ D).backward(grad_y)
@@ -68,14 +65,14 @@ def test_only_m_trained():
 def test_saves_only_projection_in_storage_dtype(storage_dtype, expected):
     """Instead of x (B×I) the op keeps D·x (B×R), in the storage dtype."""
     x, weight, M, D, b = _tensors((7,), 12, 5, 3, dtype=torch.float32, seed=2)
-    x, M, b = _leaf(x), _leaf(M), _leaf(b)
+    x, M, b = leaf(x), leaf(M), leaf(b)
     saved = _saved(lambda: facto.linear(x, weight, M, D, b, storage_dtype=storage_dtype))
     assert [(t.dtype, tuple(t.shape)) for t in _excluding(saved, weight, M, D)] == [(expected, (7, 3))]
 
 
 def test_bf16_storage_keeps_grad_m_close():
     x, weight, M, D, _ = _tensors((16,), 20, 6, 4, dtype=torch.float32, seed=3)
-    fM, rM = _leaf(M), _leaf(M)
+    fM, rM = leaf(M), leaf(M)
     grad_y = torch.randn(16, 6)
     facto.linear(x, weight, fM, D, storage_dtype=torch.bfloat16).backward(grad_y)
     F.linear(x, weight + rM @ D).backward(grad_y)
