@@ -1,0 +1,175 @@
+"""An error-bounded lossy codec for saved activations (SZ / cuSZp design; COMET, shared/papers/
+error-bounded-lossy-compression.txt): every reconstructed element is within `eb` of the original.
+
+**Format.** The tensor is read in memory order (a channels_last map as N·H·W·C, no copy) and cut
+into blocks of BLOCK = 32 values, the last padded with zeros.
+
+1. Quantise: q = round(x / 2eb) as int32, so x̂ = q · 2eb is within eb of x. Zeros stay exactly
+   zero, so ReLU sparsity costs nothing.
+2. Predict each value from its left neighbour inside its block (1-D Lorenzo, predecessor reset at
+   every block): r_0 = q_0, r_i = q_i − q_{i−1}.
+3. Per block, `widths` holds one byte: the bit length b of the largest |r_i|. A block with b > 0
+   then appends 1 + b int32 words to `words`: the sign mask (bit i set: r_i < 0) and the b bit
+   planes of |r_i| (plane k, bit i: bit k of |r_i|). An all-zero block costs its one byte; block
+   offsets into `words` are the exclusive prefix sum of (b > 0)·(1 + b), so nothing else is stored.
+
+**The bound is checked, not assumed.** x̂ is computed exactly as `decompress` computes it (the
+fp32 product q · 2eb, rounded to x's dtype), and every element with |x̂ − x| > eb — float rounding,
+a 16-bit dtype too coarse for eb, |x| / 2eb beyond the int32 range — is an *outlier*: its code is
+0 and its exact value is stored in `outlier_value` at flat (memory-order) index `outlier_index`.
+NaN and ±inf never satisfy the check, so they are outliers too and come back bit for bit.
+
+**Size** in bytes: nblocks + 4·Σ(b>0)(1+b) + outliers·(8 + itemsize); `Codes.nbytes`.
+
+**Host syncs.** The output's length depends on the data: compress reads the word and outlier counts
+back to the host once per tensor (one `.tolist()` of both) to allocate exactly what is kept; a
+worst-case buffer would hold more than the input. Decompress has no sync.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+BLOCK = 32
+MAX_CODE = 2**30  # |q| below this keeps every residual (a difference of two codes) inside int32
+CODEC_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Codes(NamedTuple):
+    """One compressed tensor: what autograd keeps in place of it."""
+
+    widths: Tensor  # uint8 (nblocks,): bit length of each block's largest residual
+    words: Tensor  # int32: per nonzero block, its sign mask then its bit planes
+    outlier_index: Tensor  # int64: memory-order flat positions stored exactly
+    outlier_value: Tensor  # x's dtype: the exact values at those positions
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+
+def check_bound(eb: float) -> float:
+    if isinstance(eb, bool) or not isinstance(eb, (int, float)) or not (math.isfinite(eb) and eb > 0):
+        raise ValueError(f"eb (the absolute error bound) must be a finite number > 0; got {eb!r}")
+    return float(eb)
+
+
+def memory_order(x: Tensor) -> Tensor:
+    """x's elements as a flat view in memory order (a copy only for layouts with gaps or overlaps)."""
+    if not (x.is_contiguous() or is_channels_last(x)):
+        x = x.contiguous()
+    return x.as_strided((x.numel(),), (1,))
+
+
+def step_of(eb: float) -> float:
+    """The quantisation step 2eb as the fp32 value both sides multiply by."""
+    return float(torch.tensor(2 * eb, dtype=torch.float32))
+
+
+def quantize(flat: Tensor, eb: float) -> tuple[Tensor, Tensor]:
+    """(q int32, outlier mask): q = round(x / 2eb), 0 where the decoded value would miss the bound."""
+    step = step_of(eb)
+    scaled = flat.float() / step if flat.dtype != torch.float64 else flat / step
+    q = torch.round(scaled).clamp_(-MAX_CODE, MAX_CODE).to(torch.int32)
+    decoded = dequantize(q, step, flat.dtype)
+    outlier = ~((decoded.double() - flat.double()).abs() <= eb)
+    return q.masked_fill_(outlier, 0), outlier
+
+
+def dequantize(q: Tensor, step: float, dtype: torch.dtype) -> Tensor:
+    """x̂ = q · 2eb: an fp32 product (fp64 for fp64 tensors), rounded to `dtype`."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return (q.to(work) * step).to(dtype)
+
+
+def _blocks(flat: Tensor) -> Tensor:
+    pad = (-flat.numel()) % BLOCK
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, BLOCK)
+
+
+def _lanes(device: torch.device) -> Tensor:
+    return torch.ones((), dtype=torch.int64, device=device) << torch.arange(BLOCK, device=device)
+
+
+def _pack(bits: Tensor, lanes: Tensor) -> Tensor:
+    """Each row of 32 0/1 values as one int32 word (bit i: lane i); wraps bit 31 into the sign."""
+    return (bits.to(torch.int64) * lanes).sum(1).to(torch.int32)
+
+
+def bit_length(m: Tensor) -> Tensor:
+    """Bits needed for each non-negative int32 value (0 for 0), exact through float64's frexp."""
+    return torch.frexp(m.double())[1].to(torch.uint8)
+
+
+def encode(q: Tensor) -> tuple[Tensor, Tensor]:
+    """(widths, words) of int32 codes `q` (flat, any length)."""
+    blocks = _blocks(q)
+    residual = torch.diff(blocks, dim=1, prepend=torch.zeros_like(blocks[:, :1]))
+    magnitude = residual.abs()
+    widths = bit_length(magnitude.amax(1))
+    top = int(widths.max()) if widths.numel() else 0
+    if top == 0:
+        return widths, q.new_empty(0)
+    lanes = _lanes(q.device)
+    columns = [_pack(residual < 0, lanes)] + [_pack((magnitude >> k) & 1, lanes) for k in range(top)]
+    table = torch.stack(columns, dim=1)  # (nblocks, 1 + top): sign, plane 0, plane 1, ...
+    used = torch.arange(1 + top, device=q.device) <= widths.unsqueeze(1).to(torch.int64)
+    used &= (widths > 0).unsqueeze(1)
+    return widths, table[used]
+
+
+def decode(widths: Tensor, words: Tensor, numel: int) -> Tensor:
+    """The int32 codes back from (widths, words): the first `numel` of them, flat."""
+    nblocks = widths.numel()
+    q = torch.zeros(nblocks, BLOCK, dtype=torch.int32, device=widths.device)
+    if words.numel():
+        width = widths.to(torch.int64)
+        count = torch.where(width > 0, width + 1, 0)
+        start = torch.cumsum(count, 0) - count
+        lanes = torch.arange(BLOCK, device=widths.device)
+        nonzero = width > 0
+        sign = (words[start[nonzero]].unsqueeze(1) >> lanes) & 1
+        magnitude = torch.zeros(int(nonzero.sum()), BLOCK, dtype=torch.int32, device=widths.device)
+        rows, row_width = start[nonzero], width[nonzero]
+        for k in range(int(row_width.max())):
+            has = row_width > k
+            plane = words[torch.where(has, rows + 1 + k, 0)]
+            magnitude |= ((plane.unsqueeze(1) >> lanes) & 1) * has.unsqueeze(1).to(torch.int32) << k
+        residual = torch.where(sign.bool(), -magnitude, magnitude)
+        q[nonzero] = torch.cumsum(residual, dim=1, dtype=torch.int32)
+    return q.view(-1)[:numel]
+
+
+def compress(x: Tensor, eb: float) -> Codes:
+    """`x` (any shape and layout, float) as Codes within `eb` of every element."""
+    eb = check_bound(eb)
+    if x.dtype not in CODEC_DTYPES:
+        raise TypeError(f"the error-bounded codec compresses float tensors {CODEC_DTYPES}; got {x.dtype}")
+    flat = memory_order(x)
+    q, outlier = quantize(flat, eb)
+    widths, words = encode(q)
+    index = outlier.nonzero().view(-1)
+    return Codes(widths, words, index, flat[index])
+
+
+def decompress(codes: Codes, shape: torch.Size, dtype: torch.dtype, eb: float, channels_last: bool = False) -> Tensor:
+    """The reconstructed tensor of `shape` and `dtype` (channels_last: in that layout, as the map
+    was read); |x̂ − x| ≤ eb for every element, outliers exact."""
+    out = torch.empty(shape, dtype=dtype, device=codes.widths.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    flat = memory_order(out)
+    q = decode(codes.widths, codes.words, flat.numel())
+    flat.copy_(dequantize(q, step_of(eb), dtype))
+    flat[codes.outlier_index] = codes.outlier_value
+    return out
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether `compress` reads `x` as N·H·W·C (so `decompress` must rebuild it that way)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
