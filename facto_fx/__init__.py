@@ -9,6 +9,7 @@ from facto_fx.memory import saved_bytes_by_node
 from facto_fx.methods import (
     HOSVD,
     SVD,
+    ErrorBounded,
     FactoLowRank,
     FrozenBatchNorm,
     Last,
@@ -31,6 +32,7 @@ low_rank_parameters = method_parameters
 __all__ = [
     "HOSVD",
     "SVD",
+    "ErrorBounded",
     "FactoConfig",
     "FactoLowRank",
     "FrozenBatchNorm",

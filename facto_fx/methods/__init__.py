@@ -18,6 +18,7 @@ from facto_fx.methods.base import (
     method_parameters,
     register_method,
 )
+from facto_fx.methods.error_bounded import ErrorBounded
 from facto_fx.methods.facto import FactoLowRank, layer_seed
 from facto_fx.methods.frozen import FrozenBatchNorm
 from facto_fx.methods.hosvd import HOSVD, SVD
@@ -26,6 +27,7 @@ from facto_fx.methods.masks import PackedMasks
 __all__ = [
     "HOSVD",
     "SVD",
+    "ErrorBounded",
     "FactoLowRank",
     "FrozenBatchNorm",
     "Last",

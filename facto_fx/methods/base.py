@@ -88,6 +88,7 @@ class Method:
     """How the pass applies one kind of MethodConfig. Subclass, then `register_method(Config)`."""
 
     kinds: ClassVar[frozenset[str]] = frozenset()  # match kinds (passes.match) it can rewrite
+    wraps_op: ClassVar[bool] = False  # runs the op itself as it is (a batch-norm keeps its batch statistics)
     modules: ClassVar[tuple[type[nn.Module], ...]] = ()  # the layer types its rewrites create
 
     def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:

@@ -21,9 +21,14 @@ NaN and ±inf never satisfy the check, so they are outliers too and come back bi
 
 **Size** in bytes: nblocks + 4·Σ(b>0)(1+b) + outliers·(8 + itemsize); `Codes.nbytes`.
 
-**Host syncs.** The output's length depends on the data: compress reads the word and outlier counts
-back to the host once per tensor (one `.tolist()` of both) to allocate exactly what is kept; a
-worst-case buffer would hold more than the input. Decompress has no sync.
+**Host syncs.** The output's length depends on the data, so it is allocated exactly once its size
+is known: the Triton codec (triton_ops/eb_codec.py) reads the word and outlier counts back to the
+host once per tensor (one `.tolist()` of both) and decompresses with no sync; a worst-case buffer
+would hold more than the input. This reference, written for clarity, syncs a few times per call.
+
+**Rounding.** x / 2eb is a true division here and in the kernel; PyTorch's CUDA division by a
+Python float multiplies by its reciprocal instead, so on CUDA this reference may round a half-way
+value the other way than the kernel does. Either code is within eb; only the two paths' bytes differ.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from torch import Tensor
 
 BLOCK = 32
-MAX_CODE = 2**30  # |q| below this keeps every residual (a difference of two codes) inside int32
+MAX_CODE = 2**29  # |q| up to this keeps every residual (a difference of two codes, ≤ 2**30) inside int32
 CODEC_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -55,6 +60,9 @@ class Codes(NamedTuple):
 def check_bound(eb: float) -> float:
     if isinstance(eb, bool) or not isinstance(eb, (int, float)) or not (math.isfinite(eb) and eb > 0):
         raise ValueError(f"eb (the absolute error bound) must be a finite number > 0; got {eb!r}")
+    step = step_of(eb)
+    if not (math.isfinite(step) and step >= torch.finfo(torch.float32).tiny):
+        raise ValueError(f"eb={eb!r} has no normal fp32 quantisation step 2eb; use 1e-37 <= eb <= 1e38")
     return float(eb)
 
 

@@ -19,6 +19,8 @@ from facto_fx.passes.trace import OPAQUE_META, hook_reason, owner_module
 CONV, LINEAR, RELU, MAX_POOL, SCALE, BATCH_NORM, DROPOUT = (
     "conv2d", "linear", "relu", "max_pool2d", "scale", "batch_norm", "dropout"
 )
+# Kinds no Facto operator covers: only a method that wraps the op as it is (ErrorBounded) takes them.
+ACTIVATION, NORM, MUL = "activation", "norm", "mul"
 OPAQUE = "opaque"  # a sub-module kept as one call: never rewritten, listed with the tracer's reason
 LOW_RANK_KINDS = (CONV, LINEAR)
 ORDERED_KINDS = (CONV, SCALE, BATCH_NORM)  # what apply_ratio counts (paper §4.2)
@@ -50,12 +52,26 @@ _UNSUPPORTED_MODULES = {
     nn.Conv1d: "only 2-D convolutions are rewritten",
     nn.Conv3d: "only 2-D convolutions are rewritten",
     nn.ConvTranspose2d: "transposed convolutions are not rewritten",
-    nn.GroupNorm: "group-norm is not a Facto operator; it keeps its saved input",
-    nn.LayerNorm: "layer-norm is not a Facto operator; it keeps its saved input",
-    nn.SiLU: "only ReLU activations are binarised; SiLU keeps its saved input",
-    nn.GELU: "only ReLU activations are binarised; GELU keeps its saved input",
-    nn.Hardswish: "only ReLU activations are binarised; Hardswish keeps its saved input",
-    nn.ReLU6: "ReLU6 needs two bits (below 0, above 6); it keeps its saved output",
+}
+# Ops kept as they are by default, each with why; a method that wraps the op whole can take them.
+_KEPT_MODULES = {
+    nn.GroupNorm: (NORM, "group-norm is not a Facto operator; it keeps its saved input"),
+    nn.LayerNorm: (NORM, "layer-norm is not a Facto operator; it keeps its saved input"),
+    nn.ReLU6: (ACTIVATION, "ReLU6 needs two bits (below 0, above 6); it keeps its saved output"),
+    **{cls: (ACTIVATION, f"only ReLU activations are binarised; {cls.__name__} keeps its saved input") for cls in (
+        nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.LeakyReLU, nn.ELU,
+    )},
+}
+_KEPT_FUNCTIONS = {
+    **dict.fromkeys((F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
+                     F.relu6, F.mish, F.leaky_relu, F.elu), ACTIVATION),
+    **dict.fromkeys((F.layer_norm, F.group_norm), NORM),
+}
+_KEPT_METHODS = {"sigmoid": ACTIVATION, "tanh": ACTIVATION}
+_KEPT_REASONS = {
+    ACTIVATION: "only ReLU activations are binarised; {} keeps what it saves",
+    NORM: "{} is not a Facto operator; it keeps its saved input",
+    MUL: "a product of two feature maps (squeeze-excite, gating) keeps both; {}",
 }
 
 
@@ -68,6 +84,7 @@ class Match:
     layer: str
     module: nn.Module | None = None
     unsupported: str | None = None
+    kept: str | None = None  # why the default plan keeps it as it is (only some methods take it)
 
 
 class GraphTensors:
@@ -202,6 +219,9 @@ def _match_module(gm: fx.GraphModule, node: fx.Node) -> Match | None:
     if opaque is not None and (kind is None or problem is not None):
         reasons = [opaque] + ([problem] if problem not in (None, opaque) else [])
         return Match(node, kind or OPAQUE, layer, module, f"{type(module).__name__} {'; '.join(reasons)}")
+    if kind is None and type(module) in _KEPT_MODULES:
+        kept_kind, reason = _KEPT_MODULES[type(module)]
+        return Match(node, kept_kind, layer, module, kept=reason)
     if kind is None or problem is not None:
         for cls, reason in _UNSUPPORTED_MODULES.items():
             if type(module) is cls:
@@ -261,22 +281,40 @@ def _match_batch_norm_function(tensors: GraphTensors, node: fx.Node, args: dict)
     return Match(node, BATCH_NORM, layer)
 
 
+def _kept_function(node: fx.Node, kind: str) -> Match:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    inplace = node.kwargs.get("inplace", False) or name.endswith("_") or node.target is operator.imul
+    return Match(node, kind, node.name, None, "in-place op" if inplace else None,
+                 kept=_KEPT_REASONS[kind].format(name))
+
+
+def _match_mul(tensors: GraphTensors, node: fx.Node) -> Match | None:
+    """A scale (x times a one-element parameter), or a product of feature maps / by a parameter."""
+    for position, operand in enumerate(node.args):
+        param = tensors.parameter(operand)
+        if param is not None and param.numel() == 1:
+            problem = "in-place multiply" if node.target is operator.imul else None
+            if not isinstance(node.args[1 - position], fx.Node):
+                problem = "scale of a constant"
+            return Match(node, SCALE, tensors.name(operand), None, problem)
+    if all(isinstance(a, fx.Node) and tensors.buffer(a) is None for a in node.args):
+        return _kept_function(node, MUL)
+    return None
+
+
 def _match_function(tensors: GraphTensors, node: fx.Node) -> Match | None:
     target = node.target
     if node.op == "call_method" and target in _RELU_METHODS or target in _RELU_FUNCTIONS:
         inplace = target in ("relu_", torch.relu_, F.relu_) or node.kwargs.get("inplace", False)
         return Match(node, RELU, node.name, None, inplace_aliasing(node) if inplace else None)
+    if node.op == "call_method" and target in _KEPT_METHODS:
+        return _kept_function(node, _KEPT_METHODS[target])
     if node.op != "call_function":
         return None
+    if target in _KEPT_FUNCTIONS:
+        return _kept_function(node, _KEPT_FUNCTIONS[target])
     if target in _MUL_FUNCTIONS and len(node.args) == 2:
-        for position, operand in enumerate(node.args):
-            param = tensors.parameter(operand)
-            if param is not None and param.numel() == 1:
-                problem = "in-place multiply" if target is operator.imul else None
-                if not isinstance(node.args[1 - position], fx.Node):
-                    problem = "scale of a constant"
-                return Match(node, SCALE, tensors.name(operand), None, problem)
-        return None
+        return _match_mul(tensors, node)
     if target in _MAX_POOL_FUNCTIONS:
         problem = "return_indices=True is not supported" if call_args(node).get("return_indices") else None
         return Match(node, MAX_POOL, node.name, None, problem)

@@ -153,8 +153,13 @@ def _by_pattern(
 
 
 def _batch_stats(kind: str, config: FactoConfig) -> bool:
-    """Batch-norm kept in training mode (batch statistics): no method applies at all."""
+    """Batch-norm kept in training mode (batch statistics): only a method that wraps it whole applies."""
     return kind == BATCH_NORM and config.batch_norm == "train"
+
+
+def _wraps_whole(chosen: tuple[MethodConfig | None, str] | None) -> bool:
+    """Whether a chosen method keeps the op as it is (batch statistics and all)."""
+    return chosen is not None and chosen[0] is not None and method_handler(chosen[0]).wraps_op
 
 
 class _Planner:
@@ -187,7 +192,9 @@ class _Planner:
         default = PackedMasks() if match.kind in method_handler(PackedMasks()).kinds else self.low_rank
         explicit = _by_name(self.config, match, default)
         problem = match.unsupported
-        if problem is None and _batch_stats(match.kind, self.config):
+        if problem is None and _batch_stats(match.kind, self.config) and not _wraps_whole(
+            explicit or _by_pattern(self.config, match, self.last)
+        ):
             problem = "batch_norm='train': left in training mode"
         if problem is not None:
             if explicit is not None and explicit[0] is not None:
@@ -213,6 +220,9 @@ class _Planner:
         return self._default(match, decision)
 
     def _default(self, match: Match, decision: Decision) -> Decision:
+        if match.kept is not None:
+            decision.reason, decision.unsupported = match.kept, True
+            return decision
         if self._input(match):
             decision.reason = "input layer: never compressed (paper §4.2)"
             return decision

@@ -125,7 +125,12 @@ def test_ratio_grows_with_the_bound():
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 2 * sizes[-1]
 
 
-@pytest.mark.parametrize("eb", [0, -1.0, float("nan"), float("inf"), True, "0.1"])
+def test_opposite_clamped_codes_keep_the_bound():
+    x = torch.tensor([-(2.0**30), 2.0**30, 3.0])
+    assert_within(x, round_trip(x, 0.5)[0], 0.5)
+
+
+@pytest.mark.parametrize("eb", [0, -1.0, float("nan"), float("inf"), True, "0.1", 1e-47, 1e39])
 def test_bad_bound_is_refused(eb):
     with pytest.raises(ValueError, match="eb"):
         eb_codec.compress(torch.randn(4), eb)

@@ -1,0 +1,137 @@
+"""Run any op with the feature maps it saves for backward held error-bounded compressed
+(eb_codec), whatever the op: conv (any groups), linear, batch-norm with batch statistics,
+layer / group norm, SiLU / GELU / sigmoid, a squeeze-excite multiply...
+
+The op runs unchanged under a pair of saved-tensor hooks. Its forward output is exact; each saved
+tensor that is one of its feature maps is compressed when saved and decompressed when backward
+asks for it, so the backward runs on x̂ with |x̂ − x| ≤ eb element-wise. Saved tensors that are
+not feature maps stay exact: parameters and their casts (so a conv's grad_X, which needs only W,
+is exact and only grad_W sees the error), and statistics such as batch-norm's mean and inverse std
+(a feature map is a saved tensor as large as the op's largest tensor argument: a squeeze-excite
+product rebuilds the map, not its small gate).
+
+**Nesting.** The hooks in force when the op is called (facto_fx's saved-bytes count, a user's
+CPU offload) still see what is saved: each code tensor goes through them, so a measurement counts
+the compressed bytes, and an offload moves the codes.
+
+**torch.compile.** Saved-tensor hooks act at run time, on real tensors; `compressed_call` is
+therefore kept out of compiled graphs (a graph break around each such op), never traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from facto_fx.ops import eb_codec
+from facto_fx.triton_ops.dispatch import use_triton
+
+
+def _codec(x: Tensor):
+    if use_triton(x) and x.dtype != torch.float64:
+        from facto_fx.triton_ops import eb_codec as triton_codec
+
+        return triton_codec
+    return eb_codec
+
+
+def _from_parameter(t: Tensor) -> bool:
+    """A parameter, or a chain of single-input steps (casts, views) from one: autocast's bf16
+    weight, its transpose inside linear."""
+    if isinstance(t, nn.Parameter):
+        return True
+    fn = t.grad_fn
+    while fn is not None:
+        inputs = [nxt for nxt, _ in fn.next_functions if nxt is not None]
+        if len(inputs) != 1:
+            return False
+        fn = inputs[0]
+        if hasattr(fn, "variable"):  # AccumulateGrad: the chain starts at a leaf
+            return isinstance(fn.variable, nn.Parameter)
+    return False
+
+
+class _Compressed:
+    """What autograd keeps for one feature map: its codes (each passed through the outer hooks)."""
+
+    __slots__ = ("codes", "shape", "dtype", "channels_last", "eb", "codec")
+
+    def __init__(self, x: Tensor, eb: float, outer_pack: Callable | None) -> None:
+        codec = _codec(x)
+        codes = codec.compress(x.detach(), eb)
+        self.codes = tuple(outer_pack(c) if outer_pack else c for c in codes)
+        self.shape, self.dtype, self.eb, self.codec = x.shape, x.dtype, eb, codec
+        self.channels_last = eb_codec.is_channels_last(x)
+
+    def restore(self, outer_unpack: Callable | None) -> Tensor:
+        codes = eb_codec.Codes(*(outer_unpack(c) if outer_unpack else c for c in self.codes))
+        return self.codec.decompress(codes, self.shape, self.dtype, self.eb, self.channels_last)
+
+
+class saving_compressed:
+    """Context manager: feature maps of `size` elements, saved for backward inside the block, are
+    held compressed within `eb` (a `torch.autograd.graph.saved_tensors_hooks` pair)."""
+
+    def __init__(self, eb: float, size: int) -> None:
+        self.eb = eb_codec.check_bound(eb)
+        self.size = size
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer_pack, outer_unpack = self.outer if self.outer is not None else (None, None)
+
+        def pack(t: Tensor) -> object:
+            if t.is_floating_point() and t.numel() == self.size and not _from_parameter(t):
+                return _Compressed(t, self.eb, outer_pack)
+            return outer_pack(t) if outer_pack else t
+
+        def unpack(saved: object) -> Tensor:
+            if isinstance(saved, _Compressed):
+                return saved.restore(outer_unpack)
+            return outer_unpack(saved) if outer_unpack else saved
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def __enter__(self) -> None:
+        self.hooks.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.__exit__(*exc)
+
+
+def feature_size(args: tuple, kwargs: dict) -> int:
+    """Elements of the call's largest float tensor argument that is not a parameter: its feature map."""
+    return max((
+        t.numel() for t in tree_leaves((args, kwargs))
+        if isinstance(t, Tensor) and t.is_floating_point() and not isinstance(t, nn.Parameter) and t.numel() > 1
+    ), default=0)
+
+
+@torch.compiler.disable
+def compressed_call(eb: float, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), saving its feature maps compressed within `eb`; a plain call when
+    nothing will be differentiated."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+    # Meta tensors (analytic reports) have no values to compress: the plain call gives the shapes.
+    if not torch.is_grad_enabled() or any(t.is_meta for t in tensors):
+        return fn(*args, **kwargs)
+    with saving_compressed(eb, feature_size(args, kwargs)):
+        return fn(*args, **kwargs)
+
+
+class CompressedFunction:
+    """`fn` called through `compressed_call(eb, fn, ...)`, as one named, picklable callable: the
+    target of an FX node (FX writes a node's target into its code by name, never an argument)."""
+
+    def __init__(self, fn: Callable, eb: float) -> None:
+        self.fn, self.eb = fn, eb_codec.check_bound(eb)
+        self.__name__ = f"error_bounded_{getattr(fn, '__name__', type(fn).__name__)}"
+        self.__qualname__ = self.__name__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return compressed_call(self.eb, self.fn, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}(eb={self.eb:g})"
