@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, unset_fake_temporarily
 
 from facto_fx.config import FactoConfig
+from facto_fx.methods import method_handler
 from facto_fx.passes.match import GraphTensors, Match, call_args, find_matches
 from facto_fx.passes.rewrite import rewrite, to_function
 from facto_fx.passes.schedule import schedule
@@ -157,6 +158,12 @@ def facto_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     from torch._inductor.compile_fx import compile_fx
 
     config = FactoConfig(**(options or {}))
+    eager_only = sorted({type(m).__name__ for m in config.methods.values() if m and not method_handler(m).compiles})
+    if eager_only:
+        raise ValueError(
+            f"{', '.join(eager_only)} cannot run inside a compiled graph (its saved-tensor hooks act at run time); "
+            "apply it with facto_fx.compile(model, methods=...) and torch.compile the result (default backend)"
+        )
     # Rewrite a copy: dynamo keeps reading its own graph after the backend returns. The copy is a
     # fresh GraphModule, so inductor treats the extra inputs as plain runtime inputs.
     graph = fx.Graph()

@@ -89,6 +89,7 @@ class Method:
 
     kinds: ClassVar[frozenset[str]] = frozenset()  # match kinds (passes.match) it can rewrite
     wraps_op: ClassVar[bool] = False  # runs the op itself as it is (a batch-norm keeps its batch statistics)
+    compiles: ClassVar[bool] = True  # False: acts at run time only, so the "facto" dynamo backend refuses it
     modules: ClassVar[tuple[type[nn.Module], ...]] = ()  # the layer types its rewrites create
 
     def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:

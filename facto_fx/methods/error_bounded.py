@@ -7,6 +7,9 @@ the feature maps it saves for backward are held as SZ-style codes within `eb` of
 covers: SiLU / GELU / Hardswish / sigmoid, layer and group norm, batch-norm with batch statistics,
 products of feature maps (squeeze-excite), grouped and depthwise convs. On a conv or linear layer
 only the input kept for grad_W is compressed: grad_X needs the weight alone and stays exact.
+
+With torch.compile: compile with facto_fx.compile first, then torch.compile the result; each
+wrapped op runs eagerly between graph breaks. The "facto" backend refuses the method.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class ErrorBounded(MethodConfig):
 class _ErrorBounded(Method):
     kinds = frozenset({CONV, LINEAR, BATCH_NORM, ACTIVATION, NORM, MUL})
     wraps_op = True
+    compiles = False  # saved-tensor hooks: torch.compile runs each such op eagerly, between graph breaks
 
     def rewrite(self, site: RewriteSite, match: Match, method: ErrorBounded) -> None:
         node = match.node
