@@ -8,7 +8,12 @@ frozen (the paper's setting: the last layers of a pretrained network adapted to 
 with plain autograd and once with each method on those two convs (the classifier trains densely
 in all runs). Reported: test accuracy after fine-tuning, and the bytes
 the two conv layers keep for backward on one training batch (vanilla: their inputs; methods: the
-codes, measured by facto_fx.report on real data), with the ranks chosen.
+codes, measured by facto_fx.report on real data).
+
+Every fine-tuning run follows the same schedule to convergence (30 epochs, SGD with cosine decay
+to zero): comparing runs cut short measures how fast each gets there, not where it ends (at 4
+epochs vanilla is still at 0.95). Accuracies are means over three seeds; the test set holds 360
+images, so one image is 0.28 points. About 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -42,12 +47,16 @@ def train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> None:
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
+    # Cosine decay to zero: every run ends converged on the same schedule, so the comparison is
+    # of final accuracies, not of how fast each run gets there.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
     for _ in range(epochs):
         model.train()
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+            schedule.step()
 
 
 @torch.no_grad()
@@ -68,37 +77,53 @@ def fine_tune_setup(pretrained: nn.Sequential, seed: int) -> nn.Sequential:
     return model
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrain-epochs", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+RUNS = {"vanilla": None, "hosvd 0.8": facto_fx.HOSVD(0.8), "hosvd 0.9": facto_fx.HOSVD(0.9),
+        "svd 0.8": facto_fx.SVD(0.8), "svd 0.9": facto_fx.SVD(0.9)}
 
-    data = load_digits_splits(32)
+
+def one_seed(data, seed: int, pretrain_epochs: int, epochs: int) -> dict[str, tuple[float, int, int]]:
+    """label -> (test accuracy, bytes the two convs keep, bytes of their inputs), for one seed."""
     x, y = data.train.tensors
     first_half = dataclasses.replace(data, train=TensorDataset(x[y < 5], y[y < 5]))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     pretrained = small_cnn()
-    train(pretrained, first_half, args.pretrain_epochs, lr=0.05, seed=args.seed)
-    print(f"pretrained on 0-4: test accuracy on all ten {accuracy(pretrained, data):.4f}")
-    batch = data.train.tensors[0][:64]
+    train(pretrained, first_half, pretrain_epochs, lr=0.05, seed=seed)
+    print(f"seed {seed}: pretrained on 0-4, test accuracy on all ten {accuracy(pretrained, data):.4f}")
+    batch = x[:64]
     results = {}
-    runs = {"vanilla": None, "hosvd 0.8": facto_fx.HOSVD(0.8), "hosvd 0.9": facto_fx.HOSVD(0.9),
-            "svd 0.8": facto_fx.SVD(0.8), "svd 0.9": facto_fx.SVD(0.9)}
-    for label, method in runs.items():
-        model = fine_tune_setup(pretrained, args.seed)
+    for label, method in RUNS.items():
+        model = fine_tune_setup(pretrained, seed)
         # Only the two convs change (vanilla: None, dense); no Facto, no masks; batch-norm frozen in
         # every run, so the runs differ only in what the two convs keep.
         fmodel = facto_fx.compile(model, apply_ratio=0.0, binarize_activations=False,
                                   methods=dict.fromkeys(LAYERS, method))
-        train(fmodel, data, args.epochs, lr=0.02, seed=args.seed)
-        report = facto_fx.report(fmodel, batch)
-        rows = [r for r in report.rows if r.layer in LAYERS]
-        kept = sum(r.input_bytes for r in rows) if method is None else sum(r.facto_bytes for r in rows)
-        results[label] = {"accuracy": accuracy(fmodel, data), "bytes": kept}
-        print(f"{label:<10} test accuracy {results[label]['accuracy']:.4f}   the two convs keep {kept / 1024:8.1f} KiB"
-              f"   ({100 * kept / sum(r.input_bytes for r in rows):.1f} % of their inputs)")
+        train(fmodel, data, epochs, lr=0.02, seed=seed)
+        rows = [r for r in facto_fx.report(fmodel, batch).rows if r.layer in LAYERS]
+        inputs = sum(r.input_bytes for r in rows)
+        kept = inputs if method is None else sum(r.facto_bytes for r in rows)
+        results[label] = (accuracy(fmodel, data), kept, inputs)
+        print(f"  {label:<10} test accuracy {results[label][0]:.4f}   the two convs keep {kept / 1024:7.1f} KiB")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args(argv)
+
+    data = load_digits_splits(32)
+    per_seed = [one_seed(data, seed, args.pretrain_epochs, args.epochs) for seed in args.seeds]
+    print(f"\nmean over seeds {args.seeds} ({len(data.test)} test images), fine-tuned {args.epochs} epochs:")
+    results = {}
+    for label in RUNS:
+        accs = torch.tensor([seed[label][0] for seed in per_seed])
+        kept = sum(seed[label][1] for seed in per_seed) / len(per_seed)
+        inputs = sum(seed[label][2] for seed in per_seed) / len(per_seed)
+        results[label] = {"accuracy": accs.mean().item(), "spread": (accs.max() - accs.min()).item(), "bytes": kept}
+        print(f"{label:<10} test accuracy {accs.mean():.4f} (min {accs.min():.4f}, max {accs.max():.4f})"
+              f"   the two convs keep {kept / 1024:8.1f} KiB ({100 * kept / inputs:.1f} % of their inputs)")
     return results
 
 

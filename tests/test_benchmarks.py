@@ -36,6 +36,16 @@ def test_hosvd_paper_vanilla_column_is_reproduced():
 
 
 @pytest.mark.slow
+def test_hosvd_digits_fine_tuning_runs_every_method():
+    """One seed, short schedules (the committed figure is 3 seeds × 30 epochs, about 20 minutes):
+    every run learns, and the methods keep a small share of the two convs' inputs."""
+    results = _load("hosvd_digits").main(["--pretrain-epochs", "2", "--epochs", "2", "--seeds", "0"])
+    assert all(r["accuracy"] > 0.3 for r in results.values())  # ten classes: chance is 0.1
+    dense = results["vanilla"]["bytes"]
+    assert results["hosvd 0.9"]["bytes"] < 0.05 * dense and results["svd 0.9"]["bytes"] < 0.5 * dense
+
+
+@pytest.mark.slow
 def test_hosvd_fine_tuning_step_is_within_1_3x_of_vanilla():
     """resnet18, last 4 convs, eps 0.8, on the CPU: the paper's HOSVD was 4.29x slower."""
     result = _load("hosvd_step").main(["--steps", "4", "--warmup", "1"])  # batch 32, 224²: the issue's size

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from facto_fx import ops
+from facto_fx.eb_format import check_bound
 from facto_fx.methods.base import Method, MethodConfig, RewriteSite, register_method
-from facto_fx.ops.eb_codec import check_bound
 from facto_fx.passes.match import ACTIVATION, BATCH_NORM, CONV, LINEAR, MUL, NORM, Match
 
 

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from facto_fx import eb_format
 from facto_fx.ops import eb_codec
+from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import use_triton
 
 
@@ -65,10 +67,10 @@ class _Compressed:
         codes = codec.compress(x.detach(), eb)
         self.codes = tuple(outer_pack(c) if outer_pack else c for c in codes)
         self.shape, self.dtype, self.eb, self.codec = x.shape, x.dtype, eb, codec
-        self.channels_last = eb_codec.is_channels_last(x)
+        self.channels_last = is_channels_last(x)
 
     def restore(self, outer_unpack: Callable | None) -> Tensor:
-        codes = eb_codec.Codes(*(outer_unpack(c) if outer_unpack else c for c in self.codes))
+        codes = eb_format.Codes(*(outer_unpack(c) if outer_unpack else c for c in self.codes))
         return self.codec.decompress(codes, self.shape, self.dtype, self.eb, self.channels_last)
 
 
@@ -77,7 +79,7 @@ class saving_compressed:
     held compressed within `eb` (a `torch.autograd.graph.saved_tensors_hooks` pair)."""
 
     def __init__(self, eb: float, size: int) -> None:
-        self.eb = eb_codec.check_bound(eb)
+        self.eb = eb_format.check_bound(eb)
         self.size = size
         self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         outer_pack, outer_unpack = self.outer if self.outer is not None else (None, None)
@@ -126,7 +128,7 @@ class CompressedFunction:
     target of an FX node (FX writes a node's target into its code by name, never an argument)."""
 
     def __init__(self, fn: Callable, eb: float) -> None:
-        self.fn, self.eb = fn, eb_codec.check_bound(eb)
+        self.fn, self.eb = fn, eb_format.check_bound(eb)
         self.__name__ = f"error_bounded_{getattr(fn, '__name__', type(fn).__name__)}"
         self.__qualname__ = self.__name__
 

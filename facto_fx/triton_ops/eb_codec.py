@@ -34,8 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from facto_fx.ops import eb_codec as reference
-from facto_fx.ops.eb_codec import BLOCK, MAX_CODE, Codes, check_bound, memory_order, step_of
+from facto_fx.eb_format import BLOCK, MAX_CODE, Codes, check_bound, memory_order, step_of
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 stays on the PyTorch path
 QUANTIZE_GROUP = 32  # blocks per program of _quantize_kernel: a 32×32 tile
@@ -84,7 +83,7 @@ def _widen(v):
 
 @triton.jit
 def _codes(x_ptr, offsets, valid, step, eb):
-    """(q int32, outlier, x) at `offsets`, as reference.quantize: q = round(x / step) clamped, 0
+    """(q int32, outlier, x) at `offsets`, as ops.eb_codec.quantize: q = round(x / step) clamped, 0
     at outliers; an outlier is a valid element whose decoded (q·step in fp32, rounded to x's
     dtype) misses x by more than eb in fp64, so NaN and ±inf always are. Invalid lanes: q = 0."""
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
@@ -206,9 +205,9 @@ def _word_end(widths: Tensor) -> Tensor:
 
 def compress(x: Tensor, eb: float) -> Codes:
     """`x` (any shape and layout, float) as Codes within `eb` of every element; equal to
-    reference.compress(x, eb) field by field. One host sync (the word and outlier totals)."""
+    ops.eb_codec.compress(x, eb) field by field. One host sync (the word and outlier totals)."""
     if x.dtype not in TRITON_DTYPES:
-        return reference.compress(x, eb)  # fp64, or the reference's TypeError
+        raise TypeError(f"the Triton codec compresses {TRITON_DTYPES}; got {x.dtype} (use ops.eb_codec)")
     eb = check_bound(eb)
     flat = memory_order(x)
     n, device = flat.numel(), flat.device
@@ -238,9 +237,9 @@ def compress(x: Tensor, eb: float) -> Codes:
 
 def decompress(codes: Codes, shape: torch.Size, dtype: torch.dtype, eb: float, channels_last: bool = False) -> Tensor:
     """The reconstructed tensor of `shape` and `dtype` (channels_last: in that layout, as the map
-    was read); equal to reference.decompress. No host sync."""
+    was read); equal to ops.eb_codec.decompress. No host sync."""
     if dtype not in TRITON_DTYPES:
-        return reference.decompress(codes, shape, dtype, eb, channels_last)
+        raise TypeError(f"the Triton codec decompresses {TRITON_DTYPES}; got {dtype} (use ops.eb_codec)")
     out = torch.empty(shape, dtype=dtype, device=codes.widths.device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     flat = memory_order(out)

@@ -6,14 +6,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from facto_fx import eb_format
 from facto_fx.ops import eb_codec
+from facto_fx.shapes import is_channels_last
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def round_trip(x: torch.Tensor, eb: float) -> tuple[torch.Tensor, eb_codec.Codes]:
+def round_trip(x: torch.Tensor, eb: float) -> tuple[torch.Tensor, eb_format.Codes]:
     codes = eb_codec.compress(x, eb)
-    return eb_codec.decompress(codes, x.shape, x.dtype, eb, eb_codec.is_channels_last(x)), codes
+    return eb_codec.decompress(codes, x.shape, x.dtype, eb, is_channels_last(x)), codes
 
 
 def assert_within(x: torch.Tensor, x_hat: torch.Tensor, eb: float) -> None:

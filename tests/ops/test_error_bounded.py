@@ -9,6 +9,7 @@ from torch import nn
 
 from facto_fx.ops import eb_codec
 from facto_fx.ops.error_bounded import CompressedFunction, compressed_call
+from facto_fx.shapes import is_channels_last
 
 EB = 0.02
 aten = torch.ops.aten
@@ -17,7 +18,7 @@ aten = torch.ops.aten
 def rebuilt(t: torch.Tensor) -> torch.Tensor:
     """The value backward sees in place of t: its own round trip through the codec."""
     t = t.detach()
-    return eb_codec.decompress(eb_codec.compress(t, EB), t.shape, t.dtype, EB, eb_codec.is_channels_last(t))
+    return eb_codec.decompress(eb_codec.compress(t, EB), t.shape, t.dtype, EB, is_channels_last(t))
 
 
 def layout(x: torch.Tensor, name: str) -> torch.Tensor:
