@@ -1,7 +1,7 @@
 """facto_fx: Facto-CNN (low-rank training + lossy feature-map compression) as a torch.fx pass."""
 
 from facto_fx import dynamo_backend, methods, ops
-from facto_fx.api import FactoState, attach, compile, decisions, export_dense, report
+from facto_fx.api import FactoState, attach, compile, decisions, export_dense, method_summaries, report
 from facto_fx.config import FactoConfig
 from facto_fx.dynamo_backend import facto_backend
 from facto_fx.inspection import GraphInspection, inspect
@@ -52,6 +52,7 @@ __all__ = [
     "export_dense",
     "facto_backend",
     "low_rank_parameters",
+    "method_summaries",
     "inspect",
     "method_parameters",
     "methods",

@@ -116,12 +116,37 @@ def report(
     }
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
     result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs)
-    if not analytic:  # notes come from real data (HOSVD's ranks); analytic rows are worst cases
-        result.notes = method_notes(fmodel, example_inputs)
+    result.notes = _notes(fmodel, state.decisions, example_inputs, analytic)
     if peak:
         result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
         result.facto_peak = peak_training_bytes(fmodel, example_inputs)
     return result
+
+
+def _notes(fmodel: fx.GraphModule, decisions: list[Decision], inputs: tuple, analytic: bool) -> dict[str, str]:
+    """Per-layer notes: on real data what each method kept (HOSVD's ranks, ErrorBounded's eb and
+    ratio, from the report's own run); analytic, what its figure stands for."""
+    rewritten = [d for d in decisions if d.rewritten]
+    if analytic:
+        return {d.layer: note for d in rewritten if (note := method_handler(d.method).analytic_note)}
+    notes = method_notes(fmodel, inputs)
+    nodes = {node.name: node for node in fmodel.graph.nodes}
+    for d in rewritten:
+        if d.node in nodes and (note := method_handler(d.method).node_note(nodes[d.node])):
+            notes[d.layer] = note
+    return notes
+
+
+def method_summaries(fmodel: fx.GraphModule) -> list[str]:
+    """One line per method on what its layers kept in the last training call (the training log's)."""
+    state = _state(fmodel)
+    nodes = {node.name: node for node in fmodel.graph.nodes}
+    by_handler: dict[int, tuple] = {}
+    for d in state.decisions:
+        if d.rewritten and d.node in nodes:
+            handler = method_handler(d.method)
+            by_handler.setdefault(id(handler), (handler, []))[1].append(nodes[d.node])
+    return [line for handler, group in by_handler.values() if (line := handler.summarize(group))]
 
 
 @torch.no_grad()

@@ -90,6 +90,7 @@ class Method:
     kinds: ClassVar[frozenset[str]] = frozenset()  # match kinds (passes.match) it can rewrite
     wraps_op: ClassVar[bool] = False  # runs the op itself as it is (a batch-norm keeps its batch statistics)
     compiles: ClassVar[bool] = True  # False: acts at run time only, so the "facto" dynamo backend refuses it
+    analytic_note: ClassVar[str | None] = None  # what the analytic (meta) report's figure for its layers is
     modules: ClassVar[tuple[type[nn.Module], ...]] = ()  # the layer types its rewrites create
 
     def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:
@@ -117,6 +118,15 @@ class Method:
 
     def describe(self, layer: nn.Module, x: Tensor) -> str | None:
         """A note for the report on what `layer` keeps for input `x` (HOSVD: the ranks chosen)."""
+        return None
+
+    def node_note(self, node: fx.Node) -> str | None:
+        """A note for the report from a rewritten node's own state after a real run (what a
+        method without layers, whose state lives in the node's target, kept)."""
+        return None
+
+    def summarize(self, nodes: Sequence[fx.Node]) -> str | None:
+        """One line on what this method's nodes kept lately, for the training log (None: nothing)."""
         return None
 
     def saved_bytes(self, method: MethodConfig, node: fx.Node, args: tuple, kwargs: dict) -> int | None:

@@ -55,6 +55,7 @@ def _worst_case_elements(shape: tuple[int, ...], mode: str, conv: bool) -> int:
 class _Decomposed(Method):
     kinds = frozenset({CONV, LINEAR})
     modules = (HOSVDConv2d, HOSVDLinear)
+    analytic_note = "full-rank worst case: the ranks depend on the data (a real run reports them)"
 
     def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:
         module = match.module

@@ -9,6 +9,7 @@ from facto_fx.ops import autocast
 from facto_fx.ops.batch_norm import batch_norm
 from facto_fx.ops.conv import conv2d, delta_weight, merged_weight, projection_filter
 from facto_fx.ops.dropout import dropout
+from facto_fx.ops.error_bound import ErrorBound
 from facto_fx.ops.error_bounded import CompressedFunction, compressed_call
 from facto_fx.ops.hosvd import conv_padding, decompose, hosvd_conv2d, hosvd_linear, rank_report, reconstruct
 from facto_fx.ops.linear import linear
@@ -19,7 +20,7 @@ from facto_fx.ops.scale import scale
 autocast.register()
 
 __all__ = [
-    "CompressedFunction", "batch_norm", "compressed_call", "conv2d", "conv_padding", "decompose", "delta_weight",
-    "dropout", "hosvd_conv2d", "hosvd_linear", "linear", "max_pool2d", "merged_weight", "projection_filter",
-    "rank_report", "reconstruct", "relu", "scale",
+    "CompressedFunction", "ErrorBound", "batch_norm", "compressed_call", "conv2d", "conv_padding", "decompose",
+    "delta_weight", "dropout", "hosvd_conv2d", "hosvd_linear", "linear", "max_pool2d", "merged_weight",
+    "projection_filter", "rank_report", "reconstruct", "relu", "scale",
 ]

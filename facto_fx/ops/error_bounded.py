@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from facto_fx import eb_format
 from facto_fx.ops import eb_codec
+from facto_fx.ops.error_bound import ErrorBound
 from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import use_triton
 
@@ -60,11 +61,12 @@ def _from_parameter(t: Tensor) -> bool:
 class _Compressed:
     """What autograd keeps for one feature map: its codes (each passed through the outer hooks)."""
 
-    __slots__ = ("codes", "shape", "dtype", "channels_last", "eb", "codec")
+    __slots__ = ("codes", "shape", "dtype", "channels_last", "eb", "codec", "nbytes")
 
     def __init__(self, x: Tensor, eb: float, outer_pack: Callable | None) -> None:
         codec = _codec(x)
         codes = codec.compress(x.detach(), eb)
+        self.nbytes = codes.nbytes
         self.codes = tuple(outer_pack(c) if outer_pack else c for c in codes)
         self.shape, self.dtype, self.eb, self.codec = x.shape, x.dtype, eb, codec
         self.channels_last = is_channels_last(x)
@@ -76,9 +78,10 @@ class _Compressed:
 
 class saving_compressed:
     """Context manager: feature maps of `size` elements, saved for backward inside the block, are
-    held compressed within `eb` (a `torch.autograd.graph.saved_tensors_hooks` pair)."""
+    held compressed within `eb` (a `torch.autograd.graph.saved_tensors_hooks` pair); `on_pack`
+    hears (codes bytes, dense bytes) of each."""
 
-    def __init__(self, eb: float, size: int) -> None:
+    def __init__(self, eb: float, size: int, on_pack: Callable[[int, int], None] | None = None) -> None:
         self.eb = eb_format.check_bound(eb)
         self.size = size
         self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
@@ -86,7 +89,10 @@ class saving_compressed:
 
         def pack(t: Tensor) -> object:
             if t.is_floating_point() and t.numel() == self.size and not _from_parameter(t):
-                return _Compressed(t, self.eb, outer_pack)
+                saved = _Compressed(t, self.eb, outer_pack)
+                if on_pack is not None:
+                    on_pack(saved.nbytes, t.numel() * t.element_size())
+                return saved
             return outer_pack(t) if outer_pack else t
 
         def unpack(saved: object) -> Tensor:
@@ -103,37 +109,57 @@ class saving_compressed:
         self.hooks.__exit__(*exc)
 
 
-def feature_size(args: tuple, kwargs: dict) -> int:
-    """Elements of the call's largest float tensor argument that is not a parameter: its feature map."""
-    return max((
-        t.numel() for t in tree_leaves((args, kwargs))
-        if isinstance(t, Tensor) and t.is_floating_point() and not isinstance(t, nn.Parameter) and t.numel() > 1
-    ), default=0)
+def _feature_map(args: tuple, kwargs: dict) -> Tensor | None:
+    """The call's largest float tensor argument that is not a parameter: its feature map."""
+    maps = [t for t in tree_leaves((args, kwargs))
+            if isinstance(t, Tensor) and t.is_floating_point() and not isinstance(t, nn.Parameter) and t.numel() > 1]
+    return max(maps, key=Tensor.numel, default=None)
+
+
+def _weight(fn: Callable, args: tuple) -> Tensor | None:
+    """The layer's weight: the module's, or a functional conv / linear's parameter argument."""
+    weight = getattr(fn, "weight", None)
+    if isinstance(weight, Tensor):
+        return weight
+    return next((a for a in args if isinstance(a, nn.Parameter)), None)
 
 
 @torch.compiler.disable
-def compressed_call(eb: float, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs), saving its feature maps compressed within `eb`; a plain call when
-    nothing will be differentiated."""
-    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+def compressed_call(bound: ErrorBound, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), saving its feature maps compressed within the bound's eb; a plain call
+    when nothing will be differentiated. An adaptive bound's measuring call keeps them exact."""
+    x = _feature_map(args, kwargs)
     # Meta tensors (analytic reports) have no values to compress: the plain call gives the shapes.
-    if not torch.is_grad_enabled() or any(t.is_meta for t in tensors):
+    if not torch.is_grad_enabled() or x is None or x.is_meta:
         return fn(*args, **kwargs)
-    with saving_compressed(eb, feature_size(args, kwargs)):
-        return fn(*args, **kwargs)
+    eb = bound.choose(x)
+    if eb is None:
+        y = fn(*args, **kwargs)
+        weight = _weight(fn, args)
+        if weight is not None and isinstance(y, Tensor):
+            bound.measure(x, y, weight)
+        return y
+    kept: list[tuple[int, int]] = []
+    with saving_compressed(eb, x.numel(), lambda codes, dense: kept.append((codes, dense))):
+        y = fn(*args, **kwargs)
+    bound.record(eb, sum(k for k, _ in kept), sum(d for _, d in kept))
+    return y
 
 
 class CompressedFunction:
-    """`fn` called through `compressed_call(eb, fn, ...)`, as one named, picklable callable: the
-    target of an FX node (FX writes a node's target into its code by name, never an argument)."""
+    """`fn` called through `compressed_call(bound, fn, ...)`, as one named, picklable callable: the
+    target of an FX node (FX writes a node's target into its code by name, never an argument).
+    fn=None calls the first argument (a module the graph reads with get_attr)."""
 
-    def __init__(self, fn: Callable, eb: float) -> None:
-        self.fn, self.eb = fn, eb_format.check_bound(eb)
-        self.__name__ = f"error_bounded_{getattr(fn, '__name__', type(fn).__name__)}"
-        self.__qualname__ = self.__name__
+    def __init__(self, fn: Callable | None, bound: ErrorBound) -> None:
+        self.fn, self.bound = fn, bound
+        name = "module" if fn is None else getattr(fn, "__name__", type(fn).__name__)
+        self.__name__ = self.__qualname__ = f"error_bounded_{name}"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return compressed_call(self.eb, self.fn, *args, **kwargs)
+        if self.fn is None:
+            return compressed_call(self.bound, args[0], *args[1:], **kwargs)
+        return compressed_call(self.bound, self.fn, *args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"{self.__name__}(eb={self.eb:g})"
+        return f"{self.__name__}({self.bound!r})"

@@ -265,6 +265,9 @@ class Trainer:
         ))
         if self.topology.is_main:
             _print_epoch(self.history[-1])
+            if position.phase == FACTO:
+                for line in facto_fx.method_summaries(self.raw):
+                    print(f"  {line}")
         self.position = _Position(position.epoch + 1, 0, position.global_step, position.phase)
         self.save_checkpoint()
 

@@ -103,3 +103,24 @@ def test_torch_compile_runs_it_eagerly_and_the_backend_refuses():
 def test_bad_bound(eb):
     with pytest.raises(ValueError, match="eb"):
         facto_fx.ErrorBounded(eb)
+
+
+def test_report_and_log_show_each_layers_bound_and_ratio():
+    torch.manual_seed(0)
+    model = _Net()
+    x = torch.randn(2, 3, 8, 8)
+    fmodel = facto_fx.compile(model, methods={"conv*": facto_fx.ErrorBounded(0.05, relative=True)}, apply_ratio=0.0)
+    notes = facto_fx.report(fmodel, x).notes
+    assert set(notes) == {"conv", "conv2"} and all("x smaller" in n and "relative=0.05" in n for n in notes.values())
+    analytic = facto_fx.report(fmodel, x, analytic=True).notes
+    assert all("counted uncompressed" in n for n in analytic.values())
+    (line,) = facto_fx.method_summaries(fmodel)
+    assert line.startswith("error-bounded: 2 layers")
+
+
+def test_adaptive_bound_on_conv_layers_relative_on_the_rest():
+    config = facto_fx.ErrorBounded(0.02, relative=True, adaptive=True)
+    assert repr(config.bound("conv2d")).startswith("sigma=0.1")
+    assert repr(config.bound("activation")) == "relative=0.02"
+    with pytest.raises(ValueError, match="every"):
+        facto_fx.ErrorBounded(every=0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facto_fx.ops import eb_codec
+from facto_fx.ops.error_bound import ErrorBound
 from facto_fx.ops.error_bounded import CompressedFunction, compressed_call
 from facto_fx.shapes import is_channels_last
 
@@ -47,7 +48,7 @@ def tol(dtype):
 def test_conv_weight_grad_from_rebuilt_input_input_grad_exact(groups, dtype, name):
     x = leaf((1, 6, 7, 9), dtype, name)
     conv = nn.Conv2d(6, 12, 3, padding=(1, 2), stride=2, groups=groups).to(dtype)
-    y = compressed_call(EB, conv, x)
+    y = compressed_call(ErrorBound(eb=EB), conv, x)
     assert torch.equal(y, conv(x))
     g = torch.randn_like(y)
     y.backward(g)
@@ -64,7 +65,7 @@ def test_linear_under_autocast_keeps_the_weight_cast_exact(dtype):
     x = leaf((5, 33), torch.float32)
     lin = nn.Linear(33, 5)  # rows == out_features: only the weight's origin tells it apart
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        y = compressed_call(EB, lin, x)
+        y = compressed_call(ErrorBound(eb=EB), lin, x)
         g = torch.randn_like(y)
         y.backward(g)
         x_used = x.to(y.dtype)
@@ -82,7 +83,7 @@ def test_linear_under_autocast_keeps_the_weight_cast_exact(dtype):
 ])
 def test_activations(fn, backward, dtype):
     x = leaf((2, 3, 5, 7), dtype, "channels_last")
-    y = CompressedFunction(fn, EB)(x)
+    y = CompressedFunction(fn, ErrorBound(eb=EB))(x)
     assert torch.equal(y, fn(x))
     g = torch.randn_like(y)
     y.backward(g)
@@ -92,7 +93,7 @@ def test_activations(fn, backward, dtype):
 def test_product_of_feature_maps_rebuilds_the_map_keeps_the_small_gate():
     """Squeeze-excite: x (2×4×5×5) times a gate (2×4×1×1); x is rebuilt, the gate (other size) exact."""
     x, s = leaf((2, 4, 5, 5)), leaf((2, 4, 1, 1), seed=1)
-    y = CompressedFunction(torch.mul, EB)(x, s)
+    y = CompressedFunction(torch.mul, ErrorBound(eb=EB))(x, s)
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(x.grad, g * s.detach())
@@ -103,7 +104,7 @@ def test_product_of_feature_maps_rebuilds_the_map_keeps_the_small_gate():
 def test_batch_norm_with_batch_statistics(name):
     x = leaf((3, 4, 5, 6), name=name)
     bn = nn.BatchNorm2d(4)
-    y = compressed_call(EB, bn, x)
+    y = compressed_call(ErrorBound(eb=EB), bn, x)
     mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
     g = torch.randn_like(y)
     y.backward(g)
@@ -117,7 +118,7 @@ def test_batch_norm_with_batch_statistics(name):
 def test_layer_norm_keeps_its_statistics_exact():
     x = leaf((2, 7, 16))
     ln = nn.LayerNorm(16)
-    y = compressed_call(EB, ln, x)
+    y = compressed_call(ErrorBound(eb=EB), ln, x)
     g = torch.randn_like(y)
     y.backward(g)
     mean = x.detach().mean(-1, keepdim=True)
@@ -134,7 +135,7 @@ def test_outer_hooks_see_the_codes():
     x_relu = x.relu()
     seen = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
-        y = CompressedFunction(F.silu, EB)(x_relu)
+        y = CompressedFunction(F.silu, ErrorBound(eb=EB))(x_relu)
     codes = eb_codec.compress(x_relu.detach(), EB)
     assert [t.dtype for t in seen] == [t.dtype for t in codes]
     assert sum(t.nbytes for t in seen) == codes.nbytes < x_relu.nbytes / 2
@@ -144,10 +145,12 @@ def test_outer_hooks_see_the_codes():
 
 def test_no_grad_and_meta_are_plain_calls():
     with torch.no_grad():
-        assert torch.equal(compressed_call(EB, F.silu, torch.ones(3)), F.silu(torch.ones(3)))
-    assert compressed_call(EB, F.silu, torch.empty(2, 3, device="meta", requires_grad=True)).is_meta
+        assert torch.equal(compressed_call(ErrorBound(eb=EB), F.silu, torch.ones(3)), F.silu(torch.ones(3)))
+    assert compressed_call(ErrorBound(eb=EB), F.silu, torch.empty(2, 3, device="meta", requires_grad=True)).is_meta
 
 
 def test_bad_bound_names_the_argument():
     with pytest.raises(ValueError, match="eb"):
-        CompressedFunction(F.silu, 0.0)
+        ErrorBound(eb=0.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        ErrorBound(eb=0.1, relative=0.1)

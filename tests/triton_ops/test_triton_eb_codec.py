@@ -238,6 +238,7 @@ def test_compressed_call_runs_the_kernels(monkeypatch):
     PyTorch codec's (the two codecs agree bit for bit)."""
     import torch.nn.functional as F
 
+    from facto_fx.ops.error_bound import ErrorBound
     from facto_fx.ops.error_bounded import CompressedFunction
     from facto_fx.triton_ops import eb_codec as kernels
     from facto_fx.triton_ops.dispatch import use_kernels
@@ -250,6 +251,6 @@ def test_compressed_call_runs_the_kernels(monkeypatch):
     for mode in ("triton", "torch"):
         x = randn((2, 3, 5, 7), torch.float32).requires_grad_()
         with use_kernels(mode):
-            CompressedFunction(F.silu, EB)(x).sum().backward()
+            CompressedFunction(F.silu, ErrorBound(eb=EB))(x).sum().backward()
         grads.append(x.grad)
     assert calls == ["compress", "decompress"] and torch.equal(*grads)
