@@ -128,12 +128,13 @@ def _notes(fmodel: fx.GraphModule, decisions: list[Decision], inputs: tuple, ana
     ratio, from the report's own run); analytic, what its figure stands for."""
     rewritten = [d for d in decisions if d.rewritten]
     if analytic:
-        return {d.layer: note for d in rewritten if (note := method_handler(d.method).analytic_note)}
+        return {d.layer: note for d in rewritten for m in d.methods if (note := method_handler(m).analytic_note)}
     notes = method_notes(fmodel, inputs)
     nodes = {node.name: node for node in fmodel.graph.nodes}
     for d in rewritten:
-        if d.node in nodes and (note := method_handler(d.method).node_note(nodes[d.node])):
-            notes[d.layer] = note
+        for m in d.methods:
+            if d.node in nodes and (note := method_handler(m).node_note(nodes[d.node])):
+                notes[d.layer] = note
     return notes
 
 
@@ -144,8 +145,9 @@ def method_summaries(fmodel: fx.GraphModule) -> list[str]:
     by_handler: dict[int, tuple] = {}
     for d in state.decisions:
         if d.rewritten and d.node in nodes:
-            handler = method_handler(d.method)
-            by_handler.setdefault(id(handler), (handler, []))[1].append(nodes[d.node])
+            for m in d.methods:
+                handler = method_handler(m)
+                by_handler.setdefault(id(handler), (handler, []))[1].append(nodes[d.node])
     return [line for handler, group in by_handler.values() if (line := handler.summarize(group))]
 
 

@@ -36,6 +36,10 @@ class FactoConfig:
     methods: per-layer methods, {name, glob pattern, Last(n) or filter function: MethodConfig or
         None}, e.g. {"layer4.*": FactoLowRank(inr=0.5), "fc": None}. An exact layer name beats a pattern, Last(n)
         or filter (tried in the mapping's order), which beats apply_ratio; None leaves it dense.
+    fallback: a method for every layer the plan would otherwise leave as it is (apply_ratio's dense
+        layers, ops no Facto operator covers), where it takes that kind of layer; layers left dense
+        by name, pattern or filter, and layers that cannot be rewritten at all, stay dense.
+        ErrorBounded here covers a model end to end (facto_fx.presets.facto_error_bounded).
     kernels: "auto" runs the Triton kernels on CUDA tensors and PyTorch elsewhere; "torch" always
         PyTorch; "triton" always Triton, failing with a RuntimeError where it cannot run. "auto"
         leaves the choice to an enclosing `facto_fx.use_kernels(...)` block, if any.
@@ -55,6 +59,7 @@ class FactoConfig:
     seed: int = 0
     kernels: Kernels = "auto"
     methods: MethodChoices = field(default_factory=dict, hash=False)
+    fallback: MethodConfig | None = None
 
     def __post_init__(self) -> None:
         low_rank = FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype)  # validates all three
@@ -97,6 +102,10 @@ class FactoConfig:
         if overlap:
             raise ValueError(f"layers {sorted(overlap)} are named both in methods and in include / exclude")
         object.__setattr__(self, "methods", dict(self.methods))
+        if self.fallback is not None:
+            if not isinstance(self.fallback, MethodConfig):
+                raise ValueError(f"fallback must be a method config (ErrorBounded(...)) or None; got {self.fallback!r}")
+            method_handler(self.fallback)
 
     def low_rank(self) -> FactoLowRank:
         """The Facto method apply_ratio and include give a layer."""

@@ -74,7 +74,7 @@ class MemoryReport:
 
 
 def _decision_label(d: Decision) -> str:
-    return d.method.label if d.rewritten else "dense"
+    return "+".join(m.label for m in d.methods) if d.rewritten else "dense"
 
 
 def build_report(

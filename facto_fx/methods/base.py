@@ -100,6 +100,11 @@ class Method:
     def rewrite(self, site: RewriteSite, match: Match, method: MethodConfig) -> None:
         raise NotImplementedError
 
+    def wrap(self, site: RewriteSite, node: fx.Node, kind: str, method: MethodConfig) -> None:
+        """Run `node` (already rewritten by another method, or not) through this method; only for
+        handlers that `wraps_op`."""
+        raise NotImplementedError(f"{type(self).__name__} does not wrap ops")
+
     def after_step(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer, step: int,
                    options: StepOptions) -> bool:
         """Run after optimizer step number `step` on this method's layers; True if it reset them."""

@@ -71,8 +71,11 @@ class _ErrorBounded(Method):
     analytic_note = "counted uncompressed: the codes' size depends on the data (a real run measures it)"
 
     def rewrite(self, site: RewriteSite, match: Match, method: ErrorBounded) -> None:
-        node, bound = match.node, method.bound(match.kind)
-        if match.module is not None:
+        self.wrap(site, match.node, match.kind, method)
+
+    def wrap(self, site: RewriteSite, node: fx.Node, kind: str, method: ErrorBounded) -> None:
+        bound = method.bound(kind)
+        if node.op == "call_module":
             # The module stays where it is (same names, same state_dict); the node calls it through
             # compressed_call instead of directly.
             with node.graph.inserting_before(node):

@@ -3,9 +3,10 @@
 layer / group norm, SiLU / GELU / sigmoid, a squeeze-excite multiply...
 
 The op runs unchanged under a pair of saved-tensor hooks. Its forward output is exact; each saved
-tensor that is one of its feature maps is compressed when saved and decompressed when backward
-asks for it, so the backward runs on x̂ with |x̂ − x| ≤ eb element-wise. Saved tensors that are
-not feature maps stay exact: parameters and their casts (so a conv's grad_X, which needs only W,
+tensor that is one of its feature maps is compressed when saved (kept as it is where its codes
+would not be smaller: noise at a tiny eb) and decompressed when backward asks for it, so the
+backward runs on x̂ with |x̂ − x| ≤ eb element-wise. Saved tensors that are not feature maps stay
+exact: parameters and their casts (so a conv's grad_X, which needs only W,
 is exact and only grad_W sees the error), and statistics such as batch-norm's mean and inverse std
 (a feature map is a saved tensor as large as the op's largest tensor argument: a squeeze-excite
 product rebuilds the map, not its small gate).
@@ -61,14 +62,11 @@ def _from_parameter(t: Tensor) -> bool:
 class _Compressed:
     """What autograd keeps for one feature map: its codes (each passed through the outer hooks)."""
 
-    __slots__ = ("codes", "shape", "dtype", "channels_last", "eb", "codec", "nbytes")
+    __slots__ = ("codes", "shape", "dtype", "channels_last", "eb", "codec")
 
-    def __init__(self, x: Tensor, eb: float, outer_pack: Callable | None) -> None:
-        codec = _codec(x)
-        codes = codec.compress(x.detach(), eb)
-        self.nbytes = codes.nbytes
+    def __init__(self, x: Tensor, codes: eb_format.Codes, eb: float, outer_pack: Callable | None) -> None:
         self.codes = tuple(outer_pack(c) if outer_pack else c for c in codes)
-        self.shape, self.dtype, self.eb, self.codec = x.shape, x.dtype, eb, codec
+        self.shape, self.dtype, self.eb, self.codec = x.shape, x.dtype, eb, _codec(x)
         self.channels_last = is_channels_last(x)
 
     def restore(self, outer_unpack: Callable | None) -> Tensor:
@@ -89,10 +87,12 @@ class saving_compressed:
 
         def pack(t: Tensor) -> object:
             if t.is_floating_point() and t.numel() == self.size and not _from_parameter(t):
-                saved = _Compressed(t, self.eb, outer_pack)
+                dense = t.numel() * t.element_size()
+                codes = _codec(t).compress(t.detach(), self.eb)
                 if on_pack is not None:
-                    on_pack(saved.nbytes, t.numel() * t.element_size())
-                return saved
+                    on_pack(min(codes.nbytes, dense), dense)
+                if codes.nbytes < dense:  # never keep more than the map itself (noise at a tiny eb)
+                    return _Compressed(t, codes, self.eb, outer_pack)
             return outer_pack(t) if outer_pack else t
 
         def unpack(saved: object) -> Tensor:

@@ -89,6 +89,8 @@ def rewrite(gm: fx.GraphModule, matches: list[Match], decisions: list[Decision],
         if decision.method is not None:
             method_handler(decision.method).rewrite(site, match, decision.method)
             decision.rewritten = True
+        if decision.wrapper is not None:
+            method_handler(decision.wrapper).wrap(site, match.node, match.kind, decision.wrapper)
     pool_before_relu(gm, decisions)
     gm.graph.lint()
     gm.delete_all_unused_submodules()

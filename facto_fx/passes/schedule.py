@@ -43,11 +43,17 @@ class Decision:
     unsupported: bool = False
     rewritten: bool = False
     excluded: bool = False  # chosen dense by name, pattern or filter: left exactly as it is
+    wrapper: MethodConfig | None = None  # a method that holds what the rewritten op saves (the fallback)
 
     @property
     def compress(self) -> bool:
         """Whether the layer's method saves memory (frozen batch-norm at full size does not)."""
-        return self.method is not None and self.method.saves_memory
+        return self.method is not None and (self.method.saves_memory or self.wrapper is not None)
+
+    @property
+    def methods(self) -> list[MethodConfig]:
+        """The method, then the wrapper around it, where there are."""
+        return [m for m in (self.method, self.wrapper) if m is not None]
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -219,6 +225,23 @@ class _Planner:
             return decision
         return self._default(match, decision)
 
+    def fall_back(self, match: Match, decision: Decision) -> None:
+        """Give config.fallback a layer the plan left as it is by default, if it takes it; a
+        fallback that wraps ops also wraps a rewrite that saves no memory (frozen batch-norm at
+        full size), holding what that op saves."""
+        method = self.config.fallback
+        if decision.excluded or match.unsupported is not None:
+            return
+        if not _takes(method, match.kind) or self._refusal(method, match):
+            return
+        name = type(method).__name__
+        if decision.method is None:
+            decision.method, decision.unsupported = method, False
+            decision.reason = f"{name} as the fallback ({decision.reason})"
+        elif not decision.method.saves_memory and method_handler(method).wraps_op:
+            decision.wrapper = method
+            decision.reason += f"; what it saves held by {name} (the fallback)"
+
     def _default(self, match: Match, decision: Decision) -> Decision:
         if match.kept is not None:
             decision.reason, decision.unsupported = match.kept, True
@@ -276,4 +299,7 @@ def schedule(
         if d.kind == LINEAR and d.reason == LINEAR_PENDING:
             d.method = planner.low_rank if d.depth < cutoff else None
             d.reason = "all earlier conv layers compressed" if d.method else "an earlier conv layer is dense"
+    if config.fallback is not None:
+        for match, d in zip(matches, decisions, strict=True):
+            planner.fall_back(match, d)
     return decisions

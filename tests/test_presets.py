@@ -1,0 +1,38 @@
+"""The Facto + ErrorBounded preset: Facto's layers as Facto alone makes them, everything Facto
+leaves (and the full-size frozen batch-norms) held by ErrorBounded, the forward unchanged."""
+
+import copy
+
+import torch
+import torchvision
+
+import facto_fx
+from facto_fx import presets
+
+
+def test_preset_covers_what_facto_leaves_and_computes_the_same():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    alone = facto_fx.compile(copy.deepcopy(model))
+    both = facto_fx.compile(copy.deepcopy(model), presets.facto_error_bounded(exclude=["features.0.0"]))
+    by_layer = {d.layer: d for d in facto_fx.decisions(both)}
+    for d in facto_fx.decisions(alone):
+        mine = by_layer[d.layer]
+        if d.rewritten and d.method.saves_memory:
+            assert mine.method == d.method and mine.wrapper is None, d.layer  # Facto's own
+        elif d.layer == "features.0.0":
+            assert not mine.rewritten and mine.excluded  # excluded by name: left exactly as it is
+        elif d.rewritten:  # frozen batch-norm at full size: what it saves is held compressed
+            assert type(mine.wrapper).__name__ == "ErrorBounded" and mine.compress, d.layer
+        elif d.kind in ("activation", "mul", "conv2d", "linear"):
+            assert type(mine.method).__name__ == "ErrorBounded" and "fallback" in mine.reason, d.layer
+    x = torch.randn(2, 3, 64, 64)
+    both.eval(), alone.eval()  # the classifier's dropout
+    with torch.enable_grad():
+        torch.testing.assert_close(both(x), alone(x), rtol=0, atol=0)
+    both.train()
+    torch.manual_seed(1)
+    both(x).square().mean().backward()
+    report = facto_fx.report(both, x)
+    assert "frozen+eb" in {r.decision for r in report.rows}
+    assert report.ratio < facto_fx.report(alone.train(), x).ratio
