@@ -15,8 +15,8 @@ import sys
 import torch
 
 import facto_fx
-from facto_fx.methods.hosvd import on_last_layers
 from facto_fx.model_zoo import build_model, check_model_name
+from facto_fx.presets import METHOD_CHOICES, method_options
 from facto_fx.training import TrainConfig
 from facto_fx.training.config import OPTIMIZERS
 from facto_fx.training.data import DATASETS
@@ -28,10 +28,15 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lossy-kernel", type=int, default=2, help="mean-pool size of saved maps (1: none)")
     parser.add_argument("--apply-ratio", type=float, default=0.6, help="share of layers compressed from the input")
     parser.add_argument("--storage-dtype", default=None, help="dtype of compressed maps: fp32, bf16, fp16")
-    parser.add_argument("--method", default="facto", choices=("facto", "hosvd", "svd"),
-                        help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front)")
+    parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
+                        help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
+                             "eb: error-bounded compression of every layer Facto leaves")
     parser.add_argument("--eps", type=float, default=0.8, help="hosvd / svd: energy kept per mode, in (0, 1]")
     parser.add_argument("--last", type=int, default=4, help="hosvd / svd: how many conv layers, from the output")
+    parser.add_argument("--eb", type=float, default=0.02,
+                        help="eb: error bound of ops without weights, relative to each map's value range")
+    parser.add_argument("--sigma", type=float, default=0.1,
+                        help="eb: conv / linear gradient error tolerated, x the gradient's std (adaptive bound)")
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -43,19 +48,18 @@ def report_command(args: argparse.Namespace) -> int:
     """
     device = resolve_device(args.device) if args.peak else torch.device("meta")
     model = build_model(args.model, num_classes=args.num_classes, device=device)
-    methods = {} if args.method == "facto" else on_last_layers(args.method, args.eps, args.last)
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
-        storage_dtype=args.storage_dtype, methods=methods, verify=args.peak,
+        storage_dtype=args.storage_dtype, verify=args.peak,
+        **method_options(args.method, args.eps, args.last, args.eb, args.sigma),
     )
     shape = (args.batch_size, args.in_channels, args.image_size, args.image_size)
     x = torch.randn(shape, device=device) if args.peak else torch.empty(shape, device=device)
     table = facto_fx.report(fmodel, x, analytic=not args.peak, peak=args.peak)
-    extra = "" if args.method == "facto" else f", {args.method} eps {args.eps} on the last {args.last} convs"
+    extra = {"facto": "", "eb": f", ErrorBounded for the rest (eb {args.eb} x range, sigma {args.sigma})"}.get(
+        args.method, f", {args.method} eps {args.eps} on the last {args.last} convs")
     print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, INR {args.inr}, "
           f"lossy kernel {args.lossy_kernel}, apply ratio {args.apply_ratio}{extra}\n")
-    if args.method != "facto" and not args.peak:
-        print(f"({args.method} rows: the full-rank worst case; real ranks depend on the data)\n")
     print(table)
     if args.plot:
         from facto_fx.plots import plot_memory_breakdown

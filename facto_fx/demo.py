@@ -30,8 +30,10 @@ def run_demo(config: TrainConfig, out: str | Path, plots: bool = True) -> DemoRe
     vanilla_config = dataclasses.replace(facto_config, frt_epochs=config.epochs)
     print(f"1/2 vanilla: {config.model} on {config.dataset}, {config.epochs} full-rank epochs")
     vanilla = train(vanilla_config)
+    also = {"eb": ", ErrorBounded for the rest"}.get(config.method, "" if config.method == "facto" else
+                                                      f", {config.method} on the last {config.last} convs")
     print(f"\n2/2 facto: {config.frt_epochs} full-rank epoch(s), then Facto (INR {config.inr}, "
-          f"lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio})")
+          f"lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{also})")
     facto = train(facto_config)
     report = facto.report
     print(f"\nfeature maps saved for backward, batch {config.batch_size}:\n\n{report}\n")
@@ -46,9 +48,10 @@ def run_demo(config: TrainConfig, out: str | Path, plots: bool = True) -> DemoRe
 
 
 def _plot(vanilla: TrainResult, facto: TrainResult, out: Path) -> list[Path]:
-    from facto_fx.plots import plot_layer_memory, plot_training_curves
+    from facto_fx.plots import plot_layer_memory, plot_layer_ratios, plot_training_curves
 
     return [
         plot_layer_memory(facto.report, out / "memory_per_layer.png"),
+        plot_layer_ratios(facto.report, out / "compression_per_layer.png"),
         plot_training_curves({"vanilla": vanilla.history, "facto": facto.history}, out / "training_curves.png"),
     ]

@@ -58,6 +58,25 @@ def plot_layer_memory(report: MemoryReport, path: str | Path, title: str = "") -
     return _save(fig, plt, path)
 
 
+def plot_layer_ratios(report: MemoryReport, path: str | Path, title: str = "") -> Path:
+    """How many times smaller each rewritten layer's saved bytes are than vanilla's, coloured by
+    method (Facto's pooled maps, ErrorBounded's codes, ...); log scale."""
+    plt = _pyplot()
+    rows = [r for r in report.rows if r.decision not in ("-", "dense") and r.facto_bytes and r.vanilla_bytes]
+    methods = sorted({r.decision for r in rows})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r.vanilla_bytes / r.facto_bytes for r in rows], color=[colours[r.decision] for r in rows])
+    for method in methods:
+        ax.bar(0, 0, color=colours[method], label=method)
+    ax.axhline(1, color="grey", linewidth=1)
+    ax.set_xticks(range(len(rows)), [r.layer for r in rows], rotation=90, fontsize="small")
+    ax.set(yscale="log", ylabel="vanilla bytes / saved bytes")
+    ax.set_title(title or "compression per layer")
+    ax.legend(fontsize="small")
+    return _save(fig, plt, path)
+
+
 def plot_training_curves(histories: dict, path: str | Path) -> Path:
     """Train loss and test accuracy per epoch for each named run (lists of EpochRecord)."""
     plt = _pyplot()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from facto_fx.config import FactoConfig
-from facto_fx.methods import ErrorBounded
+from facto_fx.methods import ErrorBounded, MethodConfig
+from facto_fx.methods.hosvd import on_last_layers
+
+METHOD_CHOICES = ("facto", "hosvd", "svd", "eb")
 
 
 def facto_error_bounded(eb: float = 0.02, sigma: float = 0.1, every: int = 100, **facto: object) -> FactoConfig:
@@ -14,3 +17,15 @@ def facto_error_bounded(eb: float = 0.02, sigma: float = 0.1, every: int = 100, 
     `every`); the other ops `eb` relative to each map's value range."""
     fallback = ErrorBounded(eb, relative=True, adaptive=True, sigma=sigma, every=every)
     return FactoConfig(fallback=fallback, **facto)
+
+
+def method_options(method: str, eps: float = 0.8, last: int = 4, eb: float = 0.02,
+                   sigma: float = 0.1) -> dict[str, dict | MethodConfig | None]:
+    """FactoConfig's `methods` and `fallback` for the command line's --method: "facto" alone,
+    "hosvd" / "svd" (eps) on the last `last` convs with Facto in front, or "eb", Facto plus
+    ErrorBounded for the rest (eb relative to each map's range, sigma for the adaptive bound)."""
+    if method not in METHOD_CHOICES:
+        raise ValueError(f"method must be one of {METHOD_CHOICES}; got {method!r}")
+    if method == "eb":
+        return {"methods": {}, "fallback": facto_error_bounded(eb, sigma).fallback}
+    return {"methods": {} if method == "facto" else on_last_layers(method, eps, last), "fallback": None}

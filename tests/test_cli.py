@@ -31,6 +31,22 @@ def test_report_with_hosvd_on_the_last_layers(capsys):
     assert "eps must be a number in (0, 1]" in capsys.readouterr().err
 
 
+def test_report_and_train_with_the_error_bounded_preset(capsys, tmp_path):
+    """--method eb: Facto in front, ErrorBounded for the rest; the analytic report says its rows
+    are counted uncompressed, training logs and reports what the codes kept."""
+    assert main(["report", "--model", "mobilenet_v3_small", "--method", "eb", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "ErrorBounded for the rest" in out and "counted uncompressed" in out
+    assert {"activation", "mul"} <= {line.split()[1] for line in out.splitlines()
+                                     if len(line.split()) > 2 and line.split()[2] == "eb"}
+    code = main(["train", "--model", "cifar_vgg11", "--method", "eb", "--epochs", "2", "--frt-epochs", "1",
+                 "--limit-batches", "3", "--batch-size", "16", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "error-bounded:" in out and "codes" in out and "x smaller" in out
+    assert main(["train", "--method", "eb", "--eb", "0"]) == 2
+    assert "eb" in capsys.readouterr().err
+
+
 def test_report_matches_the_measured_figure_at_batch_256(capsys):
     """vgg16 at batch 256, 224²: docs/design.md §5's 17,909 MiB baseline, computed without allocating."""
     assert main(["report", "--model", "vgg16", "--apply-ratio", "0.6"]) == 0

@@ -16,6 +16,11 @@ the order of the gradient's own), so the compression error is invisible to SGD; 
 the same spirit ("the acceptable error distribution in the gradient"). The statistics are taken on
 an uncompressed step (the layer keeps its input that step), the first and then every `every`-th
 training call, and the eb they give holds until the next such step.
+
+The error model holds while the quantisation step is small against the map's spread; where eq. 1
+asks for more (a map with few nonzero values and a small gradient, such as the input images of the
+first layer), the error is no longer uniform but −x itself, and grad_W would lose its signal. The
+bound is therefore capped at half the map's standard deviation (step 2eb ≤ its std).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor
 from facto_fx.eb_format import check_bound
 
 UNIFORM_STD = 1 / math.sqrt(3)  # a: std of a uniform error on [-1, 1]
+CAP_OF_STD = 0.5  # the adaptive bound's ceiling, in standard deviations of the map
 MIN_BOUND = 1e-37  # the smallest eb with a normal fp32 step (eb_format.check_bound)
 
 
@@ -71,6 +77,7 @@ class ErrorBound:
         if not (y.requires_grad and weight.requires_grad):
             return
         nonzero = (x != 0).float().mean().item()
+        cap = CAP_OF_STD * x.detach().float().std().item()
         terms = y.numel() // weight.shape[0]
         grad_y_mean: list[float] = []
 
@@ -83,7 +90,7 @@ class ErrorBound:
                 sigma = self.sigma * grad.float().std().item()
                 eb = sigma / (UNIFORM_STD * grad_y_mean[0] * math.sqrt(terms * nonzero))
                 if math.isfinite(eb) and eb > 0:
-                    self.adaptive_eb = min(max(eb, MIN_BOUND), 1e38)
+                    self.adaptive_eb = min(max(min(eb, cap), MIN_BOUND), 1e38)
 
         y.register_hook(on_grad_y)
         weight_handle = weight.register_hook(on_grad_w)

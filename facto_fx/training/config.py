@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from facto_fx.config import FactoConfig
-from facto_fx.methods.hosvd import on_last_layers
+from facto_fx.presets import method_options
 from facto_fx.training.data import DATASETS
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -44,9 +44,11 @@ class TrainConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: str | None = None
-    method: Literal["facto", "hosvd", "svd"] = "facto"
+    method: Literal["facto", "hosvd", "svd", "eb"] = "facto"
     eps: float = 0.8
     last: int = 4
+    eb: float = 0.02
+    sigma: float = 0.1
     merge_every: int | None = None
     amp: bool = False
     compile: bool = False
@@ -74,8 +76,6 @@ class TrainConfig:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("workers", self.workers, minimum=0)
         _check_int("last", self.last, minimum=1)
-        if self.method not in ("facto", "hosvd", "svd"):
-            raise ValueError(f"method must be 'facto', 'hosvd' or 'svd'; got {self.method!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr!r}")
         if self.lr_milestones is not None:
@@ -94,11 +94,12 @@ class TrainConfig:
 
     def facto_config(self) -> FactoConfig:
         """Facto by apply_ratio; with method "hosvd" / "svd", that decomposition on the last `last`
-        conv layers as well (Facto in front, the decomposition at the back)."""
-        methods = {} if self.method == "facto" else on_last_layers(self.method, self.eps, self.last)
+        conv layers as well (Facto in front, the decomposition at the back); with "eb",
+        ErrorBounded for every layer Facto leaves (presets.method_options)."""
         return FactoConfig(
             inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
-            storage_dtype=self.storage_dtype, seed=self.seed, methods=methods,
+            storage_dtype=self.storage_dtype, seed=self.seed,
+            **method_options(self.method, self.eps, self.last, self.eb, self.sigma),
         )
 
     @property

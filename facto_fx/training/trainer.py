@@ -8,6 +8,7 @@ run continues bit-identically to one that was never stopped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -127,6 +128,14 @@ class Trainer:
             x = torch.empty(self.config.batch_size, 3, self.data.image_size, self.data.image_size, device="meta")
             self.report = facto_fx.report(fmodel, x, analytic=True)
 
+    def _measured_report(self) -> MemoryReport:
+        """The report on a real training batch, for methods whose saved size depends on the data
+        (the analytic report, which said so in its notes, counts them at their worst). It runs on
+        a copy: its forward pass must not move the trained model's statistics."""
+        size = min(self.config.batch_size, len(self.data.train))
+        x = next(iter(DataLoader(Subset(self.data.train, range(size)), batch_size=size)))[0].to(self.device)
+        return facto_fx.report(copy.deepcopy(self.raw), x)
+
     @torch.no_grad()
     def _recalibrate_batch_norm(self) -> None:
         norms = [m for m in self.raw.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -215,6 +224,8 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.config.lr_at(self.position.epoch)
                 self._train_epoch()
+            if self.report is not None and self.report.notes and self.topology.is_main:
+                self.report = self._measured_report()
             self._export()
         finally:
             distributed.teardown(self.topology)

@@ -45,7 +45,7 @@ def test_adaptive_bound_follows_eq_1():
     assert bound.eb is None and bound.kept_bytes == 0
     sigma = 0.1 * conv.weight.grad.std().item()
     n, r, mean_g = 3 * 8 * 8, (x != 0).float().mean().item(), g.abs().mean().item()
-    expected = sigma * math.sqrt(3) / (mean_g * math.sqrt(n * r))
+    expected = min(sigma * math.sqrt(3) / (mean_g * math.sqrt(n * r)), 0.5 * x.std().item())
     assert bound.adaptive_eb == pytest.approx(expected, rel=1e-5)
 
     conv_step(bound, conv, x, g)  # call 2: compressed with it
@@ -57,6 +57,17 @@ def test_adaptive_bound_follows_eq_1():
     exact = torch.nn.grad.conv2d_weight(x, conv.weight.shape, g, padding=1)
     # the realised gradient error is of the order of σ (the design target), not far beyond it
     assert (compressed_error - exact).std().item() < 3 * sigma
+
+
+def test_adaptive_bound_is_capped_by_the_maps_spread():
+    """A map of 3 ± 0.01: grad_W is large (3·Σg), so eq. 1 allows an eb of the order of 0.5, which
+    would quantise the ±0.01 spread, all the map's information, away."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    x = 3.0 + 0.01 * torch.randn(2, 3, 8, 8)
+    bound = ErrorBound(sigma=0.1)
+    conv_step(bound, conv, x, torch.randn(2, 4, 6, 6))
+    assert bound.adaptive_eb == pytest.approx(0.5 * x.std().item())
 
 
 def test_exactly_one_kind():
