@@ -33,10 +33,13 @@ value the other way than the kernel does. Either code is within eb; only the two
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
 from facto_fx.eb_format import BLOCK, CODEC_DTYPES, MAX_CODE, Codes, check_bound, memory_order, step_of
+from facto_fx.ops.bitpack import pack_bits, unpack_bits
 
 
 def quantize(flat: Tensor, eb: float) -> tuple[Tensor, Tensor]:
@@ -62,13 +65,23 @@ def _blocks(flat: Tensor) -> Tensor:
     return flat.view(-1, BLOCK)
 
 
-def _lanes(device: torch.device) -> Tensor:
-    return torch.ones((), dtype=torch.int64, device=device) << torch.arange(BLOCK, device=device)
+def _pack(bits: Tensor) -> Tensor:
+    """Each row of 32 0/1 values as one int32 word, bit i holding lane i (bit 31 is the sign bit).
 
-
-def _pack(bits: Tensor, lanes: Tensor) -> Tensor:
-    """Each row of 32 0/1 values as one int32 word (bit i: lane i); wraps bit 31 into the sign."""
+    Little-endian machines pack bytes (ops/bitpack.py, lane 8j + i at bit i of byte j) and read
+    them as words; elsewhere each lane is shifted into place.
+    """
+    if sys.byteorder == "little":
+        return pack_bits(bits, 1).view(torch.int32)
+    lanes = torch.ones((), dtype=torch.int64, device=bits.device) << torch.arange(BLOCK, device=bits.device)
     return (bits.to(torch.int64) * lanes).sum(1).to(torch.int32)
+
+
+def _unpack(words: Tensor) -> Tensor:
+    """Inverse of `_pack`: (len(words), 32) uint8 0/1 lanes."""
+    if sys.byteorder == "little":
+        return unpack_bits(words.contiguous().view(torch.uint8), 1, words.numel() * BLOCK).view(-1, BLOCK)
+    return ((words.unsqueeze(1) >> torch.arange(BLOCK, device=words.device)) & 1).to(torch.uint8)
 
 
 def bit_length(m: Tensor) -> Tensor:
@@ -85,8 +98,7 @@ def encode(q: Tensor) -> tuple[Tensor, Tensor]:
     top = int(widths.max()) if widths.numel() else 0
     if top == 0:
         return widths, q.new_empty(0)
-    lanes = _lanes(q.device)
-    columns = [_pack(residual < 0, lanes)] + [_pack((magnitude >> k) & 1, lanes) for k in range(top)]
+    columns = [_pack(residual < 0)] + [_pack((magnitude >> k) & 1) for k in range(top)]
     table = torch.stack(columns, dim=1)  # (nblocks, 1 + top): sign, plane 0, plane 1, ...
     used = torch.arange(1 + top, device=q.device) <= widths.unsqueeze(1).to(torch.int64)
     used &= (widths > 0).unsqueeze(1)
@@ -101,15 +113,14 @@ def decode(widths: Tensor, words: Tensor, numel: int) -> Tensor:
         width = widths.to(torch.int64)
         count = torch.where(width > 0, width + 1, 0)
         start = torch.cumsum(count, 0) - count
-        lanes = torch.arange(BLOCK, device=widths.device)
         nonzero = width > 0
-        sign = (words[start[nonzero]].unsqueeze(1) >> lanes) & 1
-        magnitude = torch.zeros(int(nonzero.sum()), BLOCK, dtype=torch.int32, device=widths.device)
         rows, row_width = start[nonzero], width[nonzero]
+        sign = _unpack(words[rows])
+        magnitude = torch.zeros(rows.numel(), BLOCK, dtype=torch.int32, device=widths.device)
         for k in range(int(row_width.max())):
             has = row_width > k
-            plane = words[torch.where(has, rows + 1 + k, 0)]
-            magnitude |= ((plane.unsqueeze(1) >> lanes) & 1) * has.unsqueeze(1).to(torch.int32) << k
+            bits = _unpack(words[torch.where(has, rows + 1 + k, 0)]) * has.unsqueeze(1)
+            magnitude |= bits.to(torch.int32) << k
         residual = torch.where(sign.bool(), -magnitude, magnitude)
         q[nonzero] = torch.cumsum(residual, dim=1, dtype=torch.int32)
     return q.view(-1)[:numel]
