@@ -68,7 +68,8 @@ class _ErrorBounded(Method):
     kinds = frozenset({CONV, LINEAR, BATCH_NORM, ACTIVATION, NORM, MUL})
     wraps_op = True
     compiles = False  # saved-tensor hooks: torch.compile runs each such op eagerly, between graph breaks
-    analytic_note = "counted uncompressed: the codes' size depends on the data (a real run measures it)"
+    analytic_note = ("an upper bound, counted uncompressed (codes are never kept larger than the map); "
+                     "a real run measures them")
 
     def rewrite(self, site: RewriteSite, match: Match, method: ErrorBounded) -> None:
         self.wrap(site, match.node, match.kind, method)

@@ -48,8 +48,24 @@ def quantize(flat: Tensor, eb: float) -> tuple[Tensor, Tensor]:
     scaled = flat.float() / step if flat.dtype != torch.float64 else flat / step
     q = torch.round(scaled).clamp_(-MAX_CODE, MAX_CODE).to(torch.int32)
     decoded = dequantize(q, step, flat.dtype)
-    outlier = ~((decoded.double() - flat.double()).abs() <= eb)
-    return q.masked_fill_(outlier, 0), outlier
+    return q.masked_fill_((outlier := _misses(decoded, flat, eb)), 0), outlier
+
+
+_MARGIN = 2.0**-20  # far above fp32's rounding of a difference (2**-24 relative) and of eb itself
+
+
+def _misses(decoded: Tensor, flat: Tensor, eb: float) -> Tensor:
+    """~(|decoded − x| ≤ eb), exactly: the difference in fp32, and in fp64 for the rare elements
+    whose fp32 difference lies within rounding of eb (NaN and inf always miss)."""
+    if flat.dtype == torch.float64:
+        return ~((decoded - flat).abs() <= eb)
+    diff = (decoded.float() - flat.float()).abs()
+    miss = ~(diff <= eb * (1 - _MARGIN))
+    close = miss & (diff <= eb * (1 + _MARGIN))
+    if close.any():
+        index = close.nonzero().view(-1)
+        miss[index] = ~((decoded[index].double() - flat[index].double()).abs() <= eb)
+    return miss
 
 
 def dequantize(q: Tensor, step: float, dtype: torch.dtype) -> Tensor:
@@ -84,6 +100,11 @@ def _unpack(words: Tensor) -> Tensor:
     return ((words.unsqueeze(1) >> torch.arange(BLOCK, device=words.device)) & 1).to(torch.uint8)
 
 
+def _narrowest(bits: int) -> torch.dtype:
+    """The smallest integer dtype holding `bits`-bit magnitudes."""
+    return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
+
+
 def bit_length(m: Tensor) -> Tensor:
     """Bits needed for each non-negative int32 value (0 for 0), exact through float64's frexp."""
     return torch.frexp(m.double())[1].to(torch.uint8)
@@ -98,6 +119,7 @@ def encode(q: Tensor) -> tuple[Tensor, Tensor]:
     top = int(widths.max()) if widths.numel() else 0
     if top == 0:
         return widths, q.new_empty(0)
+    magnitude = magnitude.to(_narrowest(top))  # bit planes read from 1- or 2-byte values where they fit
     columns = [_pack(residual < 0)] + [_pack((magnitude >> k) & 1) for k in range(top)]
     table = torch.stack(columns, dim=1)  # (nblocks, 1 + top): sign, plane 0, plane 1, ...
     used = torch.arange(1 + top, device=q.device) <= widths.unsqueeze(1).to(torch.int64)
@@ -116,11 +138,13 @@ def decode(widths: Tensor, words: Tensor, numel: int) -> Tensor:
         nonzero = width > 0
         rows, row_width = start[nonzero], width[nonzero]
         sign = _unpack(words[rows])
-        magnitude = torch.zeros(rows.numel(), BLOCK, dtype=torch.int32, device=widths.device)
-        for k in range(int(row_width.max())):
+        top = int(row_width.max())
+        magnitude = torch.zeros(rows.numel(), BLOCK, dtype=_narrowest(top), device=widths.device)
+        for k in range(top):
             has = row_width > k
             bits = _unpack(words[torch.where(has, rows + 1 + k, 0)]) * has.unsqueeze(1)
-            magnitude |= bits.to(torch.int32) << k
+            magnitude |= bits.to(magnitude.dtype) << k
+        magnitude = magnitude.to(torch.int32)
         residual = torch.where(sign.bool(), -magnitude, magnitude)
         q[nonzero] = torch.cumsum(residual, dim=1, dtype=torch.int32)
     return q.view(-1)[:numel]

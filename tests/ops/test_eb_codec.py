@@ -141,3 +141,13 @@ def test_bad_bound_is_refused(eb):
 def test_integer_tensor_is_refused():
     with pytest.raises(TypeError, match="float"):
         eb_codec.compress(torch.arange(4), 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_errors_of_exactly_eb_are_within(dtype):
+    """Half-way values decode exactly eb away: the check's fp64 path must accept them."""
+    eb = 0.25
+    x = torch.tensor([0.25, -0.75, 1.25, 2.75, 0.5, -1.0], dtype=dtype)
+    x_hat, codes = round_trip(x, eb)
+    assert codes.outlier_index.numel() == 0
+    assert (x_hat.double() - x.double()).abs().max().item() == eb
