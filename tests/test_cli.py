@@ -40,7 +40,7 @@ def test_report_and_train_with_the_error_bounded_preset(capsys, tmp_path):
     assert {"activation", "mul"} <= {line.split()[1] for line in out.splitlines()
                                      if len(line.split()) > 2 and line.split()[2] == "eb"}
     code = main(["train", "--model", "cifar_vgg11", "--method", "eb", "--epochs", "2", "--frt-epochs", "1",
-                 "--limit-batches", "3", "--batch-size", "16", "--no-progress"])
+                 "--limit-batches", "3", "--batch-size", "16", "--no-progress", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert code == 0 and "error-bounded:" in out and "codes" in out and "x smaller" in out
     assert main(["train", "--method", "eb", "--eb", "0"]) == 2

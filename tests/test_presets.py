@@ -36,3 +36,14 @@ def test_preset_covers_what_facto_leaves_and_computes_the_same():
     report = facto_fx.report(both, x)
     assert "frozen+eb" in {r.decision for r in report.rows}
     assert report.ratio < facto_fx.report(alone.train(), x).ratio
+
+
+def test_fallback_respects_exclusions_of_batch_statistics_layers():
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    config = facto_fx.FactoConfig(batch_norm="train", exclude=["1"], layer_filter=lambda name, _m: name != "3",
+                                  fallback=facto_fx.ErrorBounded(1e-2))
+    by_layer = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(model, config))}
+    assert not by_layer["1"].rewritten and not by_layer["3"].rewritten
+    assert by_layer["0"].rewritten and by_layer["2"].rewritten  # the convs: Facto or the fallback

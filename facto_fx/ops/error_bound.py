@@ -26,9 +26,11 @@ bound is therefore capped at half the map's standard deviation (step 2eb ≤ its
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from facto_fx.eb_format import check_bound
 
@@ -51,22 +53,25 @@ class ErrorBound:
         self.adaptive_eb: float | None = None
         self.eb: float | None = None  # the bound of the last compressed call
         self.kept_bytes = self.dense_bytes = 0  # of the last call's feature maps
+        self._weight_hook: RemovableHandle | None = None  # the pending measurement's, at most one
 
     @property
     def ratio(self) -> float:
         """Dense bytes over the codes' bytes, last call (nan before any)."""
         return self.dense_bytes / self.kept_bytes if self.kept_bytes else float("nan")
 
-    def choose(self, x: Tensor) -> float | None:
-        """The eb for this training call on feature map `x`; None: keep it exact and measure."""
+    def choose(self) -> Callable[[Tensor], float] | None:
+        """For this training call, the eb of each saved map (a relative bound: from that map's own
+        range, whether the op saves its input or its output); None: keep them exact and measure."""
         self.calls += 1
         if self.absolute is not None:
-            return self.absolute
+            return lambda _t: self.absolute
         if self.relative is not None:
-            return max(self.relative * _value_range(x), MIN_BOUND)
+            return lambda t: max(self.relative * _value_range(t), MIN_BOUND)
         if self.adaptive_eb is None or (self.calls - 1) % self.every == 0:
             return None
-        return self.adaptive_eb
+        eb = self.adaptive_eb
+        return lambda _t: eb
 
     def record(self, eb: float, kept: int, dense: int) -> None:
         self.eb, self.kept_bytes, self.dense_bytes = eb, kept, dense
@@ -85,7 +90,8 @@ class ErrorBound:
             grad_y_mean.append(grad.abs().float().mean().item())
 
         def on_grad_w(grad: Tensor) -> None:
-            weight_handle.remove()
+            self._weight_hook.remove()
+            self._weight_hook = None
             if grad_y_mean and grad_y_mean[0] > 0 and nonzero > 0:
                 sigma = self.sigma * grad.float().std().item()
                 eb = sigma / (UNIFORM_STD * grad_y_mean[0] * math.sqrt(terms * nonzero))
@@ -93,7 +99,9 @@ class ErrorBound:
                     self.adaptive_eb = min(max(min(eb, cap), MIN_BOUND), 1e38)
 
         y.register_hook(on_grad_y)
-        weight_handle = weight.register_hook(on_grad_w)
+        if self._weight_hook is not None:  # a measured call whose backward never ran
+            self._weight_hook.remove()
+        self._weight_hook = weight.register_hook(on_grad_w)
 
     def __repr__(self) -> str:
         if self.absolute is not None:

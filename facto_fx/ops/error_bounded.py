@@ -21,6 +21,7 @@ therefore kept out of compiled graphs (a graph break around each such op), never
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -59,46 +60,83 @@ def _from_parameter(t: Tensor) -> bool:
     return False
 
 
-class _Compressed:
-    """What autograd keeps for one feature map: its codes (each passed through the outer hooks)."""
+def _descends_from(t: Tensor, x: Tensor, depth: int = 3) -> bool:
+    """Whether autograd's graph leads from t back to x within `depth` steps (a cast of x, the
+    op's own output computed from x)."""
+    target = x.grad_fn
+    frontier = [t.grad_fn]
+    for _ in range(depth):
+        frontier = [nxt for fn in frontier if fn is not None for nxt, _ in fn.next_functions if nxt is not None]
+        if any(fn is target if target is not None else getattr(fn, "variable", None) is x for fn in frontier):
+            return True
+    return False
 
-    __slots__ = ("codes", "shape", "dtype", "channels_last", "eb", "codec")
 
-    def __init__(self, x: Tensor, codes: eb_format.Codes, eb: float, outer_pack: Callable | None) -> None:
-        self.codes = tuple(outer_pack(c) if outer_pack else c for c in codes)
-        self.shape, self.dtype, self.eb, self.codec = x.shape, x.dtype, eb, _codec(x)
-        self.channels_last = is_channels_last(x)
+def _is_feature_map(t: Tensor, x: Tensor) -> bool:
+    """A saved tensor that is the op's feature map x, or computed from it, with its size; never a
+    parameter, a tensor computed from parameters (a parametrized weight) or a statistic."""
+    if not t.is_floating_point() or t.numel() != x.numel() or isinstance(t, nn.Parameter):
+        return False
+    if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return True
+    if t.grad_fn is None:  # no history: an op's internal result (a frozen batch-norm's x̂), a cast of data
+        return True
+    return _descends_from(t, x) and not _from_parameter(t)
+
+
+class _Saved:
+    """What autograd keeps for one saved tensor: its codes (or the tensor, where the codes would
+    not be smaller), each through the outer hooks, and the version it had, so that an in-place
+    change before backward is an error, as it is without hooks (autograd skips its own check for
+    tensors saved through hooks)."""
+
+    __slots__ = ("codes", "exact", "shape", "dtype", "channels_last", "eb", "codec", "source", "version")
+
+    def __init__(self, t: Tensor, codes: eb_format.Codes | None, eb: float, outer_pack: Callable | None) -> None:
+        self.source, self.version = weakref.ref(t), t._version
+        self.exact = None if codes is not None else (outer_pack(t) if outer_pack else t)
+        self.codes = None if codes is None else tuple(outer_pack(c) if outer_pack else c for c in codes)
+        self.shape, self.dtype, self.eb, self.codec = t.shape, t.dtype, eb, _codec(t)
+        self.channels_last = is_channels_last(t)
 
     def restore(self, outer_unpack: Callable | None) -> Tensor:
+        source = self.source()
+        if source is not None and source._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"a {tuple(self.shape)} tensor saved by an ErrorBounded op is at version {source._version}; "
+                f"expected version {self.version} instead"
+            )
+        if self.codes is None:
+            return outer_unpack(self.exact) if outer_unpack else self.exact
         codes = eb_format.Codes(*(outer_unpack(c) if outer_unpack else c for c in self.codes))
         return self.codec.decompress(codes, self.shape, self.dtype, self.eb, self.channels_last)
 
 
 class saving_compressed:
-    """Context manager: feature maps of `size` elements, saved for backward inside the block, are
-    held compressed within `eb` (a `torch.autograd.graph.saved_tensors_hooks` pair); `on_pack`
-    hears (codes bytes, dense bytes) of each."""
+    """Context manager: feature maps of the op on `x` (x, or tensors of its size computed from
+    it), saved for backward inside the block, are held compressed within `eb_of(map)` (a
+    `torch.autograd.graph.saved_tensors_hooks` pair); `on_pack` hears (eb, codes bytes, dense
+    bytes) of each."""
 
-    def __init__(self, eb: float, size: int, on_pack: Callable[[int, int], None] | None = None) -> None:
-        self.eb = eb_format.check_bound(eb)
-        self.size = size
-        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        outer_pack, outer_unpack = self.outer if self.outer is not None else (None, None)
+    def __init__(self, eb_of: Callable[[Tensor], float], x: Tensor,
+                 on_pack: Callable[[float, int, int], None] | None = None) -> None:
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
         def pack(t: Tensor) -> object:
-            if t.is_floating_point() and t.numel() == self.size and not _from_parameter(t):
-                dense = t.numel() * t.element_size()
-                codes = _codec(t).compress(t.detach(), self.eb)
-                if on_pack is not None:
-                    on_pack(min(codes.nbytes, dense), dense)
-                if codes.nbytes < dense:  # never keep more than the map itself (noise at a tiny eb)
-                    return _Compressed(t, codes, self.eb, outer_pack)
-            return outer_pack(t) if outer_pack else t
+            if not _is_feature_map(t, x):
+                return _Saved(t, None, 0.0, outer_pack)
+            eb = eb_format.check_bound(eb_of(t))
+            dense = t.numel() * t.element_size()
+            codes = _codec(t).compress(t.detach(), eb)
+            if on_pack is not None:
+                on_pack(eb, min(codes.nbytes, dense), dense)
+            # never keep more than the map itself (noise at a tiny eb)
+            return _Saved(t, codes if codes.nbytes < dense else None, eb, outer_pack)
 
-        def unpack(saved: object) -> Tensor:
-            if isinstance(saved, _Compressed):
-                return saved.restore(outer_unpack)
-            return outer_unpack(saved) if outer_unpack else saved
+        def unpack(saved: _Saved) -> Tensor:
+            return saved.restore(outer_unpack)
 
         self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
@@ -132,17 +170,18 @@ def compressed_call(bound: ErrorBound, fn: Callable, *args: Any, **kwargs: Any) 
     # Meta tensors (analytic reports) have no values to compress: the plain call gives the shapes.
     if not torch.is_grad_enabled() or x is None or x.is_meta:
         return fn(*args, **kwargs)
-    eb = bound.choose(x)
-    if eb is None:
+    eb_of = bound.choose()
+    if eb_of is None:
         y = fn(*args, **kwargs)
         weight = _weight(fn, args)
         if weight is not None and isinstance(y, Tensor):
             bound.measure(x, y, weight)
         return y
-    kept: list[tuple[int, int]] = []
-    with saving_compressed(eb, x.numel(), lambda codes, dense: kept.append((codes, dense))):
+    packed: list[tuple[float, int, int]] = []
+    with saving_compressed(eb_of, x, lambda *sizes: packed.append(sizes)):
         y = fn(*args, **kwargs)
-    bound.record(eb, sum(k for k, _ in kept), sum(d for _, d in kept))
+    if packed:
+        bound.record(packed[0][0], sum(k for _, k, _ in packed), sum(d for _, _, d in packed))
     return y
 
 

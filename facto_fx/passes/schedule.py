@@ -198,14 +198,16 @@ class _Planner:
         default = PackedMasks() if match.kind in method_handler(PackedMasks()).kinds else self.low_rank
         explicit = _by_name(self.config, match, default)
         problem = match.unsupported
-        if problem is None and _batch_stats(match.kind, self.config) and not _wraps_whole(
-            explicit or _by_pattern(self.config, match, self.last)
-        ):
-            problem = "batch_norm='train': left in training mode"
+        chosen = explicit
+        if problem is None and _batch_stats(match.kind, self.config):
+            chosen = explicit or _by_pattern(self.config, match, self.last)
+            if not _wraps_whole(chosen):
+                problem = "batch_norm='train': left in training mode"
         if problem is not None:
             if explicit is not None and explicit[0] is not None:
                 raise ValueError(f"'{match.layer}' ({explicit[1]}) cannot be rewritten: {problem}")
             decision.reason, decision.unsupported = problem, True
+            decision.excluded = chosen is not None  # dense by name, pattern or filter: no fallback either
             return decision
         if explicit is not None:
             method, decision.reason = explicit

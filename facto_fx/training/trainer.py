@@ -8,7 +8,6 @@ run continues bit-identically to one that was never stopped.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -130,11 +129,17 @@ class Trainer:
 
     def _measured_report(self) -> MemoryReport:
         """The report on a real training batch, for methods whose saved size depends on the data
-        (the analytic report, which said so in its notes, counts them at their worst). It runs on
-        a copy: its forward pass must not move the trained model's statistics."""
+        (the analytic report, which said so in its notes, counts them at their worst). Its forward
+        pass must not move the trained model: its buffers (batch-norm statistics) are restored."""
         size = min(self.config.batch_size, len(self.data.train))
         x = next(iter(DataLoader(Subset(self.data.train, range(size)), batch_size=size)))[0].to(self.device)
-        return facto_fx.report(copy.deepcopy(self.raw), x)
+        buffers = {name: b.clone() for name, b in self.raw.named_buffers()}
+        try:
+            return facto_fx.report(self.raw, x)
+        finally:
+            with torch.no_grad():
+                for name, b in self.raw.named_buffers():
+                    b.copy_(buffers[name])
 
     @torch.no_grad()
     def _recalibrate_batch_norm(self) -> None:

@@ -73,3 +73,11 @@ def test_adaptive_bound_is_capped_by_the_maps_spread():
 def test_exactly_one_kind():
     with pytest.raises(ValueError, match="exactly one"):
         ErrorBound()
+
+
+def test_measurements_without_backward_leave_one_hook():
+    conv = nn.Conv2d(2, 3, 3)
+    bound = ErrorBound(sigma=0.1)
+    for _ in range(5):  # forward calls with grad enabled, no backward (an evaluation without no_grad)
+        compressed_call(bound, conv, torch.randn(1, 2, 6, 6))
+    assert len(conv.weight._backward_hooks) == 1

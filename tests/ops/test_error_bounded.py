@@ -154,3 +154,53 @@ def test_bad_bound_names_the_argument():
         ErrorBound(eb=0.0)
     with pytest.raises(ValueError, match="exactly one"):
         ErrorBound(eb=0.1, relative=0.1)
+
+
+def test_relative_bound_of_an_op_that_saves_its_output():
+    """sigmoid saves y in (0, 1), whatever x's range: the bound is relative to what is saved."""
+    x = (10 * torch.randn(4, 64)).requires_grad_()
+    bound = ErrorBound(relative=0.02)
+    y = compressed_call(bound, torch.sigmoid, x)
+    assert bound.eb == pytest.approx(0.02 * (y.max() - y.min()).item())
+    g = torch.randn_like(y)
+    y.backward(g)
+    saved = eb_codec.decompress(eb_codec.compress(y.detach(), bound.eb), y.shape, y.dtype, bound.eb)
+    torch.testing.assert_close(x.grad, aten.sigmoid_backward(g, saved))
+
+
+@pytest.mark.parametrize("modify", ["weight", "output"])
+def test_in_place_change_before_backward_is_an_error(modify):
+    """As without hooks: autograd skips its version check for tensors saved through hooks."""
+    x = leaf((4, 16))
+    if modify == "weight":
+        lin = nn.Linear(16, 8)
+        y = compressed_call(ErrorBound(eb=EB), lin, x)
+        with torch.no_grad():
+            lin.weight.mul_(0)
+    else:
+        y = compressed_call(ErrorBound(eb=1e-30), torch.sigmoid, x)  # kept exact: codes would be larger
+        y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_in_place_activation_modules_still_train():
+    x = leaf((2, 3, 5, 7))
+    for module in (nn.Hardswish(inplace=True), nn.ReLU6(inplace=True), nn.LeakyReLU(inplace=True)):
+        h = x * 1.0
+        y = compressed_call(ErrorBound(eb=1e-6), module, h)
+        g = torch.randn_like(y)
+        (grad,) = torch.autograd.grad(y, x, g)
+        dense_x = x.detach().clone().requires_grad_()
+        (dense,) = torch.autograd.grad(type(module)()(dense_x * 1.0), dense_x, g)
+        torch.testing.assert_close(grad, dense)
+
+
+def test_a_parametrized_weight_is_not_a_feature_map():
+    """weight_norm computes W in forward from g and v: the same size as x here, never compressed."""
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(64, 64))
+    x = leaf((64, 64))
+    y = compressed_call(ErrorBound(eb=0.5), lin, x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ lin.weight.detach())
