@@ -110,43 +110,54 @@ def bit_length(m: Tensor) -> Tensor:
     return torch.frexp(m.double())[1].to(torch.uint8)
 
 
+def _word_starts(width: Tensor) -> Tensor:
+    """Each block's first word in `words`: the exclusive prefix sum of (b > 0)·(1 + b)."""
+    count = torch.where(width > 0, width + 1, 0)
+    return torch.cumsum(count, 0) - count
+
+
+def _widest_first(width: Tensor) -> tuple[Tensor, list[int]]:
+    """The nonzero blocks, widest first, and for each plane k how many of them have it (width > k):
+    plane k's blocks are then a prefix, and the work is the sum of the widths, not max × count."""
+    order = torch.argsort(width, descending=True, stable=True)
+    top = int(width[order[0]])
+    has_plane = torch.bincount(width, minlength=top + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
+    return order[: has_plane[0]], has_plane
+
+
 def encode(q: Tensor) -> tuple[Tensor, Tensor]:
     """(widths, words) of int32 codes `q` (flat, any length)."""
     blocks = _blocks(q)
     residual = torch.diff(blocks, dim=1, prepend=torch.zeros_like(blocks[:, :1]))
     magnitude = residual.abs()
     widths = bit_length(magnitude.amax(1))
-    top = int(widths.max()) if widths.numel() else 0
-    if top == 0:
+    if not widths.numel() or int(widths.max()) == 0:
         return widths, q.new_empty(0)
-    magnitude = magnitude.to(_narrowest(top))  # bit planes read from 1- or 2-byte values where they fit
-    columns = [_pack(residual < 0)] + [_pack((magnitude >> k) & 1) for k in range(top)]
-    table = torch.stack(columns, dim=1)  # (nblocks, 1 + top): sign, plane 0, plane 1, ...
-    used = torch.arange(1 + top, device=q.device) <= widths.unsqueeze(1).to(torch.int64)
-    used &= (widths > 0).unsqueeze(1)
-    return widths, table[used]
+    width = widths.to(torch.int64)
+    starts = _word_starts(width)
+    words = q.new_empty(int(starts[-1] + torch.where(width[-1] > 0, width[-1] + 1, 0)))
+    order, has_plane = _widest_first(width)
+    rows = starts[order]
+    words[rows] = _pack(residual[order] < 0)
+    magnitude = magnitude[order].to(_narrowest(len(has_plane)))  # bit planes from 1- or 2-byte values where they fit
+    for k, count in enumerate(has_plane):
+        words[rows[:count] + 1 + k] = _pack((magnitude[:count] >> k) & 1)
+    return widths, words
 
 
 def decode(widths: Tensor, words: Tensor, numel: int) -> Tensor:
     """The int32 codes back from (widths, words): the first `numel` of them, flat."""
-    nblocks = widths.numel()
-    q = torch.zeros(nblocks, BLOCK, dtype=torch.int32, device=widths.device)
+    q = torch.zeros(widths.numel(), BLOCK, dtype=torch.int32, device=widths.device)
     if words.numel():
         width = widths.to(torch.int64)
-        count = torch.where(width > 0, width + 1, 0)
-        start = torch.cumsum(count, 0) - count
-        nonzero = width > 0
-        rows, row_width = start[nonzero], width[nonzero]
+        order, has_plane = _widest_first(width)
+        rows = _word_starts(width)[order]
         sign = _unpack(words[rows])
-        top = int(row_width.max())
-        magnitude = torch.zeros(rows.numel(), BLOCK, dtype=_narrowest(top), device=widths.device)
-        for k in range(top):
-            has = row_width > k
-            bits = _unpack(words[torch.where(has, rows + 1 + k, 0)]) * has.unsqueeze(1)
-            magnitude |= bits.to(magnitude.dtype) << k
+        magnitude = torch.zeros(rows.numel(), BLOCK, dtype=_narrowest(len(has_plane)), device=widths.device)
+        for k, count in enumerate(has_plane):
+            magnitude[:count] |= _unpack(words[rows[:count] + 1 + k]).to(magnitude.dtype) << k
         magnitude = magnitude.to(torch.int32)
-        residual = torch.where(sign.bool(), -magnitude, magnitude)
-        q[nonzero] = torch.cumsum(residual, dim=1, dtype=torch.int32)
+        q[order] = torch.cumsum(torch.where(sign.bool(), -magnitude, magnitude), dim=1, dtype=torch.int32)
     return q.view(-1)[:numel]
 
 
