@@ -2,6 +2,7 @@
 
 from facto_fx import dynamo_backend, methods, ops
 from facto_fx.api import FactoState, attach, compile, decisions, export_dense, method_summaries, report
+from facto_fx.calibration import recalibrate_batch_norm
 from facto_fx.config import FactoConfig
 from facto_fx.dynamo_backend import facto_backend
 from facto_fx.inspection import GraphInspection, inspect
@@ -53,6 +54,7 @@ __all__ = [
     "facto_backend",
     "low_rank_parameters",
     "method_summaries",
+    "recalibrate_batch_norm",
     "inspect",
     "method_parameters",
     "methods",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
 
+from facto_fx.calibration import recalibrate_batch_norm, stale_statistics
 from facto_fx.config import FactoConfig
 from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
 from facto_fx.methods import method_handler, method_layers, method_notes
@@ -40,6 +43,7 @@ def compile(
     *,
     example_inputs: tuple[Tensor, ...] | None = None,
     verify: bool = True,
+    calibration_data: Iterable | None = None,
     **options,
 ) -> fx.GraphModule:
     """Trace `model` and rewrite it for Facto low-rank training with compressed feature maps.
@@ -51,6 +55,11 @@ def compile(
     `example_inputs`, every node also records its output shape and dtype in
     node.meta["tensor_meta"]. The result shares parameters with `model`: its frozen weights W are
     the model's own, so merges update them in place.
+
+    Batch-norm statistics are frozen (batch_norm="freeze"): `calibration_data` (a few batches, a
+    DataLoader) re-estimates `model`'s own statistics on its current weights first
+    (facto_fx.recalibrate_batch_norm); without it, statistics that were never estimated get a
+    warning naming them.
     """
     if config is not None and options:
         raise ValueError("pass either a FactoConfig or keyword options, not both")
@@ -59,6 +68,8 @@ def compile(
         raise ValueError("this model is already a Facto model; compile the original model instead")
     if verify and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("a model on the meta device cannot be verified: pass verify=False (nothing can run on it)")
+    if config.batch_norm == "freeze":
+        _prepare_statistics(model, calibration_data)
     gm = _trace(model, config)
     inputs = example_inputs
     if verify and inputs is None:
@@ -80,6 +91,25 @@ def _trace(model: nn.Module, config: FactoConfig, like: fx.GraphModule | None = 
     """The pass's trace of `model`; `like` reuses the leaves an earlier trace chose, to skip retries."""
     leaves = list(like.meta[OPAQUE_META]) if like is not None else config.leaf_modules
     return trace(model, leaves, freeze_batch_norm=config.batch_norm == "freeze", strict=config.strict)
+
+
+def _prepare_statistics(model: nn.Module, calibration_data: Iterable | None) -> None:
+    """Re-estimate the statistics compile is about to freeze, or warn where they look stale."""
+    if calibration_data is not None:
+        device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
+        recalibrate_batch_norm(model, calibration_data, device=device)
+        return
+    if any(t.is_meta for t in model.buffers()):
+        return
+    stale = stale_statistics(model)
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        warnings.warn(
+            f"compile freezes batch-norm statistics that were never estimated ({shown}: mean 0, variance 1): "
+            "pass calibration_data=<a few training batches> or call facto_fx.recalibrate_batch_norm(model, "
+            "batches) first, or batch_norm='train' to keep batch statistics",
+            stacklevel=3,
+        )
 
 
 def _state(fmodel: nn.Module) -> FactoState:

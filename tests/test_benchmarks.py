@@ -94,3 +94,11 @@ def test_error_bounded_digits_compresses_conv_inputs_tenfold():
 def test_error_bounded_codec_benchmark_runs():
     result = _load("eb_codec").main(["--repeats", "1", "--batch-size", "2", "--image-size", "64"])
     assert result["ratio"] > 2 and result["compress"] > 0 and result["decompress"] > 0
+
+
+def test_recalibrated_compile_keeps_the_models_accuracy():
+    """resnet18 after one epoch on digits: compiled with calibration_data, within 2 points of the
+    same weights before compile; compiled as is, the trailing statistics cost most of it."""
+    result = _load("recalibration").main(["--seeds", "0"])
+    assert abs(result["compiled, recalibrated"] - result["dense, recalibrated"]) <= 0.02
+    assert result["compiled, recalibrated"] > result["compiled as is"] + 0.3

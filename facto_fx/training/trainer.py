@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import facto_fx
+from facto_fx.calibration import batch_norms
 from facto_fx.methods import method_parameters
 from facto_fx.model_zoo import build_model
 from facto_fx.report import MemoryReport
@@ -141,22 +142,16 @@ class Trainer:
                 for name, b in self.raw.named_buffers():
                     b.copy_(buffers[name])
 
-    @torch.no_grad()
     def _recalibrate_batch_norm(self) -> None:
-        norms = [m for m in self.raw.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms or self.config.facto_config().batch_norm != "freeze":
+        """Statistics of the current weights before compile freezes them (one epoch of batches),
+        averaged over the processes."""
+        if self.config.facto_config().batch_norm != "freeze":
             return
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches below
-        self.raw.train()
         self.sampler.set_epoch(self.position.epoch)
-        for x, _ in islice(self.train_loader, self.steps_per_epoch):
-            with self._autocast():
-                self.raw(x.to(self.device))
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
+        with self._autocast():
+            facto_fx.recalibrate_batch_norm(self.raw, islice(self.train_loader, self.steps_per_epoch),
+                                            device=self.device, progress=self.config.progress and self.topology.is_main)
+        norms = [m for _, m in batch_norms(self.raw)]
         distributed.average_buffers([t for m in norms for t in (m.running_mean, m.running_var)], self.topology)
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
