@@ -1,7 +1,16 @@
 """facto_fx: Facto-CNN (low-rank training + lossy feature-map compression) as a torch.fx pass."""
 
 from facto_fx import dynamo_backend, methods, ops
-from facto_fx.api import FactoState, attach, compile, decisions, export_dense, method_summaries, report
+from facto_fx.api import (
+    FactoState,
+    attach,
+    compile,
+    decisions,
+    export_dense,
+    facto_model,
+    method_summaries,
+    report,
+)
 from facto_fx.calibration import recalibrate_batch_norm
 from facto_fx.config import FactoConfig
 from facto_fx.dynamo_backend import facto_backend
@@ -52,6 +61,7 @@ __all__ = [
     "decisions",
     "export_dense",
     "facto_backend",
+    "facto_model",
     "low_rank_parameters",
     "method_summaries",
     "recalibrate_batch_norm",

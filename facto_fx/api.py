@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from facto_fx.calibration import recalibrate_batch_norm, stale_statistics
 from facto_fx.config import FactoConfig
@@ -112,11 +113,26 @@ def _prepare_statistics(model: nn.Module, calibration_data: Iterable | None) -> 
         )
 
 
+def facto_model(model: nn.Module) -> fx.GraphModule:
+    """The Facto GraphModule behind `model`: itself, or the model a `torch.compile` wrapper holds.
+
+    A model the "facto" torch.compile backend rewrote has no graph of its own to report on: the
+    error says what to pass instead.
+    """
+    inner = model._orig_mod if isinstance(model, OptimizedModule) else model
+    if isinstance(inner, fx.GraphModule) and "facto" in inner.meta:
+        return inner
+    if method_layers(inner):
+        raise ValueError(
+            "this model was rewritten by the 'facto' torch.compile backend, whose graphs dynamo keeps: report, "
+            "export_dense and inspect need facto_fx.compile(model) (torch.compile the result as usual); "
+            "attach and low_rank_parameters work on it as it is"
+        )
+    raise ValueError("expected a model returned by facto_fx.compile (or torch.compile of one)")
+
+
 def _state(fmodel: nn.Module) -> FactoState:
-    state = getattr(fmodel, "meta", {}).get("facto") if isinstance(fmodel, fx.GraphModule) else None
-    if state is None:
-        raise ValueError("expected a model returned by facto_fx.compile")
-    return state
+    return facto_model(fmodel).meta["facto"]
 
 
 def decisions(fmodel: fx.GraphModule) -> list[Decision]:
@@ -135,6 +151,7 @@ def report(
     """
     if peak and analytic:
         raise ValueError("peak=True measures real allocations; it cannot be combined with analytic=True")
+    fmodel = facto_model(fmodel)
     state = _state(fmodel)
     vanilla_gm = _trace(state.source, state.config, fmodel)
     inputs: dict[str, int] = {}
@@ -170,6 +187,7 @@ def _notes(fmodel: fx.GraphModule, decisions: list[Decision], inputs: tuple, ana
 
 def method_summaries(fmodel: fx.GraphModule) -> list[str]:
     """One line per method on what its layers kept in the last training call (the training log's)."""
+    fmodel = facto_model(fmodel)
     state = _state(fmodel)
     nodes = {node.name: node for node in fmodel.graph.nodes}
     by_handler: dict[int, tuple] = {}
@@ -189,6 +207,7 @@ def export_dense(fmodel: fx.GraphModule) -> nn.Module:
     Its state_dict has the original model's keys, so it loads into a new instance strictly; its
     tensors take the Facto model's current values, dtypes and devices.
     """
+    fmodel = facto_model(fmodel)
     state = _state(fmodel)
     current = fmodel.state_dict()
     for name, layer, handler in method_layers(fmodel):

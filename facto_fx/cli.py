@@ -78,18 +78,18 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--epochs", type=int, default=epochs, help="total epochs")
     parser.add_argument("--frt-epochs", type=int, default=frt_epochs, help="full-rank epochs before Facto")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
     parser.add_argument("--lr-milestones", type=int, nargs="*", default=None,
                         help="epochs where the learning rate drops by --lr-gamma (default: where Facto starts)")
-    parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma)
-    parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
-    parser.add_argument("--momentum", type=float, default=defaults.momentum)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma, help="LR factor at each milestone")
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS, help="optimizer")
+    parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="weight decay")
     parser.add_argument("--merge-every", type=int, default=None, help="steps between merges (default: an epoch)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 with loss scaling on older GPUs)")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds weights, data order and D")
     parser.add_argument("--limit-batches", type=int, default=None, help="at most this many batches per epoch")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -126,12 +126,13 @@ def demo_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facto-fx", description="Facto-CNN: train CNNs in less memory.")
     commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser("report", help="feature-map bytes per layer, vanilla vs Facto (paper Table 3)")
+    report = commands.add_parser("report", help="feature-map bytes per layer, vanilla vs Facto (paper Table 3)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     report.add_argument("--model", default="vgg16", help="a torchvision classification model or a package model")
-    report.add_argument("--batch-size", type=int, default=256)
-    report.add_argument("--image-size", type=int, default=224)
-    report.add_argument("--in-channels", type=int, default=3)
-    report.add_argument("--num-classes", type=int, default=1000)
+    report.add_argument("--batch-size", type=int, default=256, help="batch of the report")
+    report.add_argument("--image-size", type=int, default=224, help="input height and width")
+    report.add_argument("--in-channels", type=int, default=3, help="input channels")
+    report.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
     report.add_argument("--plot", default=None, help="write a per-op breakdown picture to this path (.png/.svg)")
     report.add_argument("--peak", action="store_true",
                         help="also measure the peak memory of a forward + backward (allocates a real model and batch)")
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_facto_options(report)
     report.set_defaults(run=report_command)
 
-    train = commands.add_parser("train", help="full-rank then Facto training, with checkpoints and resume")
+    train = commands.add_parser("train", help="full-rank then Facto training, with checkpoints and resume",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_training_options(train, epochs=TrainConfig.epochs, frt_epochs=TrainConfig.frt_epochs)
     train.add_argument("--out", default="runs/facto", help="folder for checkpoint.pt, model_dense.pt, history.json")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also checkpoint every N optimizer steps (always at each epoch's end)")
     train.set_defaults(run=train_command)
 
-    demo = commands.add_parser("demo", help="vanilla vs Facto on scikit-learn's digits, with plots (about 2 min)")
+    demo = commands.add_parser("demo", help="vanilla vs Facto on scikit-learn's digits, with plots (about 2 min)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_training_options(demo, epochs=3, frt_epochs=1)
     demo.add_argument("--out", default="facto-demo", help="folder for the plots")
     demo.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")

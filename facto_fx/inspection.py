@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import Tensor, fx
 
-from facto_fx.api import decisions, report
+from facto_fx.api import decisions, facto_model, report
 from facto_fx.passes.trace import propagate_shapes
 from facto_fx.report import MiB
 
@@ -130,6 +130,7 @@ class GraphInspection:
 
 def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = True) -> GraphInspection:
     """The rewritten graph with decisions, reasons and (given example inputs) shapes and saved bytes."""
+    fmodel = facto_model(fmodel)
     by_node = {d.node: d for d in decisions(fmodel)}
     vanilla, facto = {}, {}
     if example_inputs:

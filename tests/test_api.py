@@ -88,6 +88,25 @@ def test_verbs_need_a_compiled_model(verb):
         verb(cifar_vgg11())
 
 
+def test_verbs_take_a_torch_compiled_facto_model():
+    fmodel = facto_fx.compile(cifar_vgg11())
+    wrapped = torch.compile(fmodel)
+    assert facto_fx.facto_model(wrapped) is fmodel
+    assert facto_fx.decisions(wrapped) == facto_fx.decisions(fmodel)
+    x = torch.randn(2, 3, 32, 32)
+    assert facto_fx.report(wrapped, x).facto_bytes == facto_fx.report(fmodel, x).facto_bytes
+    assert facto_fx.export_dense(wrapped).state_dict().keys() == cifar_vgg11().state_dict().keys()
+    assert facto_fx.inspect(wrapped).nodes
+
+
+def test_verbs_say_what_to_pass_for_a_backend_model():
+    model = cifar_vgg11()
+    compiled = torch.compile(model, backend=facto_fx.facto_backend)
+    compiled(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="'facto' torch.compile backend.*facto_fx.compile"):
+        facto_fx.report(model, torch.randn(2, 3, 32, 32))
+
+
 def test_public_names_exported():
     assert set(facto_fx.__all__) >= {
         "compile", "attach", "report", "export_dense", "decisions", "saved_bytes_by_node", "FactoConfig",

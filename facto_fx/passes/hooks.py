@@ -6,6 +6,7 @@ They hang on the optimizer's step post-hook, so a normal training loop needs no 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,10 @@ def layers_by_method(model: nn.Module) -> dict[Method, list[nn.Module]]:
     return groups
 
 
-@dataclass
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its live FactoHooks
+
+
+@dataclass(repr=False)
 class FactoHooks:
     """Handle returned by `attach`: counts steps, runs each method's step action, `remove()` detaches."""
 
@@ -52,7 +56,20 @@ class FactoHooks:
             raise ValueError(
                 f"{len(missing)} Facto layers' M are not in the optimizer; build it from fmodel.parameters()"
             )
+        earlier = _ATTACHED.get(self.model)
+        if earlier is not None and earlier._handle is not None:
+            raise ValueError(
+                f"hooks are already attached to this model ({earlier!r}); call .remove() on them first: two "
+                "would each merge every period and decay W twice per step"
+            )
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
+        _ATTACHED[self.model] = self
+
+    def __repr__(self) -> str:
+        layers = sum(len(group) for group in self.groups.values())
+        state = "" if self._handle is not None else ", removed"
+        return (f"FactoHooks({layers} layers, merge_every={self.merge_every}, w_decay={self.w_decay:g}, "
+                f"steps={self.steps}, merges={self.merges}{state})")
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.steps += 1
@@ -79,6 +96,8 @@ class FactoHooks:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            if _ATTACHED.get(self.model) is self:
+                del _ATTACHED[self.model]
 
 
 def attach(

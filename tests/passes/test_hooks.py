@@ -143,6 +143,27 @@ def test_remove_stops_merges_and_decay():
     hooks.remove()  # idempotent
 
 
+def test_attach_twice_is_an_error_until_removed():
+    """Two live hooks would each merge every period and decay W twice per step."""
+    fmodel = _compile()
+    optimizer = OPTIMIZERS["sgd"](fmodel.parameters())
+    hooks = facto_fx.attach(fmodel, optimizer, merge_every=2)
+    with pytest.raises(ValueError, match=r"already attached .*\.remove\(\)"):
+        facto_fx.attach(fmodel, optimizer, merge_every=3)
+    hooks.remove()
+    again = facto_fx.attach(fmodel, optimizer, merge_every=3)
+    assert again.merge_every == 3
+
+
+def test_hooks_print_on_one_line():
+    fmodel = _compile()
+    hooks = facto_fx.attach(fmodel, OPTIMIZERS["sgd"](fmodel.parameters()), merge_every=2, w_decay=1e-3)
+    text = repr(hooks)
+    assert "\n" not in text and text.startswith("FactoHooks(") and "merge_every=2" in text and "w_decay=0.001" in text
+    hooks.remove()
+    assert repr(hooks).endswith(", removed)")
+
+
 def test_attach_rejects_an_optimizer_without_m():
     fmodel = _compile()
     biases = [p for n, p in fmodel.named_parameters() if n.endswith("bias")]
