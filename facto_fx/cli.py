@@ -112,7 +112,24 @@ def train_command(args: argparse.Namespace) -> int:
     result = train(_train_config(args))
     if result.out is not None and result.history:
         print(f"checkpoint, dense model and history in {result.out}/")
+        if result.report is not None and not args.no_plots:
+            _plot_run(result)
     return 0
+
+
+def _plot_run(result) -> None:
+    """The demo's pictures of one run: saved bytes and compression per layer, training curves."""
+    try:
+        from facto_fx.plots import plot_layer_memory, plot_layer_ratios, plot_training_curves
+
+        paths = [plot_layer_memory(result.report, result.out / "memory_per_layer.png"),
+                 plot_layer_ratios(result.report, result.out / "compression_per_layer.png"),
+                 plot_training_curves({result.config.model: result.history}, result.out / "training_curves.png")]
+    except RuntimeError as error:  # matplotlib missing: the run itself is complete
+        print(f"no plots: {error}")
+        return
+    for path in paths:
+        print(f"plot: {path}")
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -145,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(train, epochs=TrainConfig.epochs, frt_epochs=TrainConfig.frt_epochs)
     train.add_argument("--out", default="runs/facto", help="folder for checkpoint.pt, model_dense.pt, history.json")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
     train.add_argument("--checkpoint-every", type=int, default=None,
                        help="also checkpoint every N optimizer steps (always at each epoch's end)")
     train.set_defaults(run=train_command)

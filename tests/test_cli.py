@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -97,8 +98,17 @@ def test_train_on_an_image_folder_writes_checkpoint_dense_model_and_history(tmp_
                  "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
+    assert printed.startswith("cifar_vgg11_bn on imagefolder, 2 epochs: 1 full-rank, then Facto (INR 0.3")
     assert "epoch 1 (full-rank)" in printed and "epoch 2 (facto)" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "history.json", "model_dense.pt"]
+    assert re.search(r"Facto on: feature maps saved for backward per batch, vanilla [\d.]+ MiB -> Facto", printed)
+    written = sorted(p.name for p in out.iterdir())
+    assert {"checkpoint.pt", "history.json", "model_dense.pt"} <= set(written)
+    if importlib.util.find_spec("matplotlib"):  # the demo's pictures of the run
+        assert {"memory_per_layer.png", "compression_per_layer.png", "training_curves.png"} <= set(written)
+    code = main(["train", "--model", "cifar_vgg11_bn", "--dataset", "imagefolder", "--data-dir", str(data),
+                 "--image-size", "32", "--epochs", "3", "--frt-epochs", "1", "--batch-size", "4",
+                 "--out", str(out), "--no-progress", "--resume", "--no-plots"])
+    assert code == 0 and "resumed from" in capsys.readouterr().out
 
 
 def test_demo_prints_the_comparison_and_writes_both_plots(tmp_path, capsys):
@@ -134,3 +144,12 @@ def test_train_with_amp_and_compile_runs_through_the_switch_to_facto(tmp_path, c
                  "--frt-epochs", "1", "--limit-batches", "2", "--batch-size", "8", "--out", str(tmp_path),
                  "--no-progress"])
     assert code == 0 and "epoch 2 (facto)" in capsys.readouterr().out
+
+
+def test_amp_on_a_cpu_without_bf16_warns(tmp_path, capsys, monkeypatch):
+    from facto_fx.training import trainer
+
+    monkeypatch.setattr(trainer, "_fast_cpu_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 instructions"):
+        main(["train", "--model", "cifar_vgg11", "--amp", "--device", "cpu", "--epochs", "1", "--frt-epochs", "1",
+              "--limit-batches", "1", "--batch-size", "4", "--no-progress", "--no-plots", "--out", str(tmp_path)])

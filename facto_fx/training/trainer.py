@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -91,6 +92,9 @@ class Trainer:
         self.hooks: facto_fx.FactoHooks | None = None
         self.report: MemoryReport | None = None
         self.amp_dtype = _amp_dtype(self.device) if config.amp else None
+        if self.amp_dtype == torch.bfloat16 and self.device.type == "cpu" and not _fast_cpu_bf16():
+            warnings.warn("--amp: this CPU has no bf16 instructions (AVX512-BF16 / AMX); bf16 autocast is emulated "
+                          "and will likely be slower than fp32", stacklevel=2)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(config.seed)
         self.raw = build_model(config.model, num_classes=self.data.num_classes).to(self.device)
@@ -127,6 +131,7 @@ class Trainer:
         if self.topology.is_main:
             x = torch.empty(self.config.batch_size, 3, self.data.image_size, self.data.image_size, device="meta")
             self.report = facto_fx.report(fmodel, x, analytic=True)
+            print(f"Facto on: {_memory_line(self.report)}")
 
     def _measured_report(self) -> MemoryReport:
         """The report on a real training batch, for methods whose saved size depends on the data
@@ -209,6 +214,9 @@ class Trainer:
             if not self.config.resume:
                 raise ValueError(f"{path} exists; pass --resume to continue that run, or choose another --out")
             self.load_state_dict(checkpoint.load(path))
+            if self.topology.is_main:
+                print(f"resumed from {path}: epoch {self.position.epoch} of {self.config.epochs} done "
+                      f"({self.position.phase} phase, step {self.position.global_step})")
         elif self.config.resume:
             raise ValueError(f"--resume: no checkpoint at {path} to continue from")
 
@@ -217,6 +225,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to `config.epochs`, checkpointing each epoch, then export the dense model."""
         try:
+            if self.topology.is_main:
+                print(_header(self.config, self.device))
             self._restore_or_start()
             while self.position.epoch < self.config.epochs:
                 if self.position.epoch == self.config.frt_epochs and self.position.phase == FULL_RANK:
@@ -226,6 +236,7 @@ class Trainer:
                 self._train_epoch()
             if self.report is not None and self.report.notes and self.topology.is_main:
                 self.report = self._measured_report()
+                print(f"measured on a training batch: {_memory_line(self.report)}")
             self._export()
         finally:
             distributed.teardown(self.topology)
@@ -315,12 +326,32 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def _fast_cpu_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (torch's own CPU capability checks)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def _progress(batches, total: int, initial: int, desc: str, enabled: bool):
     if not enabled:
         return batches
     from tqdm.auto import tqdm
 
     return tqdm(batches, total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _header(config: TrainConfig, device: torch.device) -> str:
+    method = {"facto": "", "eb": ", ErrorBounded for the rest"}.get(
+        config.method, f", {config.method} eps {config.eps} on the last {config.last} convs")
+    return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {config.frt_epochs} full-rank, then Facto "
+            f"(INR {config.inr}, lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{method}); "
+            f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}, {device}"
+            + (", autocast" if config.amp else ""))
+
+
+def _memory_line(report: MemoryReport) -> str:
+    return (f"feature maps saved for backward per batch, vanilla {report.vanilla_bytes / 2**20:.1f} MiB -> "
+            f"Facto {report.facto_bytes / 2**20:.1f} MiB ({100 * report.ratio:.1f} %)")
 
 
 def _print_epoch(record: EpochRecord) -> None:
