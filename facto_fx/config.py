@@ -21,6 +21,7 @@ class FactoConfig:
     """How `facto_fx.compile` rewrites a model.
 
     inr: internal node ratio, C_R = round(inr * C_I) (paper §3.1.1), in (0, 1].
+    direction: how Facto draws D, "gaussian" (the paper) or "orthonormal" (FactoLowRank).
     lossy_kernel: k of the mean-pool that compresses saved maps (paper §3.3); 1 = no pooling.
     apply_ratio: share of conv / scale / batch-norm layers to compress, counted from the input.
     storage_dtype: dtype of compressed maps; None keeps the activation dtype.
@@ -60,9 +61,10 @@ class FactoConfig:
     kernels: Kernels = "auto"
     methods: MethodChoices = field(default_factory=dict, hash=False)
     fallback: MethodConfig | None = None
+    direction: Literal["gaussian", "orthonormal"] = "gaussian"
 
     def __post_init__(self) -> None:
-        low_rank = FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype)  # validates all three
+        low_rank = FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction)  # validates all four
         object.__setattr__(self, "storage_dtype", low_rank.storage_dtype)
         if isinstance(self.apply_ratio, bool) or not isinstance(self.apply_ratio, (int, float)) or not (
             0.0 <= self.apply_ratio <= 1.0
@@ -109,4 +111,4 @@ class FactoConfig:
 
     def low_rank(self) -> FactoLowRank:
         """The Facto method apply_ratio and include give a layer."""
-        return FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype)
+        return FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction)

@@ -25,8 +25,15 @@ def direction_seed(base_seed: int, draws: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, device: torch.device,
+                   orthonormal: bool = False) -> Tensor:
     """D (rank × features): Gaussian rows of unit norm times α = (I/R)^(1/4) (paper eq. 13).
+
+    orthonormal=True makes the rows mutually orthogonal as well (the Q of a Gaussian matrix's QR),
+    with the same norm α. Then DᵀD = α²·P, P the projection on D's row space, so an SGD step on M
+    moves Ω by −η·α²·g·P: plain SGD on Ω restricted to R random directions, scaled so its expected
+    size matches full-rank SGD (the same α); at R = features it is exactly SGD. Gaussian rows
+    instead give g·DᵀD, a random, badly conditioned preconditioner.
 
     Drawn on the CPU with its own generator so every device and every process gets the same D.
     On the meta device (analytic memory reports) nothing is drawn.
@@ -34,7 +41,10 @@ def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, devi
     if torch.device(device).type == "meta":
         return torch.empty(rank, features, dtype=dtype, device=device)
     generator = torch.Generator().manual_seed(seed)
-    d = torch.randn(rank, features, generator=generator, dtype=torch.float32)
+    d = torch.randn(rank, features, generator=generator, dtype=torch.float64 if orthonormal else torch.float32)
+    if orthonormal:
+        q, r = torch.linalg.qr(d.T)  # features × rank, orthonormal columns
+        d = (q * torch.sign(torch.diagonal(r))).T.float()  # the sign fix makes Q unique: same seed, same D
     d *= (features / rank) ** 0.25 / d.norm(dim=1, keepdim=True)
     return d.to(dtype=dtype, device=device)
 
@@ -48,12 +58,13 @@ class LowRankMixin:
     draws: Tensor
     seed: int
 
-    def _init_low_rank(self, weight: nn.Parameter, rank: int, features: int, seed: int) -> None:
+    def _init_low_rank(self, weight: nn.Parameter, rank: int, features: int, seed: int, orthonormal: bool) -> None:
         """M = 0 and a first D for `self.weight`, which the caller has set."""
-        self.seed = seed
+        self.seed, self.orthonormal = seed, orthonormal
         self.M = nn.Parameter(weight.new_zeros(weight.shape[0], rank))
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("D", draw_direction(rank, features, direction_seed(seed, 0), weight.dtype, weight.device))
+        self.register_buffer("D", draw_direction(rank, features, direction_seed(seed, 0), weight.dtype, weight.device,
+                                                 orthonormal))
 
     @property
     def rank(self) -> int:
@@ -78,7 +89,8 @@ class LowRankMixin:
         """Draw a new direction matrix D (call after `merge`, while M is 0)."""
         self.draws += 1
         fresh = draw_direction(
-            self.rank, self.D.shape[1], direction_seed(self.seed, int(self.draws)), self.D.dtype, self.D.device
+            self.rank, self.D.shape[1], direction_seed(self.seed, int(self.draws)), self.D.dtype, self.D.device,
+            self.orthonormal,
         )
         self.D.copy_(fresh)
 
@@ -102,6 +114,8 @@ class FactoConv2d(LowRankMixin, nn.Module):
         lossy_kernel: int,
         storage_dtype: torch.dtype | None,
         seed: int,
+        *,
+        orthonormal: bool = False,
     ) -> None:
         super().__init__()
         self.out_channels, self.in_channels = weight.shape[:2]
@@ -109,7 +123,7 @@ class FactoConv2d(LowRankMixin, nn.Module):
         self.stride, self.padding, self.dilation = tuple(pair(stride)), tuple(pair(padding)), tuple(pair(dilation))
         self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
         self.weight = weight.requires_grad_(False)
-        self._init_low_rank(weight, rank, weight[0].numel(), seed)
+        self._init_low_rank(weight, rank, weight[0].numel(), seed, orthonormal)
         self.bias = bias
         self.register_buffer("folded", None, persistent=False)
         self._refresh_folded()
@@ -127,11 +141,13 @@ class FactoConv2d(LowRankMixin, nn.Module):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, rank: int, lossy_kernel: int, storage_dtype: torch.dtype | None, seed: int
+        cls, conv: nn.Conv2d, rank: int, lossy_kernel: int, storage_dtype: torch.dtype | None, seed: int, *,
+        orthonormal: bool = False,
     ) -> FactoConv2d:
         """The Facto layer for an nn.Conv2d, sharing its weight and bias."""
         return cls(
-            conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, rank, lossy_kernel, storage_dtype, seed
+            conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, rank, lossy_kernel, storage_dtype, seed,
+            orthonormal=orthonormal,
         )
 
     functional = staticmethod(ops.conv2d)
@@ -168,19 +184,21 @@ class FactoLinear(LowRankMixin, nn.Module):
     """A Linear trained as W + M·D, saving D·x instead of x."""
 
     def __init__(
-        self, weight: nn.Parameter, bias: nn.Parameter | None, rank: int, storage_dtype: torch.dtype | None, seed: int
+        self, weight: nn.Parameter, bias: nn.Parameter | None, rank: int, storage_dtype: torch.dtype | None, seed: int,
+        *, orthonormal: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.storage_dtype = storage_dtype
         self.weight = weight.requires_grad_(False)
-        self._init_low_rank(weight, rank, self.in_features, seed)
+        self._init_low_rank(weight, rank, self.in_features, seed, orthonormal)
         self.bias = bias
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, storage_dtype: torch.dtype | None, seed: int) -> FactoLinear:
+    def from_linear(cls, linear: nn.Linear, rank: int, storage_dtype: torch.dtype | None, seed: int, *,
+                    orthonormal: bool = False) -> FactoLinear:
         """The Facto layer for an nn.Linear, sharing its weight and bias."""
-        return cls(linear.weight, linear.bias, rank, storage_dtype, seed)
+        return cls(linear.weight, linear.bias, rank, storage_dtype, seed, orthonormal=orthonormal)
 
     functional = staticmethod(ops.linear)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,9 @@ class FactoLowRank(MethodConfig):
     inr: internal node ratio, C_R = round(inr * C_I) (paper §3.1.1), in (0, 1].
     lossy_kernel: k of the mean-pool that compresses saved maps (paper §3.3); 1 = no pooling.
     storage_dtype: dtype of compressed maps; None keeps the activation dtype.
+    direction: how D is drawn: "gaussian" (the paper: unit-norm Gaussian rows times α) or
+        "orthonormal" (the same norms, rows orthogonal: SGD on M is SGD on Ω within D's row space;
+        layers.draw_direction).
     """
 
     label = "facto"
@@ -35,6 +39,7 @@ class FactoLowRank(MethodConfig):
     inr: float = 0.3
     lossy_kernel: int = 2
     storage_dtype: torch.dtype | str | None = None
+    direction: Literal["gaussian", "orthonormal"] = "gaussian"
 
     def __post_init__(self) -> None:
         if isinstance(self.inr, bool) or not isinstance(self.inr, (int, float)) or not (
@@ -47,6 +52,8 @@ class FactoLowRank(MethodConfig):
                 f"got {self.lossy_kernel!r}"
             )
         object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype))
+        if self.direction not in ("gaussian", "orthonormal"):
+            raise ValueError(f"direction must be 'gaussian' or 'orthonormal'; got {self.direction!r}")
 
     def rank(self, features: int) -> int:
         """Internal rank for a layer with `features` input channels / nodes (at least 1)."""
@@ -76,17 +83,20 @@ def _conv_problem(match: Match) -> str | None:
 def _low_rank_layer(site: RewriteSite, match: Match, method: FactoLowRank) -> nn.Module:
     """The FactoConv2d / FactoLinear for a matched module or functional call."""
     seed, k, dtype = layer_seed(site.seed, match.layer), method.lossy_kernel, method.storage_dtype
+    orthonormal = method.direction == "orthonormal"
     module = match.module
     if module is not None:
         if match.kind == CONV:
-            return FactoConv2d.from_conv(module, method.rank(module.in_channels), k, dtype, seed)
-        return FactoLinear.from_linear(module, method.rank(module.in_features), dtype, seed)
+            rank = method.rank(module.in_channels)
+            return FactoConv2d.from_conv(module, rank, k, dtype, seed, orthonormal=orthonormal)
+        return FactoLinear.from_linear(module, method.rank(module.in_features), dtype, seed, orthonormal=orthonormal)
     args = call_args(match.node)
     weight, bias = site.tensor(args["weight"]), site.tensor(args["bias"])
     rank = method.rank(weight.shape[1])
     if match.kind == CONV:
-        return FactoConv2d(weight, bias, args["stride"], args["padding"], args["dilation"], rank, k, dtype, seed)
-    return FactoLinear(weight, bias, rank, dtype, seed)
+        return FactoConv2d(weight, bias, args["stride"], args["padding"], args["dilation"], rank, k, dtype, seed,
+                           orthonormal=orthonormal)
+    return FactoLinear(weight, bias, rank, dtype, seed, orthonormal=orthonormal)
 
 
 @register_method(FactoLowRank)
