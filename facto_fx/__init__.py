@@ -8,6 +8,8 @@ from facto_fx.api import (
     decisions,
     export_dense,
     facto_model,
+    load_method_state,
+    method_state,
     method_summaries,
     report,
 )
@@ -62,7 +64,9 @@ __all__ = [
     "export_dense",
     "facto_backend",
     "facto_model",
+    "load_method_state",
     "low_rank_parameters",
+    "method_state",
     "method_summaries",
     "recalibrate_batch_norm",
     "inspect",

@@ -15,7 +15,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from facto_fx.calibration import recalibrate_batch_norm, stale_statistics
 from facto_fx.config import FactoConfig
 from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
-from facto_fx.methods import method_handler, method_layers, method_notes
+from facto_fx.methods import Method, method_handler, method_layers, method_notes
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import ModuleSite, rewrite
@@ -197,6 +197,31 @@ def method_summaries(fmodel: fx.GraphModule) -> list[str]:
                 handler = method_handler(m)
                 by_handler.setdefault(id(handler), (handler, []))[1].append(nodes[d.node])
     return [line for handler, group in by_handler.values() if (line := handler.summarize(group))]
+
+
+def _method_nodes(fmodel: fx.GraphModule) -> list[tuple[str, fx.Node, Method]]:
+    nodes = {node.name: node for node in fmodel.graph.nodes}
+    return [(f"{d.node}/{type(m).__name__}", nodes[d.node], method_handler(m))
+            for d in _state(fmodel).decisions if d.rewritten and d.node in nodes for m in d.methods]
+
+
+def method_state(fmodel: fx.GraphModule) -> dict[str, dict]:
+    """The state rewritten nodes keep outside the model's state_dict (ErrorBounded's adaptive
+    bounds), by node: save it beside the state_dict to resume a run exactly."""
+    fmodel = facto_model(fmodel)
+    return {key: state for key, node, handler in _method_nodes(fmodel) if (state := handler.node_state(node))}
+
+
+def load_method_state(fmodel: fx.GraphModule, state: dict[str, dict]) -> None:
+    """Inverse of `method_state`, on a model compiled the same way."""
+    fmodel = facto_model(fmodel)
+    nodes = {key: (node, handler) for key, node, handler in _method_nodes(fmodel)}
+    unknown = sorted(set(state) - set(nodes))
+    if unknown:
+        raise ValueError(f"method state for nodes this model does not have: {unknown[:3]}; compiled another way?")
+    for key, value in state.items():
+        node, handler = nodes[key]
+        handler.load_node_state(node, value)
 
 
 @torch.no_grad()

@@ -130,6 +130,13 @@ class Method:
         method without layers, whose state lives in the node's target, kept)."""
         return None
 
+    def node_state(self, node: fx.Node) -> dict | None:
+        """State a rewritten node keeps outside any module (so outside state_dict), for checkpoints."""
+        return None
+
+    def load_node_state(self, node: fx.Node, state: dict) -> None:
+        """Inverse of `node_state`."""
+
     def summarize(self, nodes: Sequence[fx.Node]) -> str | None:
         """One line on what this method's nodes kept lately, for the training log (None: nothing)."""
         return None

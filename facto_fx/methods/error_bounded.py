@@ -92,6 +92,12 @@ class _ErrorBounded(Method):
             return f"{bound!r}: not compressed yet (an adaptive bound measures its first call)"
         return f"eb {bound.eb:.3g} ({bound!r}), codes {bound.ratio:.1f}x smaller than the maps"
 
+    def node_state(self, node: fx.Node) -> dict | None:
+        return node.target.bound.state_dict()
+
+    def load_node_state(self, node: fx.Node, state: dict) -> None:
+        node.target.bound.load_state_dict(state)
+
     def summarize(self, nodes: Sequence[fx.Node]) -> str | None:
         bounds = [n.target.bound for n in nodes if n.target.bound.kept_bytes]
         if not bounds:

@@ -73,6 +73,13 @@ class ErrorBound:
         eb = self.adaptive_eb
         return lambda _t: eb
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to choose the same bounds: the call count and the adaptive eb."""
+        return {"calls": self.calls, "adaptive_eb": self.adaptive_eb}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls, self.adaptive_eb = int(state["calls"]), state["adaptive_eb"]
+
     def record(self, eb: float, kept: int, dense: int) -> None:
         self.eb, self.kept_bytes, self.dense_bytes = eb, kept, dense
 

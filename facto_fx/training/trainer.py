@@ -179,6 +179,7 @@ class Trainer:
             "model": self.raw.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "hooks": self.hooks.state_dict() if self.hooks else None,
+            "method_state": facto_fx.method_state(self.raw) if self.position.phase == FACTO else None,
             "scaler": self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
@@ -197,6 +198,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.hooks is not None:
             self.hooks.load_state_dict(state["hooks"])
+        if state.get("method_state"):  # absent from checkpoints written before it existed
+            facto_fx.load_method_state(self.raw, state["method_state"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None:

@@ -124,3 +124,21 @@ def test_adaptive_bound_on_conv_layers_relative_on_the_rest():
     assert repr(config.bound("activation")) == "relative=0.02"
     with pytest.raises(ValueError, match="every"):
         facto_fx.ErrorBounded(every=0)
+
+
+def test_adaptive_bounds_resume_from_their_state():
+    """The bounds live in the nodes, outside state_dict: method_state carries them to a new model."""
+    torch.manual_seed(0)
+    config = dict(methods={"conv*": facto_fx.ErrorBounded(adaptive=True, every=3)}, apply_ratio=0.0)
+    first = facto_fx.compile(_Net(), **config)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        first(x).square().mean().backward()
+    state = facto_fx.method_state(first)
+    assert {k.split("/")[0] for k in state} == {"conv", "conv2"}
+    assert all(s["adaptive_eb"] is not None and s["calls"] >= 2 for s in state.values())
+    second = facto_fx.compile(_Net(), **config)
+    facto_fx.load_method_state(second, state)
+    assert facto_fx.method_state(second) == state
+    with pytest.raises(ValueError, match="does not have"):
+        facto_fx.load_method_state(second, {"nowhere/ErrorBounded": {"calls": 1, "adaptive_eb": None}})
