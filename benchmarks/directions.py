@@ -15,6 +15,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from digits_runs import accuracy, mean_over
 from torch.utils.data import DataLoader
 
 import facto_fx
@@ -32,13 +33,6 @@ def epochs(model, loader, optimizer, count: int) -> None:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-
-
-@torch.no_grad()
-def accuracy(model, data) -> float:
-    model.eval()
-    x, y = data.test.tensors
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def facto_run(model, loader, data, direction: str, lr: float, count: int) -> float:
@@ -80,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     data = load_digits_splits(32)
     runs = [one_seed(data, seed, args.after) for seed in args.seeds]
-    mean = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    mean = mean_over(runs)
     print(f"\nmean over seeds {args.seeds}: " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
     return mean
 

@@ -20,42 +20,11 @@ import argparse
 import copy
 
 import torch
-import torch.nn.functional as F
+from digits_runs import accuracy, mean_over, small_cnn, train
 from torch import nn
 
 import facto_fx
 from facto_fx.training.data import load_digits_splits
-
-
-def cnn() -> nn.Sequential:
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-    features = [*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-                *block(64, 64), *block(64, 64)]
-    return nn.Sequential(nn.Sequential(*features), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-
-def train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> None:
-    """SGD with momentum, cosine decay to zero over `epochs`; the data order is a function of `seed`."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
-    for _ in range(epochs):
-        model.train()
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            schedule.step()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data) -> float:
-    model.eval()
-    x, y = data.test.tensors
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def is_conv(_name: str, module: nn.Module | None) -> bool:
@@ -64,7 +33,7 @@ def is_conv(_name: str, module: nn.Module | None) -> bool:
 
 def one_seed(data, seed: int, method: facto_fx.ErrorBounded, pretrain: int, epochs: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    model = cnn()
+    model = small_cnn()
     train(model, data, pretrain, lr=0.05, seed=seed)
     plain = copy.deepcopy(model)
     # Only the convs change: no Facto (apply_ratio 0), no masks, batch-norm left in training mode.
@@ -98,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               else facto_fx.ErrorBounded(adaptive=True, sigma=args.sigma, every=args.every))
     data = load_digits_splits(32)
     runs = [one_seed(data, seed, method, args.pretrain_epochs, args.epochs) for seed in args.seeds]
-    mean = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    mean = mean_over(runs)
     print(f"\n{method}, mean over seeds {args.seeds} ({len(data.test)} test images):")
     print(f"test accuracy plain {mean['plain']:.4f}, compressed {mean['compressed']:.4f} "
           f"({100 * (mean['compressed'] - mean['plain']):+.2f} points); conv inputs {mean['ratio']:.1f}x smaller")

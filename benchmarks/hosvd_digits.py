@@ -23,7 +23,7 @@ import copy
 import dataclasses
 
 import torch
-import torch.nn.functional as F
+from digits_runs import accuracy, small_cnn, train
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -31,39 +31,6 @@ import facto_fx
 from facto_fx.training.data import load_digits_splits
 
 LAYERS = ("0.14", "0.17")  # the last two convs
-
-
-def small_cnn() -> nn.Sequential:
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-    features = [*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-                *block(64, 64), *block(64, 64)]
-    return nn.Sequential(nn.Sequential(*features), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-
-def train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    # Cosine decay to zero: every run ends converged on the same schedule, so the comparison is
-    # of final accuracies, not of how fast each run gets there.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
-    for _ in range(epochs):
-        model.train()
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            schedule.step()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data) -> float:
-    model.eval()
-    x, y = data.test.tensors
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def fine_tune_setup(pretrained: nn.Sequential, seed: int) -> nn.Sequential:

@@ -25,17 +25,11 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 import torchvision
+from digits_runs import accuracy, mean_over
 from torch.utils.data import DataLoader
 
 import facto_fx
 from facto_fx.training.data import load_digits_splits
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data) -> float:
-    model.eval()
-    x, y = data.test.tensors
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def one_seed(data, seed: int, calibration_batches: int) -> dict[str, float]:
@@ -69,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     data = load_digits_splits(32)
     runs = [one_seed(data, seed, args.calibration_batches) for seed in args.seeds]
-    mean = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    mean = mean_over(runs)
     print(f"\nmean over seeds {args.seeds}: " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
     print(f"compiled, recalibrated vs dense, recalibrated (before compile): "
           f"{100 * (mean['compiled, recalibrated'] - mean['dense, recalibrated']):+.2f} points")

@@ -1,0 +1,51 @@
+"""What the digits benchmarks share: the small CNN, its SGD schedule, test accuracy, seed means.
+
+Imported by hosvd_digits.py, eb_digits.py, recalibration.py and directions.py (as siblings).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def small_cnn() -> nn.Sequential:
+    """6 convs with batch-norm and ReLU, two max-pools, a linear classifier (32² digits, 10 classes)."""
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    features = [*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+                *block(64, 64), *block(64, 64)]
+    return nn.Sequential(nn.Sequential(*features), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> None:
+    """SGD (momentum 0.9, weight decay 5e-4) on the trainable parameters, batch 64, the data order a
+    function of `seed`. Cosine decay to zero: every run ends converged on the same schedule, so a
+    comparison is of final accuracies, not of how fast each run gets there."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            schedule.step()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data) -> float:
+    """Test accuracy in eval mode."""
+    model.eval()
+    x, y = data.test.tensors
+    return (model(x).argmax(1) == y).float().mean().item()
+
+
+def mean_over(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's mean over the seeds' runs."""
+    return {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
