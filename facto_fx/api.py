@@ -15,7 +15,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from facto_fx.calibration import recalibrate_batch_norm, stale_statistics
 from facto_fx.config import FactoConfig
 from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
-from facto_fx.methods import Method, method_handler, method_layers, method_notes
+from facto_fx.methods import Method, MethodConfig, method_handler, method_layers, method_notes
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import ModuleSite, rewrite
@@ -163,64 +163,59 @@ def report(
     }
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
     result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs)
-    result.notes = _notes(fmodel, state.decisions, example_inputs, analytic)
+    result.notes = _notes(fmodel, example_inputs, analytic)
     if peak:
         result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
         result.facto_peak = peak_training_bytes(fmodel, example_inputs)
     return result
 
 
-def _notes(fmodel: fx.GraphModule, decisions: list[Decision], inputs: tuple, analytic: bool) -> dict[str, str]:
+def _method_nodes(fmodel: fx.GraphModule) -> list[tuple[Decision, MethodConfig, fx.Node, Method]]:
+    """Every rewritten node with each method its decision applied (the method, then a wrapper)."""
+    nodes = {node.name: node for node in fmodel.graph.nodes}
+    return [(d, m, nodes[d.node], method_handler(m))
+            for d in _state(fmodel).decisions if d.rewritten and d.node in nodes for m in d.methods]
+
+
+def _notes(fmodel: fx.GraphModule, inputs: tuple, analytic: bool) -> dict[str, str]:
     """Per-layer notes: on real data what each method kept (HOSVD's ranks, ErrorBounded's eb and
     ratio, from the report's own run); analytic, what its figure stands for."""
-    rewritten = [d for d in decisions if d.rewritten]
     if analytic:
-        return {d.layer: note for d in rewritten for m in d.methods if (note := method_handler(m).analytic_note)}
+        return {d.layer: note for d, _, _, handler in _method_nodes(fmodel) if (note := handler.analytic_note)}
     notes = method_notes(fmodel, inputs)
-    nodes = {node.name: node for node in fmodel.graph.nodes}
-    for d in rewritten:
-        for m in d.methods:
-            if d.node in nodes and (note := method_handler(m).node_note(nodes[d.node])):
-                notes[d.layer] = note
+    for d, _, node, handler in _method_nodes(fmodel):
+        if note := handler.node_note(node):
+            notes[d.layer] = note
     return notes
 
 
 def method_summaries(fmodel: fx.GraphModule) -> list[str]:
     """One line per method on what its layers kept in the last training call (the training log's)."""
-    fmodel = facto_model(fmodel)
-    state = _state(fmodel)
-    nodes = {node.name: node for node in fmodel.graph.nodes}
-    by_handler: dict[int, tuple] = {}
-    for d in state.decisions:
-        if d.rewritten and d.node in nodes:
-            for m in d.methods:
-                handler = method_handler(m)
-                by_handler.setdefault(id(handler), (handler, []))[1].append(nodes[d.node])
+    by_handler: dict[int, tuple[Method, list[fx.Node]]] = {}
+    for _, _, node, handler in _method_nodes(facto_model(fmodel)):
+        by_handler.setdefault(id(handler), (handler, []))[1].append(node)
     return [line for handler, group in by_handler.values() if (line := handler.summarize(group))]
 
 
-def _method_nodes(fmodel: fx.GraphModule) -> list[tuple[str, fx.Node, Method]]:
-    nodes = {node.name: node for node in fmodel.graph.nodes}
-    return [(f"{d.node}/{type(m).__name__}", nodes[d.node], method_handler(m))
-            for d in _state(fmodel).decisions if d.rewritten and d.node in nodes for m in d.methods]
+def _state_keys(fmodel: fx.GraphModule) -> dict[str, tuple[fx.Node, Method]]:
+    return {f"{d.node}/{type(m).__name__}": (node, handler) for d, m, node, handler in _method_nodes(fmodel)}
 
 
 def method_state(fmodel: fx.GraphModule) -> dict[str, dict]:
     """The state rewritten nodes keep outside the model's state_dict (ErrorBounded's adaptive
     bounds), by node: save it beside the state_dict to resume a run exactly."""
-    fmodel = facto_model(fmodel)
-    return {key: state for key, node, handler in _method_nodes(fmodel) if (state := handler.node_state(node))}
+    keys = _state_keys(facto_model(fmodel))
+    return {key: state for key, (node, handler) in keys.items() if (state := handler.node_state(node))}
 
 
 def load_method_state(fmodel: fx.GraphModule, state: dict[str, dict]) -> None:
     """Inverse of `method_state`, on a model compiled the same way."""
-    fmodel = facto_model(fmodel)
-    nodes = {key: (node, handler) for key, node, handler in _method_nodes(fmodel)}
-    unknown = sorted(set(state) - set(nodes))
+    keys = _state_keys(facto_model(fmodel))
+    unknown = sorted(set(state) - set(keys))
     if unknown:
         raise ValueError(f"method state for nodes this model does not have: {unknown[:3]}; compiled another way?")
     for key, value in state.items():
-        node, handler = nodes[key]
+        node, handler = keys[key]
         handler.load_node_state(node, value)
 
 

@@ -16,7 +16,7 @@ import torch
 
 import facto_fx
 from facto_fx.model_zoo import build_model, check_model_name
-from facto_fx.presets import METHOD_CHOICES, method_options
+from facto_fx.presets import METHOD_CHOICES, method_description, method_options
 from facto_fx.training import TrainConfig
 from facto_fx.training.config import OPTIMIZERS
 from facto_fx.training.data import DATASETS
@@ -56,8 +56,7 @@ def report_command(args: argparse.Namespace) -> int:
     shape = (args.batch_size, args.in_channels, args.image_size, args.image_size)
     x = torch.randn(shape, device=device) if args.peak else torch.empty(shape, device=device)
     table = facto_fx.report(fmodel, x, analytic=not args.peak, peak=args.peak)
-    extra = {"facto": "", "eb": f", ErrorBounded for the rest (eb {args.eb} x range, sigma {args.sigma})"}.get(
-        args.method, f", {args.method} eps {args.eps} on the last {args.last} convs")
+    extra = method_description(args.method, args.eps, args.last, args.eb, args.sigma)
     print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, INR {args.inr}, "
           f"lossy kernel {args.lossy_kernel}, apply ratio {args.apply_ratio}{extra}\n")
     print(table)

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from facto_fx.presets import method_description
 from facto_fx.training import TrainConfig, TrainResult, train
 
 
@@ -30,8 +31,7 @@ def run_demo(config: TrainConfig, out: str | Path, plots: bool = True) -> DemoRe
     vanilla_config = dataclasses.replace(facto_config, frt_epochs=config.epochs)
     print(f"1/2 vanilla: {config.model} on {config.dataset}, {config.epochs} full-rank epochs")
     vanilla = train(vanilla_config)
-    also = {"eb": ", ErrorBounded for the rest"}.get(config.method, "" if config.method == "facto" else
-                                                      f", {config.method} on the last {config.last} convs")
+    also = method_description(config.method, config.eps, config.last, config.eb, config.sigma)
     print(f"\n2/2 facto: {config.frt_epochs} full-rank epoch(s), then Facto (INR {config.inr}, "
           f"lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{also})")
     facto = train(facto_config)

@@ -29,3 +29,12 @@ def method_options(method: str, eps: float = 0.8, last: int = 4, eb: float = 0.0
     if method == "eb":
         return {"methods": {}, "fallback": facto_error_bounded(eb, sigma).fallback}
     return {"methods": {} if method == "facto" else on_last_layers(method, eps, last), "fallback": None}
+
+
+def method_description(method: str, eps: float = 0.8, last: int = 4, eb: float = 0.02, sigma: float = 0.1) -> str:
+    """What --method adds to Facto, for the commands' headers ("" for Facto alone)."""
+    if method == "facto":
+        return ""
+    if method == "eb":
+        return f", ErrorBounded for the rest (eb {eb} x range, sigma {sigma})"
+    return f", {method} eps {eps} on the last {last} convs"

@@ -134,10 +134,9 @@ def encode(q: Tensor) -> tuple[Tensor, Tensor]:
     if not widths.numel() or int(widths.max()) == 0:
         return widths, q.new_empty(0)
     width = widths.to(torch.int64)
-    starts = _word_starts(width)
-    words = q.new_empty(int(starts[-1] + torch.where(width[-1] > 0, width[-1] + 1, 0)))
     order, has_plane = _widest_first(width)
-    rows = starts[order]
+    words = q.new_empty(has_plane[0] + sum(has_plane))  # a sign word per nonzero block, and its planes
+    rows = _word_starts(width)[order]
     words[rows] = _pack(residual[order] < 0)
     magnitude = magnitude[order].to(_narrowest(len(has_plane)))  # bit planes from 1- or 2-byte values where they fit
     for k, count in enumerate(has_plane):

@@ -86,25 +86,27 @@ def _is_feature_map(t: Tensor, x: Tensor) -> bool:
 
 class _Saved:
     """What autograd keeps for one saved tensor: its codes (or the tensor, where the codes would
-    not be smaller), each through the outer hooks, and the version it had, so that an in-place
-    change before backward is an error, as it is without hooks (autograd skips its own check for
-    tensors saved through hooks)."""
+    not be smaller or it is no feature map), each through the outer hooks, and the version it had,
+    so that an in-place change before backward is an error, as it is without hooks (autograd skips
+    its own check for tensors saved through hooks)."""
 
     __slots__ = ("codes", "exact", "shape", "dtype", "channels_last", "eb", "codec", "source", "version")
 
-    def __init__(self, t: Tensor, codes: eb_format.Codes | None, eb: float, outer_pack: Callable | None) -> None:
+    def __init__(self, t: Tensor, outer_pack: Callable | None, codes: eb_format.Codes | None = None,
+                 codec: object = None, eb: float = 0.0) -> None:
         self.source, self.version = weakref.ref(t), t._version
         self.exact = None if codes is not None else (outer_pack(t) if outer_pack else t)
         self.codes = None if codes is None else tuple(outer_pack(c) if outer_pack else c for c in codes)
-        self.shape, self.dtype, self.eb, self.codec = t.shape, t.dtype, eb, _codec(t)
-        self.channels_last = is_channels_last(t)
+        if codes is not None:  # what decompress needs; nothing to compute for a tensor kept as it is
+            self.shape, self.dtype, self.eb, self.codec = t.shape, t.dtype, eb, codec
+            self.channels_last = is_channels_last(t)
 
     def restore(self, outer_unpack: Callable | None) -> Tensor:
         source = self.source()
         if source is not None and source._version != self.version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace operation: "
-                f"a {tuple(self.shape)} tensor saved by an ErrorBounded op is at version {source._version}; "
+                f"a {tuple(source.shape)} tensor saved by an ErrorBounded op is at version {source._version}; "
                 f"expected version {self.version} instead"
             )
         if self.codes is None:
@@ -113,38 +115,33 @@ class _Saved:
         return self.codec.decompress(codes, self.shape, self.dtype, self.eb, self.channels_last)
 
 
-class saving_compressed:
+class saving_compressed(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: feature maps of the op on `x` (x, or tensors of its size computed from
-    it), saved for backward inside the block, are held compressed within `eb_of(map)` (a
-    `torch.autograd.graph.saved_tensors_hooks` pair); `on_pack` hears (eb, codes bytes, dense
-    bytes) of each."""
+    it), saved for backward inside the block, are held compressed within `eb_of(map)`; `on_pack`
+    hears (eb, codes bytes, dense bytes) of each."""
 
     def __init__(self, eb_of: Callable[[Tensor], float], x: Tensor,
                  on_pack: Callable[[float, int, int], None] | None = None) -> None:
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
-        def pack(t: Tensor) -> object:
+        def pack(t: Tensor) -> _Saved:
             if not _is_feature_map(t, x):
-                return _Saved(t, None, 0.0, outer_pack)
+                return _Saved(t, outer_pack)
             eb = eb_format.check_bound(eb_of(t))
             dense = t.numel() * t.element_size()
-            codes = _codec(t).compress(t.detach(), eb)
+            codec = _codec(t)
+            codes = codec.compress(t.detach(), eb)
             if on_pack is not None:
                 on_pack(eb, min(codes.nbytes, dense), dense)
-            # never keep more than the map itself (noise at a tiny eb)
-            return _Saved(t, codes if codes.nbytes < dense else None, eb, outer_pack)
+            if codes.nbytes >= dense:  # never keep more than the map itself (noise at a tiny eb)
+                return _Saved(t, outer_pack)
+            return _Saved(t, outer_pack, codes, codec, eb)
 
         def unpack(saved: _Saved) -> Tensor:
             return saved.restore(outer_unpack)
 
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-    def __enter__(self) -> None:
-        self.hooks.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.hooks.__exit__(*exc)
+        super().__init__(pack, unpack)
 
 
 def _feature_map(args: tuple, kwargs: dict) -> Tensor | None:

@@ -27,6 +27,7 @@ import facto_fx
 from facto_fx.calibration import batch_norms
 from facto_fx.methods import method_parameters
 from facto_fx.model_zoo import build_model
+from facto_fx.presets import method_description
 from facto_fx.report import MemoryReport
 from facto_fx.training import checkpoint, distributed
 from facto_fx.training.config import TrainConfig
@@ -344,8 +345,7 @@ def _progress(batches, total: int, initial: int, desc: str, enabled: bool):
 
 
 def _header(config: TrainConfig, device: torch.device) -> str:
-    method = {"facto": "", "eb": ", ErrorBounded for the rest"}.get(
-        config.method, f", {config.method} eps {config.eps} on the last {config.last} convs")
+    method = method_description(config.method, config.eps, config.last, config.eb, config.sigma)
     return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {config.frt_epochs} full-rank, then Facto "
             f"(INR {config.inr}, lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{method}); "
             f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}, {device}"
