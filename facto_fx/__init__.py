@@ -28,6 +28,7 @@ from facto_fx.methods import (
     Method,
     MethodConfig,
     PackedMasks,
+    RowStrips,
     method_parameters,
     register_method,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "HOSVD",
     "SVD",
     "ErrorBounded",
+    "RowStrips",
     "FactoConfig",
     "FactoLowRank",
     "FrozenBatchNorm",

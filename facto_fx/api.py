@@ -6,7 +6,7 @@ import copy
 import functools
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
@@ -18,7 +18,7 @@ from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
 from facto_fx.methods import Method, MethodConfig, method_handler, method_layers, method_notes
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
-from facto_fx.passes.rewrite import ModuleSite, rewrite
+from facto_fx.passes.rewrite import ModuleSite, rewrite, rewrite_regions
 from facto_fx.passes.schedule import Decision, schedule
 from facto_fx.passes.trace import OPAQUE_META, propagate_shapes, trace
 from facto_fx.passes.verify import example_inputs as verification_inputs
@@ -36,6 +36,7 @@ class FactoState:
     config: FactoConfig
     decisions: list[Decision]
     source: nn.Module
+    region_notes: list[str] = field(default_factory=list)  # what each region method (row strips) took
 
 
 def compile(
@@ -78,7 +79,9 @@ def compile(
     matches = find_matches(gm)
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, ModuleSite(gm, config.seed))
-    gm.meta["facto"] = FactoState(config, plan, model)
+    regions = [config.row_strips] if config.row_strips is not None else []
+    notes = rewrite_regions(gm, plan, regions) if regions else []
+    gm.meta["facto"] = FactoState(config, plan, model, notes)
     if config.kernels != "auto":
         KernelScope(config.kernels).attach(gm)
     if verify:

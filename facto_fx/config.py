@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from facto_fx.methods import FactoLowRank, Last, MethodConfig, method_handler
+from facto_fx.methods import FactoLowRank, Last, MethodConfig, RowStrips, method_handler
 from facto_fx.triton_ops.dispatch import Kernels, check_mode
 
 LayerFilter = Callable[[str, "nn.Module | None"], bool]
@@ -41,6 +41,9 @@ class FactoConfig:
         layers, ops no Facto operator covers), where it takes that kind of layer; layers left dense
         by name, pattern or filter, and layers that cannot be rewritten at all, stay dense.
         ErrorBounded here covers a model end to end (facto_fx.presets.facto_error_bounded).
+    row_strips: RowStrips(strips, mode) runs the chain of spatially local layers from the input
+        (conv, ReLU, pooling, frozen batch-norm, residual adds; Facto's layers included) one
+        horizontal strip at a time, lossless, to lower a step's peak memory (LR-CNN).
     kernels: "auto" runs the Triton kernels on CUDA tensors and PyTorch elsewhere; "torch" always
         PyTorch; "triton" always Triton, failing with a RuntimeError where it cannot run. "auto"
         leaves the choice to an enclosing `facto_fx.use_kernels(...)` block, if any.
@@ -62,6 +65,7 @@ class FactoConfig:
     methods: MethodChoices = field(default_factory=dict, hash=False)
     fallback: MethodConfig | None = None
     direction: Literal["gaussian", "orthonormal"] = "gaussian"
+    row_strips: RowStrips | None = None
 
     def __post_init__(self) -> None:
         low_rank = FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction)  # validates all four
@@ -108,6 +112,9 @@ class FactoConfig:
             if not isinstance(self.fallback, MethodConfig):
                 raise ValueError(f"fallback must be a method config (ErrorBounded(...)) or None; got {self.fallback!r}")
             method_handler(self.fallback)
+
+        if self.row_strips is not None and not isinstance(self.row_strips, RowStrips):
+            raise ValueError(f"row_strips must be RowStrips(strips=..., mode=...) or None; got {self.row_strips!r}")
 
     def low_rank(self) -> FactoLowRank:
         """The Facto method apply_ratio and include give a layer."""

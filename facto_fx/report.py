@@ -73,10 +73,6 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def _decision_label(d: Decision) -> str:
-    return "+".join(m.label for m in d.methods) if d.rewritten else "dense"
-
-
 def build_report(
     decisions: list[Decision], vanilla_gm: fx.GraphModule, vanilla: dict[str, int], facto: dict[str, int],
     inputs: dict[str, int] | None = None,
@@ -93,7 +89,7 @@ def build_report(
             op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             rows.append(Row(node.name, str(op)[:11], "-", v, f))
         else:
-            rows.append(Row(d.layer, d.kind, _decision_label(d), v, f, (inputs or {}).get(node.name, 0)))
+            rows.append(Row(d.layer, d.kind, d.label, v, f, (inputs or {}).get(node.name, 0)))
     stray = set(facto) - {n.name for n in vanilla_gm.graph.nodes}
     rows.extend(Row(name, "?", "-", 0, facto[name]) for name in sorted(stray))
     unrewritten = [d for d in decisions if d.unsupported]

@@ -23,6 +23,7 @@ from facto_fx.methods.facto import FactoLowRank, layer_seed
 from facto_fx.methods.frozen import FrozenBatchNorm
 from facto_fx.methods.hosvd import HOSVD, SVD
 from facto_fx.methods.masks import PackedMasks
+from facto_fx.methods.row_strips import RowStrips
 
 __all__ = [
     "HOSVD",
@@ -35,6 +36,7 @@ __all__ = [
     "MethodConfig",
     "PackedMasks",
     "PlanContext",
+    "RowStrips",
     "RewriteSite",
     "StepOptions",
     "layer_handler",

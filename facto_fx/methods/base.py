@@ -100,6 +100,11 @@ class Method:
     def rewrite(self, site: RewriteSite, match: Match, method: MethodConfig) -> None:
         raise NotImplementedError
 
+    def rewrite_region(self, gm: fx.GraphModule, method: MethodConfig) -> tuple[list[str], str]:
+        """Rewrite a chain of nodes at once (after every per-layer rewrite) for a method that acts
+        on regions, not layers (row strips); return the names of the nodes it took and a note."""
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite regions")
+
     def wrap(self, site: RewriteSite, node: fx.Node, kind: str, method: MethodConfig) -> None:
         """Run `node` (already rewritten by another method, or not) through this method; only for
         handlers that `wraps_op`."""
@@ -158,7 +163,7 @@ def register_method(config: type[MethodConfig]) -> Callable[[type[Method]], type
     def register(handler: type[Method]) -> type[Method]:
         if not (isinstance(handler, type) and issubclass(handler, Method)):
             raise TypeError(f"register_method({config.__name__}) decorates a Method subclass; got {handler!r}")
-        if not handler.kinds:
+        if not handler.kinds and handler.rewrite_region is Method.rewrite_region:
             raise ValueError(f"{handler.__name__}.kinds is empty: name the match kinds it rewrites")
         if config in _METHODS:
             raise ValueError(f"{config.__name__} is already registered (to {type(_METHODS[config]).__name__})")

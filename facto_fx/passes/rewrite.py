@@ -8,12 +8,12 @@ parameters keep readable names. The dynamo backend brings its own site; the rest
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, fx, nn
 
 from facto_fx import ops
-from facto_fx.methods import RewriteSite, method_handler
+from facto_fx.methods import MethodConfig, RewriteSite, method_handler
 from facto_fx.passes.match import GraphTensors, Match, call_args
 from facto_fx.passes.schedule import Decision
 
@@ -95,3 +95,23 @@ def rewrite(gm: fx.GraphModule, matches: list[Match], decisions: list[Decision],
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def rewrite_regions(gm: fx.GraphModule, decisions: list[Decision], methods: Sequence[MethodConfig]) -> list[str]:
+    """Apply region methods (row strips) after every layer's rewrite, whose layers they run as
+    they are; mark the decisions of the nodes each took and return a note per method.
+
+    Nothing may delete unused submodules afterwards: the layers a region runs are still the
+    model's own, but its graph no longer calls them.
+    """
+    by_node = {d.node: d for d in decisions}
+    notes = []
+    for method in methods:
+        taken, note = method_handler(method).rewrite_region(gm, method)
+        for name in taken:
+            if name in by_node:
+                by_node[name].region = method
+        notes.append(note)
+    gm.graph.lint()
+    gm.recompile()
+    return notes

@@ -44,6 +44,7 @@ class Decision:
     rewritten: bool = False
     excluded: bool = False  # chosen dense by name, pattern or filter: left exactly as it is
     wrapper: MethodConfig | None = None  # a method that holds what the rewritten op saves (the fallback)
+    region: MethodConfig | None = None  # a method that runs the layer within a chain of layers (row strips)
 
     @property
     def compress(self) -> bool:
@@ -54,6 +55,13 @@ class Decision:
     def methods(self) -> list[MethodConfig]:
         """The method, then the wrapper around it, where there are."""
         return [m for m in (self.method, self.wrapper) if m is not None]
+
+    @property
+    def label(self) -> str:
+        """The methods that act on the layer, for reports ("dense" when none)."""
+        names = [m.label for m in self.methods] if self.rewritten else []
+        names += [self.region.label] if self.region is not None else []
+        return "+".join(names) or "dense"
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:

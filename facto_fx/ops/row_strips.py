@@ -1,0 +1,310 @@
+"""Row-centric strips (LR-CNN): run a chain of local layers one horizontal strip at a time.
+
+Pure PyTorch. A strip runs every node of a segment on the rows it needs and nothing more: each op
+gets a slice of its input whose first row is a multiple of its stride, is run as it is (its own
+padding and kernels, Facto's and HOSVD's layers included), and its output is cropped to the rows
+its users need, dropping rows computed from padding that is not the map's own. Rows needed are
+found backwards from the strip's share of the segment's output, so boundaries need no other
+alignment, and the result equals the unsplit chain up to float rounding.
+
+Two modes (paper §4):
+- "overlap" (OverL): strips are independent; each recomputes the halo rows it shares with its
+  neighbours, runs under non-reentrant checkpointing, and keeps only its input slice.
+- "two_phase" (2PS): strips run in order, each handing the next the rows of every layer it
+  needs ("tails") instead of recomputing them; the tails are kept as checkpoint inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils.checkpoint import checkpoint
+
+Rows = tuple[int, int]  # [start, stop) along the height
+
+
+@dataclass(frozen=True)
+class RowGeometry:
+    """The window of input rows an output row reads: rows o·s − p … o·s − p + d·(k − 1)."""
+
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    ceil_mode: bool = False
+
+    def out_rows(self, rows: int) -> int:
+        """Output height for an input of `rows` rows (torch's formula, ceil_mode included)."""
+        span = rows + 2 * self.padding - self.dilation * (self.kernel - 1) - 1
+        out = (span + (self.stride - 1 if self.ceil_mode else 0)) // self.stride + 1
+        if self.ceil_mode and (out - 1) * self.stride >= rows + self.padding:
+            out -= 1
+        return out
+
+    def reads(self, lo: int, hi: int, rows: int) -> tuple[int, int]:
+        """The input rows [i0, i1) to give the op so that its output holds rows [lo, hi) exactly.
+
+        i0 is a multiple of the stride (or 0), so the op run on the slice alone computes global row
+        i0 / s + j as its row j; rows it padded that are not padding of the whole map are cropped.
+        """
+        start = max(0, lo * self.stride - self.padding)
+        end = min(rows, (hi - 1) * self.stride - self.padding + self.dilation * (self.kernel - 1) + 1)
+        return start - start % self.stride, end
+
+
+@dataclass
+class StripPlan:
+    """One strip of one segment: the rows each node keeps, the rows each op reads, the tails."""
+
+    keep: dict[fx.Node, Rows]  # rows of each node's output the strip holds (its working rows)
+    reads: dict[fx.Node, Rows]  # input rows each op is given
+    compute: dict[fx.Node, Rows]  # rows each op produces in this strip (two_phase: its new rows)
+    tails_in: dict[fx.Node, Rows] = field(default_factory=dict)  # rows received from the previous strip
+    tails_out: dict[fx.Node, Rows] = field(default_factory=dict)  # rows handed to the next strip
+
+
+@dataclass
+class Segment:
+    """Nodes from one cut (exclusive) to a later one (inclusive), and how they run."""
+
+    start: fx.Node
+    nodes: list[fx.Node]
+    strips: list[StripPlan]  # empty: run whole, as the unsplit model would
+
+    @property
+    def end(self) -> fx.Node:
+        return self.nodes[-1]
+
+
+def heights(nodes: Sequence[fx.Node], geometry: dict[fx.Node, RowGeometry], source: fx.Node,
+            rows: int) -> dict[fx.Node, int]:
+    """Each node's output height for an input of `rows` rows."""
+    out = {source: rows}
+    for node in nodes:
+        args = [a for a in node.all_input_nodes if a in out]
+        out[node] = geometry[node].out_rows(out[args[0]])
+    return out
+
+
+def _split(rows: int, strips: int) -> list[int]:
+    return [round(j * rows / strips) for j in range(strips + 1)]
+
+
+def _region_args(node: fx.Node, known: dict) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a in known]
+
+
+def overlap_plans(start: fx.Node, nodes: list[fx.Node], geometry: dict[fx.Node, RowGeometry],
+                  rows: dict[fx.Node, int], strips: int) -> list[StripPlan]:
+    """Independent strips: each node keeps the union of the rows its users read."""
+    plans = []
+    bounds = _split(rows[nodes[-1]], strips)
+    members = {start, *nodes}
+    for lo, hi in pairwise(bounds):
+        keep: dict[fx.Node, Rows] = {nodes[-1]: (lo, hi)}
+        reads: dict[fx.Node, Rows] = {}
+        for node in reversed(nodes):
+            if node not in keep:
+                continue  # dead within the segment
+            args = _region_args(node, members)
+            i0, i1 = geometry[node].reads(*keep[node], rows[args[0]])
+            reads[node] = (i0, i1)
+            for arg in args:
+                a0, a1 = keep.get(arg, (i0, i1))
+                keep[arg] = (min(a0, i0), max(a1, i1))
+        plans.append(StripPlan(keep, reads, {n: keep[n] for n in nodes if n in keep}))
+    return plans
+
+
+def two_phase_plans(start: fx.Node, nodes: list[fx.Node], geometry: dict[fx.Node, RowGeometry],
+                    rows: dict[fx.Node, int], strips: int) -> list[StripPlan]:
+    """Sequential strips: each computes only rows no earlier strip computed, and receives the
+    older rows its ops read (the tails) from the strip before it."""
+    members = {start, *nodes}
+    done = dict.fromkeys(members, 0)  # rows [0, done) of each node computed by earlier strips
+    strip_reads, strip_compute, strip_done, lowest = [], [], [], []
+    for hi in _split(rows[nodes[-1]], strips)[1:]:
+        top = dict(done)
+        top[nodes[-1]] = hi
+        reads: dict[fx.Node, Rows] = {}
+        low: dict[fx.Node, int] = {}  # lowest row of each node an op reads in this strip
+        for node in reversed(nodes):
+            if top[node] <= done[node]:
+                continue
+            args = _region_args(node, members)
+            reads[node] = i0, i1 = geometry[node].reads(done[node], top[node], rows[args[0]])
+            for arg in args:
+                top[arg], low[arg] = max(top[arg], i1), min(low.get(arg, i0), i0)
+        strip_reads.append(reads)
+        strip_compute.append({n: (done[n], top[n]) for n in reads})
+        strip_done.append(dict(done))
+        lowest.append(low)
+        done = top
+    plans: list[StripPlan] = []
+    needed: dict[fx.Node, int] = {}  # lowest row any later strip reads (rows are read in order)
+    for j in reversed(range(len(strip_reads))):
+        needed.update(lowest[j])
+        before, after = strip_done[j], (strip_done[j + 1] if j + 1 < len(strip_done) else done)
+        keep = {n: (min(needed.get(n, before[n]), before[n]), after[n]) for n in nodes
+                if n in strip_compute[j] or needed.get(n, after[n]) < after[n]}
+        if start in lowest[j]:
+            keep[start] = (lowest[j][start], after[start])
+        tails_in = {n: (lo, before[n]) for n, (lo, _) in keep.items() if n is not start and lo < before[n]}
+        plans.append(StripPlan(keep, strip_reads[j], strip_compute[j], tails_in))
+    plans.reverse()
+    for previous, plan in pairwise(plans):
+        previous.tails_out = dict(plan.tails_in)
+    return plans
+
+
+def _overhead(plans: list[StripPlan], start: fx.Node, rows: int) -> float:
+    """Extra input rows the strips read, over the input's own rows (overlap's recomputation)."""
+    return sum(p.keep[start][1] - p.keep[start][0] for p in plans) / rows - 1
+
+
+def plan_segments(region_nodes: list[fx.Node], cuts: list[fx.Node], geometry: dict[fx.Node, RowGeometry],
+                  rows: dict[fx.Node, int], strips: int, mode: str, max_overhead: float) -> list[Segment]:
+    """Cut the chain at single-value points into segments, each as long as its overlap strips
+    recompute at most `max_overhead` of its input rows; steps no split can run that cheaply (small
+    maps, deep in the chain) run whole, as in the unsplit model."""
+    position = {n: i for i, n in enumerate(region_nodes)}
+
+    def between(a: fx.Node, b: fx.Node) -> list[fx.Node]:
+        return region_nodes[(position[a] + 1 if a in position else 0): position[b] + 1]
+
+    segments: list[Segment] = []
+    i = 0
+    while i < len(cuts) - 1:
+        best = None
+        for k in range(i + 1, len(cuts)):
+            if rows[cuts[k]] < strips or rows[cuts[i]] < strips:
+                break
+            plans = overlap_plans(cuts[i], between(cuts[i], cuts[k]), geometry, rows, strips)
+            if _overhead(plans, cuts[i], rows[cuts[i]]) > max_overhead:
+                break
+            best = k, plans
+        if best is None:
+            nodes = between(cuts[i], cuts[i + 1])
+            if segments and not segments[-1].strips:
+                segments[-1].nodes.extend(nodes)
+            else:
+                segments.append(Segment(cuts[i], nodes, []))
+            i += 1
+            continue
+        k, plans = best
+        nodes = between(cuts[i], cuts[k])
+        if mode == "two_phase":
+            plans = two_phase_plans(cuts[i], nodes, geometry, rows, strips)
+        segments.append(Segment(cuts[i], nodes, plans))
+        i = k
+    return segments
+
+
+def _rows(t: Tensor, start: int, lo: int, hi: int) -> Tensor:
+    return t[:, :, lo - start: hi - start]
+
+
+class StripExecutor:
+    """Runs a segment's nodes (of a GraphModule holding their modules) strip by strip."""
+
+    def __init__(self, gm: fx.GraphModule, geometry: dict[fx.Node, RowGeometry]) -> None:
+        self.interpreter = fx.Interpreter(gm)
+        self.geometry = geometry
+
+    def _call(self, node: fx.Node, env: dict[fx.Node, Tensor]) -> Tensor:
+        def value(a: fx.Node) -> object:
+            if a.op == "get_attr":
+                return self.interpreter.fetch_attr(a.target)
+            return env[a]
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        return getattr(self.interpreter, node.op)(node.target, args, kwargs)
+
+    def run_whole(self, segment: Segment, x: Tensor) -> Tensor:
+        env = {segment.start: x}
+        for node in segment.nodes:
+            env[node] = self._call(node, env)
+        return env[segment.end]
+
+    def run_strip(self, segment: Segment, plan: StripPlan, x: Tensor, *tails: Tensor) -> tuple[Tensor, ...]:
+        """The strip's rows of the segment's output, then the tails for the next strip. `x` holds
+        rows plan.keep[start] of the segment's input; `tails` rows plan.tails_in, in order."""
+        work: dict[fx.Node, tuple[Tensor, int]] = {segment.start: (x, plan.keep.get(segment.start, (0, 0))[0])}
+        received = dict(zip(plan.tails_in, tails, strict=True))
+        for node in segment.nodes:
+            if node not in plan.reads:
+                if node in received:
+                    work[node] = received[node], plan.tails_in[node][0]
+                continue
+            i0, i1 = plan.reads[node]
+            args = {a: _rows(work[a][0], work[a][1], i0, i1) for a in node.all_input_nodes if a in work}
+            out = self._call(node, args)
+            c0, c1 = plan.compute[node]
+            computed = _rows(out, i0 // self.geometry[node].stride, c0, c1)
+            if node in received:
+                computed = torch.cat([received[node], computed], dim=2)
+            work[node] = computed, plan.keep[node][0]
+        end = segment.end
+        outputs = [_rows(work[end][0], work[end][1], *plan.compute[end])]
+        outputs += [_rows(work[n][0], work[n][1], lo, hi) for n, (lo, hi) in plan.tails_out.items()]
+        return tuple(outputs)
+
+    def run(self, segment: Segment, x: Tensor) -> Tensor:
+        """The segment's output for input `x`: strips under non-reentrant checkpointing when
+        autograd records, each keeping only its input slice (and, two_phase, its tails)."""
+        if not segment.strips:
+            return self.run_whole(segment, x)
+        pieces, tails = [], ()
+        record = torch.is_grad_enabled()
+        for plan in segment.strips:
+            lo, hi = plan.keep.get(segment.start, (0, 0))
+            inputs = (x[:, :, lo:hi], *tails)
+            if record:
+                out = checkpoint(self.run_strip, segment, plan, *inputs, use_reentrant=False)
+            else:
+                out = self.run_strip(segment, plan, *inputs)
+            pieces.append(out[0])
+            tails = out[1:]
+        return torch.cat(pieces, dim=2)
+
+
+class RowStripRegion(nn.Module):
+    """A chain of local layers run in strips; the layers stay the model's own (same objects,
+    same names in its state_dict), held here through a GraphModule of the chain alone."""
+
+    def __init__(self, chain: fx.GraphModule, geometry: dict[str, RowGeometry], cuts: Sequence[str],
+                 strips: int, mode: str, max_overhead: float) -> None:
+        super().__init__()
+        # Not a child module: the layers are registered where the model has them.
+        object.__setattr__(self, "chain", chain)
+        self.geometry, self.cuts = dict(geometry), list(cuts)
+        self.strips, self.mode, self.max_overhead = strips, mode, max_overhead
+        self._plans: dict[tuple[int, int], list[Segment]] = {}
+
+    def segments(self, rows: int) -> list[Segment]:
+        """How an input of `rows` rows runs: the segments and their strips (cached per height)."""
+        key = (id(self.chain.graph), rows)
+        if key not in self._plans:
+            nodes = [n for n in self.chain.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+            by_name = {n.name: n for n in self.chain.graph.nodes}
+            source = next(n for n in self.chain.graph.nodes if n.op == "placeholder")
+            geometry = {n: self.geometry[n.name] for n in nodes}
+            height = heights(nodes, geometry, source, rows)
+            cuts = [by_name[c] for c in self.cuts]
+            self._plans[key] = plan_segments(nodes, cuts, geometry, height, self.strips, self.mode, self.max_overhead)
+        return self._plans[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        segments = self.segments(x.shape[2])
+        executor = StripExecutor(self.chain, {n: self.geometry[n.name] for s in segments for n in s.nodes})
+        for segment in segments:
+            x = executor.run(segment, x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"strips={self.strips}, mode={self.mode!r}, max_overhead={self.max_overhead}, {len(self.geometry)} nodes"
