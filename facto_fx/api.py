@@ -36,7 +36,7 @@ class FactoState:
     config: FactoConfig
     decisions: list[Decision]
     source: nn.Module
-    region_notes: list[str] = field(default_factory=list)  # what each region method (row strips) took
+    region_notes: dict[str, str] = field(default_factory=dict)  # by the node running a region (row strips)
 
 
 def compile(
@@ -80,7 +80,7 @@ def compile(
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, ModuleSite(gm, config.seed))
     regions = [config.row_strips] if config.row_strips is not None else []
-    notes = rewrite_regions(gm, plan, regions) if regions else []
+    notes = rewrite_regions(gm, plan, regions) if regions else {}
     gm.meta["facto"] = FactoState(config, plan, model, notes)
     if config.kernels != "auto":
         KernelScope(config.kernels).attach(gm)
@@ -165,8 +165,8 @@ def report(
         for d in state.decisions if d.rewritten and d.node in nodes
     }
     facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
-    result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs)
-    result.notes = _notes(fmodel, example_inputs, analytic)
+    result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs, state.region_notes)
+    result.notes = {**_notes(fmodel, example_inputs, analytic), **state.region_notes}
     if peak:
         result.vanilla_peak = peak_training_bytes(vanilla_gm, example_inputs, train_all=True)
         result.facto_peak = peak_training_bytes(fmodel, example_inputs)

@@ -30,13 +30,17 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-dtype", default=None, help="dtype of compressed maps: fp32, bf16, fp16")
     parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
                         help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
-                             "eb: error-bounded compression of every layer Facto leaves")
+                             "eb: error-bounded compression of every layer Facto leaves; rowstrips: the local "
+                             "layers from the input run in horizontal strips (lossless; lowers the peak)")
     parser.add_argument("--eps", type=float, default=0.8, help="hosvd / svd: energy kept per mode, in (0, 1]")
     parser.add_argument("--last", type=int, default=4, help="hosvd / svd: how many conv layers, from the output")
     parser.add_argument("--eb", type=float, default=0.02,
                         help="eb: error bound of ops without weights, relative to each map's value range")
     parser.add_argument("--sigma", type=float, default=0.1,
                         help="eb: conv / linear gradient error tolerated, x the gradient's std (adaptive bound)")
+    parser.add_argument("--strips", type=int, default=4, help="rowstrips: how many horizontal strips")
+    parser.add_argument("--strip-mode", default="overlap", choices=("overlap", "two_phase"),
+                        help="rowstrips: overlap recomputes shared rows; two_phase hands them on")
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -51,12 +55,12 @@ def report_command(args: argparse.Namespace) -> int:
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
         storage_dtype=args.storage_dtype, verify=args.peak,
-        **method_options(args.method, args.eps, args.last, args.eb, args.sigma),
+        **method_options(args.method, args.eps, args.last, args.eb, args.sigma, args.strips, args.strip_mode),
     )
     shape = (args.batch_size, args.in_channels, args.image_size, args.image_size)
     x = torch.randn(shape, device=device) if args.peak else torch.empty(shape, device=device)
     table = facto_fx.report(fmodel, x, analytic=not args.peak, peak=args.peak)
-    extra = method_description(args.method, args.eps, args.last, args.eb, args.sigma)
+    extra = method_description(args.method, args.eps, args.last, args.eb, args.sigma, args.strips, args.strip_mode)
     print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, INR {args.inr}, "
           f"lossy kernel {args.lossy_kernel}, apply ratio {args.apply_ratio}{extra}\n")
     print(table)

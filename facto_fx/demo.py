@@ -31,7 +31,8 @@ def run_demo(config: TrainConfig, out: str | Path, plots: bool = True) -> DemoRe
     vanilla_config = dataclasses.replace(facto_config, frt_epochs=config.epochs)
     print(f"1/2 vanilla: {config.model} on {config.dataset}, {config.epochs} full-rank epochs")
     vanilla = train(vanilla_config)
-    also = method_description(config.method, config.eps, config.last, config.eb, config.sigma)
+    also = method_description(config.method, config.eps, config.last, config.eb, config.sigma,
+                                config.strips, config.strip_mode)
     print(f"\n2/2 facto: {config.frt_epochs} full-rank epoch(s), then Facto (INR {config.inr}, "
           f"lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{also})")
     facto = train(facto_config)

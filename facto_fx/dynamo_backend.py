@@ -158,11 +158,13 @@ def facto_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     from torch._inductor.compile_fx import compile_fx
 
     config = FactoConfig(**(options or {}))
-    eager_only = sorted({type(m).__name__ for m in config.methods.values() if m and not method_handler(m).compiles})
+    chosen = [*config.methods.values(), config.fallback, config.row_strips]
+    eager_only = sorted({type(m).__name__ for m in chosen if m and not method_handler(m).compiles})
     if eager_only:
         raise ValueError(
-            f"{', '.join(eager_only)} cannot run inside a compiled graph (its saved-tensor hooks act at run time); "
-            "apply it with facto_fx.compile(model, methods=...) and torch.compile the result (default backend)"
+            f"{', '.join(eager_only)} cannot run inside a compiled graph (saved-tensor hooks or checkpointed "
+            "strips act at run time); apply it with facto_fx.compile(model, ...) and torch.compile the result "
+            "(default backend)"
         )
     # Rewrite a copy: dynamo keeps reading its own graph after the backend returns. The copy is a
     # fresh GraphModule, so inductor treats the extra inputs as plain runtime inputs.

@@ -128,6 +128,20 @@ class GraphInspection:
         return subprocess.run([dot, "-Tsvg"], input=self.to_dot(), capture_output=True, text=True, check=True).stdout
 
 
+def _nodes(fmodel: fx.GraphModule) -> list[tuple[fx.Node, str | None]]:
+    """Every node to show, each with the region that runs it: a region's own graph (row strips'
+    chain of layers) is listed right after the node that runs it."""
+    found = []
+    for node in fmodel.graph.nodes:
+        if node.op == "output":
+            continue
+        found.append((node, None))
+        chain = getattr(fmodel.get_submodule(node.target), "chain", None) if node.op == "call_module" else None
+        if isinstance(chain, fx.GraphModule):
+            found += [(n, node.name) for n in chain.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    return found
+
+
 def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = True) -> GraphInspection:
     """The rewritten graph with decisions, reasons and (given example inputs) shapes and saved bytes."""
     fmodel = facto_model(fmodel)
@@ -139,15 +153,13 @@ def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = Tr
         table = report(fmodel, *example_inputs, analytic=analytic)
         vanilla, facto = table.vanilla_by_node, table.facto_by_node
     nodes = []
-    for node in fmodel.graph.nodes:
-        if node.op == "output":
-            continue
+    for node, region in _nodes(fmodel):
         d = by_node.get(node.name)
         meta = node.meta.get("tensor_meta")
         info = NodeInfo(
-            name=node.name,
+            name=f"{region}/{node.name}" if region else node.name,
             op=node.op,
-            target=_target_name(fmodel, node),
+            target=_target_name(node.graph.owning_module, node),
             inputs=[a.name for a in node.all_input_nodes],
             shape=tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None,
         )

@@ -75,9 +75,10 @@ class MemoryReport:
 
 def build_report(
     decisions: list[Decision], vanilla_gm: fx.GraphModule, vanilla: dict[str, int], facto: dict[str, int],
-    inputs: dict[str, int] | None = None,
+    inputs: dict[str, int] | None = None, regions: dict[str, str] | None = None,
 ) -> MemoryReport:
-    """Join per-node byte counts (node names match between the two graphs) into table rows."""
+    """Join per-node byte counts (node names match between the two graphs) into table rows;
+    `regions` names the nodes that run a region of layers (row strips), which only Facto has."""
     by_node = {d.node: d for d in decisions}
     rows = []
     for node in vanilla_gm.graph.nodes:
@@ -91,6 +92,6 @@ def build_report(
         else:
             rows.append(Row(d.layer, d.kind, d.label, v, f, (inputs or {}).get(node.name, 0)))
     stray = set(facto) - {n.name for n in vanilla_gm.graph.nodes}
-    rows.extend(Row(name, "?", "-", 0, facto[name]) for name in sorted(stray))
+    rows.extend(Row(name, "region" if name in (regions or {}) else "?", "-", 0, facto[name]) for name in sorted(stray))
     unrewritten = [d for d in decisions if d.unsupported]
     return MemoryReport(rows, unrewritten, vanilla, facto)

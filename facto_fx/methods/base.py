@@ -100,9 +100,10 @@ class Method:
     def rewrite(self, site: RewriteSite, match: Match, method: MethodConfig) -> None:
         raise NotImplementedError
 
-    def rewrite_region(self, gm: fx.GraphModule, method: MethodConfig) -> tuple[list[str], str]:
+    def rewrite_region(self, gm: fx.GraphModule, method: MethodConfig) -> tuple[list[str], str | None, str]:
         """Rewrite a chain of nodes at once (after every per-layer rewrite) for a method that acts
-        on regions, not layers (row strips); return the names of the nodes it took and a note."""
+        on regions, not layers (row strips); return the names of the nodes it took, the node that
+        now runs them (None: it took none) and a note for the report."""
         raise NotImplementedError(f"{type(self).__name__} does not rewrite regions")
 
     def wrap(self, site: RewriteSite, node: fx.Node, kind: str, method: MethodConfig) -> None:

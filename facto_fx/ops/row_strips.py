@@ -16,13 +16,19 @@ Two modes (paper §4):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
 import torch
 from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.checkpoint import checkpoint
+
+from facto_fx.ops.max_pool import max_pool2d
+from facto_fx.ops.relu import relu
 
 Rows = tuple[int, int]  # [start, stop) along the height
 
@@ -161,16 +167,22 @@ def two_phase_plans(start: fx.Node, nodes: list[fx.Node], geometry: dict[fx.Node
     return plans
 
 
-def _overhead(plans: list[StripPlan], start: fx.Node, rows: int) -> float:
-    """Extra input rows the strips read, over the input's own rows (overlap's recomputation)."""
-    return sum(p.keep[start][1] - p.keep[start][0] for p in plans) / rows - 1
+def _overhead(plans: list[StripPlan], nodes: list[fx.Node], rows: dict[fx.Node, int],
+              row_bytes: dict[fx.Node, int]) -> float:
+    """The share of the segment's maps (rows weighted by their bytes, so by work too) the strips
+    compute beyond the unsplit segment: overlap's recomputation of halos."""
+    split = sum((p.keep[n][1] - p.keep[n][0]) * row_bytes[n] for p in plans for n in nodes if n in p.keep)
+    whole = sum(rows[n] * row_bytes[n] for n in nodes)
+    return split / whole - 1 if whole else float("inf")
 
 
 def plan_segments(region_nodes: list[fx.Node], cuts: list[fx.Node], geometry: dict[fx.Node, RowGeometry],
-                  rows: dict[fx.Node, int], strips: int, mode: str, max_overhead: float) -> list[Segment]:
-    """Cut the chain at single-value points into segments, each as long as its overlap strips
-    recompute at most `max_overhead` of its input rows; steps no split can run that cheaply (small
-    maps, deep in the chain) run whole, as in the unsplit model."""
+                  rows: dict[fx.Node, int], row_bytes: dict[fx.Node, int], strips: int, mode: str,
+                  max_overhead: float) -> list[Segment]:
+    """Cut the chain at single-value points into segments from the input, each as long as its
+    overlap strips recompute at most `max_overhead` of its maps. From the first point where no
+    segment is that cheap (maps too small for the halos), the rest runs whole, as unsplit:
+    short strip segments there would save little and copy maps at every boundary."""
     position = {n: i for i, n in enumerate(region_nodes)}
 
     def between(a: fx.Node, b: fx.Node) -> list[fx.Node]:
@@ -181,22 +193,17 @@ def plan_segments(region_nodes: list[fx.Node], cuts: list[fx.Node], geometry: di
     while i < len(cuts) - 1:
         best = None
         for k in range(i + 1, len(cuts)):
-            if rows[cuts[k]] < strips or rows[cuts[i]] < strips:
+            if rows[cuts[k]] < strips:
                 break
-            plans = overlap_plans(cuts[i], between(cuts[i], cuts[k]), geometry, rows, strips)
-            if _overhead(plans, cuts[i], rows[cuts[i]]) > max_overhead:
+            nodes = between(cuts[i], cuts[k])
+            plans = overlap_plans(cuts[i], nodes, geometry, rows, strips)
+            if _overhead(plans, nodes, rows, row_bytes) > max_overhead:
                 break
-            best = k, plans
+            best = k, nodes, plans
         if best is None:
-            nodes = between(cuts[i], cuts[i + 1])
-            if segments and not segments[-1].strips:
-                segments[-1].nodes.extend(nodes)
-            else:
-                segments.append(Segment(cuts[i], nodes, []))
-            i += 1
-            continue
-        k, plans = best
-        nodes = between(cuts[i], cuts[k])
+            segments.append(Segment(cuts[i], between(cuts[i], cuts[-1]), []))
+            break
+        k, nodes, plans = best
         if mode == "two_phase":
             plans = two_phase_plans(cuts[i], nodes, geometry, rows, strips)
         segments.append(Segment(cuts[i], nodes, plans))
@@ -208,6 +215,12 @@ def _rows(t: Tensor, start: int, lo: int, hi: int) -> Tensor:
     return t[:, :, lo - start: hi - start]
 
 
+# Ops whose only difference from torch's is what they save (bit masks): within a checkpointed
+# strip nothing they save outlives the strip, so torch's own, cheaper ops run there instead.
+# Values and gradients are the same.
+PLAIN_IN_STRIPS = {relu: torch.relu, max_pool2d: torch.nn.functional.max_pool2d}
+
+
 class StripExecutor:
     """Runs a segment's nodes (of a GraphModule holding their modules) strip by strip."""
 
@@ -215,7 +228,7 @@ class StripExecutor:
         self.interpreter = fx.Interpreter(gm)
         self.geometry = geometry
 
-    def _call(self, node: fx.Node, env: dict[fx.Node, Tensor]) -> Tensor:
+    def _call(self, node: fx.Node, env: dict[fx.Node, Tensor], in_strip: bool = False) -> Tensor:
         def value(a: fx.Node) -> object:
             if a.op == "get_attr":
                 return self.interpreter.fetch_attr(a.target)
@@ -223,7 +236,10 @@ class StripExecutor:
 
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
-        return getattr(self.interpreter, node.op)(node.target, args, kwargs)
+        target = node.target
+        if in_strip and node.op == "call_function":
+            target = PLAIN_IN_STRIPS.get(target, target)
+        return getattr(self.interpreter, node.op)(target, args, kwargs)
 
     def run_whole(self, segment: Segment, x: Tensor) -> Tensor:
         env = {segment.start: x}
@@ -243,7 +259,7 @@ class StripExecutor:
                 continue
             i0, i1 = plan.reads[node]
             args = {a: _rows(work[a][0], work[a][1], i0, i1) for a in node.all_input_nodes if a in work}
-            out = self._call(node, args)
+            out = self._call(node, args, in_strip=True)
             c0, c1 = plan.compute[node]
             computed = _rows(out, i0 // self.geometry[node].stride, c0, c1)
             if node in received:
@@ -251,7 +267,8 @@ class StripExecutor:
             work[node] = computed, plan.keep[node][0]
         end = segment.end
         outputs = [_rows(work[end][0], work[end][1], *plan.compute[end])]
-        outputs += [_rows(work[n][0], work[n][1], lo, hi) for n, (lo, hi) in plan.tails_out.items()]
+        # Copies: a view would keep the whole strip's map alive as long as the next strip keeps its tail.
+        outputs += [_rows(work[n][0], work[n][1], lo, hi).clone() for n, (lo, hi) in plan.tails_out.items()]
         return tuple(outputs)
 
     def run(self, segment: Segment, x: Tensor) -> Tensor:
@@ -284,11 +301,12 @@ class RowStripRegion(nn.Module):
         object.__setattr__(self, "chain", chain)
         self.geometry, self.cuts = dict(geometry), list(cuts)
         self.strips, self.mode, self.max_overhead = strips, mode, max_overhead
-        self._plans: dict[tuple[int, int], list[Segment]] = {}
+        self._plans: dict[tuple, list[Segment]] = {}
 
-    def segments(self, rows: int) -> list[Segment]:
-        """How an input of `rows` rows runs: the segments and their strips (cached per height)."""
-        key = (id(self.chain.graph), rows)
+    def segments(self, x: Tensor) -> list[Segment]:
+        """How input `x` runs: the segments and their strips (cached per input shape and dtype)."""
+        rows = x.shape[2]
+        key = (id(self.chain.graph), tuple(x.shape), x.dtype)
         if key not in self._plans:
             nodes = [n for n in self.chain.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
             by_name = {n.name: n for n in self.chain.graph.nodes}
@@ -296,11 +314,22 @@ class RowStripRegion(nn.Module):
             geometry = {n: self.geometry[n.name] for n in nodes}
             height = heights(nodes, geometry, source, rows)
             cuts = [by_name[c] for c in self.cuts]
-            self._plans[key] = plan_segments(nodes, cuts, geometry, height, self.strips, self.mode, self.max_overhead)
+            self._plans[key] = plan_segments(nodes, cuts, geometry, height, self._row_bytes(x, nodes), self.strips,
+                                             self.mode, self.max_overhead)
         return self._plans[key]
 
+    def _row_bytes(self, x: Tensor, nodes: list[fx.Node]) -> dict[fx.Node, int]:
+        """Bytes per row of each node's output, from a run on fake tensors (nothing allocated)."""
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            ShapeProp(self.chain, fake_mode=mode).propagate(mode.from_tensor(x))
+        out = {}
+        for node in nodes:
+            meta = node.meta["tensor_meta"]
+            out[node] = math.prod(meta.shape) // meta.shape[2] * meta.dtype.itemsize
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
-        segments = self.segments(x.shape[2])
+        segments = self.segments(x)
         executor = StripExecutor(self.chain, {n: self.geometry[n.name] for s in segments for n in s.nodes})
         for segment in segments:
             x = executor.run(segment, x)

@@ -7,6 +7,7 @@ rewritten graph, and, when the node cannot be rewritten, why.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,16 +143,19 @@ def _argument_type(value: object) -> object:
     return type(value)
 
 
-def call_args(node: fx.Node) -> dict[str, object]:
+def call_args(node: fx.Node, function: Callable | None = None, args: tuple | None = None) -> dict[str, object]:
     """Every argument of a call_function node by its parameter name, defaults filled in.
 
     torch's own signature binding (torch.fx.operator_schemas); argument types pick between
-    overloads such as conv2d's int and str paddings.
+    overloads such as conv2d's int and str paddings. `function` and `args` replace the node's
+    target and positional arguments (the op a wrapper such as ErrorBounded's calls).
     """
-    types = tuple(_argument_type(a) for a in node.args)
+    function = node.target if function is None else function
+    args = node.args if args is None else args
+    types = tuple(_argument_type(a) for a in args)
     kwarg_types = {k: _argument_type(v) for k, v in node.kwargs.items()}
     bound = normalize_function(
-        node.target, node.args, node.kwargs, arg_types=types, kwarg_types=kwarg_types,
+        function, args, node.kwargs, arg_types=types, kwarg_types=kwarg_types,
         normalize_to_only_use_kwargs=True,
     )
     if bound is None:

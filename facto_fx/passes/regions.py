@@ -11,7 +11,6 @@ the points inside it where a single value is live (where a strip segment may end
 
 from __future__ import annotations
 
-import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import fx, nn
 
 from facto_fx import layers, ops
 from facto_fx.ops.row_strips import RowGeometry
+from facto_fx.passes.match import call_args
 
 POINTWISE = RowGeometry()
 
@@ -82,27 +82,32 @@ _POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_", "mul", 
 _RANDOM_FUNCTIONS = {F.dropout, F.dropout2d, ops.dropout}
 
 
-def _bound(fn: Callable, args: tuple, kwargs: dict) -> dict | None:
+def _arguments(node: fx.Node, fn: Callable, args: tuple) -> dict | str:
     try:
-        bound = inspect.signature(fn).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
+        return call_args(node, fn, args)
+    except (ValueError, TypeError, RuntimeError):
+        return f"the arguments of {getattr(fn, '__name__', fn)} could not be read"
 
 
-def _function_geometry(fn: Callable, args: tuple, kwargs: dict) -> RowGeometry | str | None:
+def _function_geometry(node: fx.Node, fn: Callable, args: tuple) -> RowGeometry | str | None:
     if fn in _RANDOM_FUNCTIONS:
         return "random: a recomputed strip would draw another mask"
     if fn in _POINTWISE_FUNCTIONS:
         return POINTWISE
     if fn in _POOL_FUNCTIONS:
-        bound = _bound(fn, args, kwargs)
-        if bound is None:
-            return "its pooling arguments could not be read"
-        if bound.get("return_indices"):
-            return "return_indices=True"
+        bound = _arguments(node, fn, args)
+        if isinstance(bound, str) or bound.get("return_indices"):
+            return bound if isinstance(bound, str) else "return_indices=True"
         return _pool_geometry(**{k: v for k, v in bound.items() if k not in ("input", "x")})
+    if fn in (F.conv2d, torch.conv2d):
+        bound = _arguments(node, fn, args)
+        if isinstance(bound, str):
+            return bound
+        weight = bound["weight"]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            return "a convolution whose weight is computed in the graph"
+        kernel = _attr(node.graph.owning_module, weight.target).shape[2]
+        return _conv_geometry(kernel, bound["stride"], bound["padding"], bound["dilation"])
     return None
 
 
@@ -150,14 +155,7 @@ def row_geometry(gm: fx.GraphModule, node: fx.Node) -> RowGeometry | str:
                 return _module_geometry(_attr(gm, inner.target))
             return "it wraps a module the graph does not name"
         fn = fn.fn
-    if fn in (F.conv2d, torch.conv2d):
-        bound = _bound(F.conv2d, args, dict(node.kwargs))
-        weight = bound and bound["weight"]
-        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-            return "a convolution whose weight is computed in the graph"
-        kernel = _attr(gm, weight.target).shape[2]
-        return _conv_geometry(kernel, bound["stride"], bound["padding"], bound["dilation"])
-    geometry = _function_geometry(fn, args, dict(node.kwargs))
+    geometry = _function_geometry(node, fn, args)
     if geometry is None:
         return f"{getattr(fn, '__name__', fn)} is not known to be local along the height"
     if geometry is POINTWISE:

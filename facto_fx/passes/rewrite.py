@@ -97,21 +97,22 @@ def rewrite(gm: fx.GraphModule, matches: list[Match], decisions: list[Decision],
     gm.recompile()
 
 
-def rewrite_regions(gm: fx.GraphModule, decisions: list[Decision], methods: Sequence[MethodConfig]) -> list[str]:
+def rewrite_regions(gm: fx.GraphModule, decisions: list[Decision], methods: Sequence[MethodConfig]) -> dict[str, str]:
     """Apply region methods (row strips) after every layer's rewrite, whose layers they run as
-    they are; mark the decisions of the nodes each took and return a note per method.
+    they are; mark the decisions of the nodes each took; return a note per method, by the node
+    that now runs its region (or by the method's label where it took nothing).
 
     Nothing may delete unused submodules afterwards: the layers a region runs are still the
     model's own, but its graph no longer calls them.
     """
     by_node = {d.node: d for d in decisions}
-    notes = []
+    notes = {}
     for method in methods:
-        taken, note = method_handler(method).rewrite_region(gm, method)
+        taken, node, note = method_handler(method).rewrite_region(gm, method)
         for name in taken:
             if name in by_node:
                 by_node[name].region = method
-        notes.append(note)
+        notes[node or method.label] = note
     gm.graph.lint()
     gm.recompile()
     return notes

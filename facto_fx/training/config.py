@@ -44,11 +44,13 @@ class TrainConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: str | None = None
-    method: Literal["facto", "hosvd", "svd", "eb"] = "facto"
+    method: Literal["facto", "hosvd", "svd", "eb", "rowstrips"] = "facto"
     eps: float = 0.8
     last: int = 4
     eb: float = 0.02
     sigma: float = 0.1
+    strips: int = 4
+    strip_mode: Literal["overlap", "two_phase"] = "overlap"
     merge_every: int | None = None
     amp: bool = False
     compile: bool = False
@@ -95,11 +97,12 @@ class TrainConfig:
     def facto_config(self) -> FactoConfig:
         """Facto by apply_ratio; with method "hosvd" / "svd", that decomposition on the last `last`
         conv layers as well (Facto in front, the decomposition at the back); with "eb",
-        ErrorBounded for every layer Facto leaves (presets.method_options)."""
+        ErrorBounded for every layer Facto leaves; with "rowstrips", row strips from the input
+        (presets.method_options)."""
         return FactoConfig(
             inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
             storage_dtype=self.storage_dtype, seed=self.seed,
-            **method_options(self.method, self.eps, self.last, self.eb, self.sigma),
+            **method_options(self.method, self.eps, self.last, self.eb, self.sigma, self.strips, self.strip_mode),
         )
 
     @property

@@ -345,7 +345,8 @@ def _progress(batches, total: int, initial: int, desc: str, enabled: bool):
 
 
 def _header(config: TrainConfig, device: torch.device) -> str:
-    method = method_description(config.method, config.eps, config.last, config.eb, config.sigma)
+    method = method_description(config.method, config.eps, config.last, config.eb, config.sigma,
+                                config.strips, config.strip_mode)
     return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {config.frt_epochs} full-rank, then Facto "
             f"(INR {config.inr}, lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{method}); "
             f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}, {device}"

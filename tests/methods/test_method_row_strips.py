@@ -1,0 +1,128 @@
+"""RowStrips as a method of the pass: validated config, the model's names and statistics left as
+they are, batch statistics kept outside strips, Facto trained inside them, reported, on the CLI,
+and a lower peak than vanilla (measured from the allocator's events)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import facto_fx
+from facto_fx import RowStrips
+from facto_fx.cli import main as cli_main
+from facto_fx.memory import peak_training_bytes
+
+
+class Net(nn.Module):
+    def __init__(self, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(32) if batch_norm else nn.Identity()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 2)
+        x = F.relu(self.bn(self.c3(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"strips": 1}, "integer >= 2"),
+    ({"strips": 2.0}, "integer >= 2"),
+    ({"mode": "rows"}, "one of ('overlap', 'two_phase')"),
+    ({"max_overhead": 0}, "number > 0"),
+])
+def test_bad_configs_name_the_argument(options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        RowStrips(**options)
+    with pytest.raises(ValueError, match="row_strips must be RowStrips"):
+        facto_fx.FactoConfig(row_strips="overlap")
+
+
+def test_names_state_dict_and_export_are_the_models_own():
+    torch.manual_seed(0)
+    model = Net(batch_norm=False)
+    plain = facto_fx.compile(model, apply_ratio=0.0)
+    split = facto_fx.compile(model, apply_ratio=0.0, row_strips=RowStrips(3))
+    assert [n for n, _ in split.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(split.state_dict()) == list(plain.state_dict())
+    assert set(facto_fx.export_dense(split).state_dict()) == set(model.state_dict())
+    x = torch.randn(2, 3, 30, 26)
+    twin = copy.deepcopy(split)
+    assert twin.c1 is not split.c1 and torch.equal(twin(x), split(x))
+    twin.c1.weight.data.add_(1.0)  # the copy's strips run the copy's layers
+    assert not torch.equal(twin(x), split(x))
+
+
+def test_batch_statistics_stay_outside_strips_and_update_once_per_step():
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    split = facto_fx.compile(model, apply_ratio=0.0, batch_norm="train", row_strips=RowStrips(4))
+    region = split.row_strips
+    assert "c3" in region.geometry and "bn" not in region.geometry
+    assert "BatchNorm2d" in split.meta["facto"].region_notes["row_strips"]
+    x = torch.randn(4, 3, 32, 32)
+    split.train(), reference.train()
+    torch.testing.assert_close(split(x), reference(x), rtol=1e-5, atol=1e-6)
+    split(x).sum().backward()
+    reference(x).sum().backward()
+    assert model.bn.num_batches_tracked.item() == reference.bn.num_batches_tracked.item() == 2
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+    torch.testing.assert_close(model.bn.running_var, reference.bn.running_var)
+
+
+def test_facto_inside_strips_trains_merges_and_exports():
+    torch.manual_seed(0)
+    fmodel = facto_fx.compile(Net(batch_norm=False), apply_ratio=1.0, row_strips=RowStrips(2, "two_phase"))
+    low_rank = [p for p in fmodel.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(low_rank, lr=0.05, momentum=0.9)
+    facto_fx.attach(fmodel, optimizer, merge_every=2)
+    x, y = torch.randn(8, 3, 20, 20), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(fmodel(x), y).backward()
+        optimizer.step()
+    dense = facto_fx.export_dense(fmodel).eval()
+    torch.testing.assert_close(dense(x), fmodel.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_report_labels_the_region_and_its_layers():
+    torch.manual_seed(0)
+    fmodel = facto_fx.compile(Net(batch_norm=False), apply_ratio=0.0, row_strips=RowStrips(2))
+    table = facto_fx.report(fmodel, torch.randn(2, 3, 32, 32), peak=True)
+    labels = {r.layer: r.decision for r in table.rows}
+    assert labels["c1"] == "rowstrips" and labels["row_strips"] == "-"
+    assert "run in 2 strips (overlap)" in table.notes["row_strips"]
+    assert table.facto_peak < table.vanilla_peak
+
+
+def test_strips_lower_the_peak_of_a_training_step():
+    """Measured from the allocator's events: the chain's maps no longer live all at once."""
+    torch.manual_seed(0)
+    model = Net(batch_norm=False)
+    x = torch.randn(4, 3, 96, 96)
+    vanilla = facto_fx.compile(model, apply_ratio=0.0)
+    split = facto_fx.compile(model, apply_ratio=0.0, row_strips=RowStrips(4))
+    ratio = peak_training_bytes(split, (x,)) / peak_training_bytes(vanilla, (x,))
+    assert ratio < 0.6, ratio
+
+
+def test_cli_report_takes_rowstrips(capsys):
+    assert cli_main(["report", "--model", "resnet18", "--method", "rowstrips", "--strips", "3",
+                     "--strip-mode", "two_phase", "--apply-ratio", "0", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "row strips from the input (3 strips, two_phase)" in out and "row_strips" in out
+
+
+def test_the_facto_backend_refuses_strips_with_what_to_do():
+    backend = torch.compile(Net(batch_norm=False), backend=facto_fx.facto_backend,
+                            options={"row_strips": RowStrips(2)})
+    with pytest.raises(Exception, match="RowStrips cannot run inside a compiled graph.*facto_fx.compile"):
+        backend(torch.randn(2, 3, 16, 16))
