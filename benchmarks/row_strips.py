@@ -10,7 +10,7 @@ it (`facto_fx.memory.peak_step_bytes`; gradients are set to None before the step
 measured on each model's second step. Step times are medians of steps taken in turn, so noise hits
 every model alike; ratios to vanilla are what to compare. Batch-norm is frozen in every model
 (vanilla's too), which is what strips need to be lossless. Models: vanilla; strips (overlap and
-two_phase); Facto (INR 0.3, lossy kernel 2) on the last `--last-facto` convs; both. The step's
+two_phase); Facto (INR 0.3, lossy kernel 2, apply ratio 1.0); both. The step's
 own gradients are in every peak alike, and no activation method removes them: the first line
 says how many bytes they are (vgg16's classifier alone has 0.48 GiB).
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 import facto_fx
 from facto_fx.memory import peak_step_bytes
-from facto_fx.methods import FactoLowRank, Last, RowStrips
+from facto_fx.methods import RowStrips
 
 MiB = 2**20
 
@@ -52,19 +52,19 @@ def _frozen_batch_norm(model: nn.Module) -> nn.Module:
     return model
 
 
-def build(name: str, x: torch.Tensor, strips: int, last_facto: int) -> dict[str, nn.Module]:
+def build(name: str, x: torch.Tensor, strips: int, apply_ratio: float) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, num_classes=1000).to(x.device)
-    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    facto_layers = {Last(last_facto): FactoLowRank(inr=0.3, lossy_kernel=2)}
-    common = {"apply_ratio": 0.0, "example_inputs": (x[:1],)}
+    common = {"example_inputs": (x[:1],)}
+    facto = {"apply_ratio": apply_ratio, **common}
     return {
         "vanilla": _frozen_batch_norm(model),
-        "strips overlap": facto_fx.compile(model, row_strips=RowStrips(strips, "overlap"), **common),
-        "strips two_phase": facto_fx.compile(model, row_strips=RowStrips(strips, "two_phase"), **common),
-        f"facto (last {last_facto} of {convs} convs)": facto_fx.compile(model, methods=facto_layers, **common),
-        "facto + strips two_phase": facto_fx.compile(
-            model, methods=facto_layers, row_strips=RowStrips(strips, "two_phase"), **common),
+        "strips overlap": facto_fx.compile(model, apply_ratio=0.0, row_strips=RowStrips(strips, "overlap"), **common),
+        "strips two_phase": facto_fx.compile(
+            model, apply_ratio=0.0, row_strips=RowStrips(strips, "two_phase"), **common),
+        f"facto (apply_ratio {apply_ratio})": facto_fx.compile(model, **facto),
+        "facto + strips overlap": facto_fx.compile(model, row_strips=RowStrips(strips, "overlap"), **facto),
+        "facto + strips two_phase": facto_fx.compile(model, row_strips=RowStrips(strips, "two_phase"), **facto),
     }
 
 
@@ -74,14 +74,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--strips", type=int, default=8)
-    parser.add_argument("--last-facto", type=int, default=6, help="Facto on this many convs, counted from the output")
+    parser.add_argument("--apply-ratio", type=float, default=1.0, help="Facto's apply ratio (INR 0.3, lossy kernel 2)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     y = torch.randint(0, 1000, (args.batch_size,), device=args.device)
-    models = build(args.model, x, args.strips, args.last_facto)
+    models = build(args.model, x, args.strips, args.apply_ratio)
     steps = {name: _step(model, x, y) for name, model in models.items()}
     peaks = {}
     for name, step in steps.items():

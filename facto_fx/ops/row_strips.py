@@ -23,8 +23,11 @@ from itertools import pairwise
 
 import torch
 from torch import Tensor, fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 from torch.utils.checkpoint import checkpoint
 
 from facto_fx.ops.max_pool import max_pool2d
@@ -319,14 +322,21 @@ class RowStripRegion(nn.Module):
         return self._plans[key]
 
     def _row_bytes(self, x: Tensor, nodes: list[fx.Node]) -> dict[fx.Node, int]:
-        """Bytes per row of each node's output, from a run on fake tensors (nothing allocated)."""
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            ShapeProp(self.chain, fake_mode=mode).propagate(mode.from_tensor(x))
-        out = {}
-        for node in nodes:
-            meta = node.meta["tensor_meta"]
-            out[node] = math.prod(meta.shape) // meta.shape[2] * meta.dtype.itemsize
-        return out
+        """Bytes per row of each node's output, from a run on fake tensors (nothing allocated);
+        where an op's output depends on the data (HOSVD's ranks, ErrorBounded's codes), from a real run of
+        one sample without autograd, scaled to the batch."""
+        runner = fx.Interpreter(self.chain, garbage_collect_values=False)
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                runner.run(mode.from_tensor(x))
+            scale = 1
+        except (DynamicOutputShapeException, DataDependentOutputException):
+            with torch.no_grad():
+                runner.run(x[:1])
+            scale = x.shape[0]
+        shapes = {node: (runner.env[node].shape, runner.env[node].element_size()) for node in nodes}
+        runner.env.clear()
+        return {n: math.prod(s) // s[2] * size * scale for n, (s, size) in shapes.items()}
 
     def forward(self, x: Tensor) -> Tensor:
         segments = self.segments(x)

@@ -52,7 +52,7 @@ def _conv_module(m: nn.Module) -> RowGeometry | str:
         return f"{type(m).__name__} overrides how it pads or convolves"
     if getattr(m, "padding_mode", "zeros") != "zeros":
         return f"padding_mode={m.padding_mode!r} pads with values from the map"
-    return _conv_geometry(m.kernel_size, m.stride, m.padding, m.dilation)
+    return _conv_geometry(getattr(m, "kernel_size", None) or tuple(m.weight.shape[2:]), m.stride, m.padding, m.dilation)
 
 
 # Modules by class: the forward must be the class's own (a subclass may pad or pool in forward).

@@ -126,3 +126,34 @@ def test_the_facto_backend_refuses_strips_with_what_to_do():
                             options={"row_strips": RowStrips(2)})
     with pytest.raises(Exception, match="RowStrips cannot run inside a compiled graph.*facto_fx.compile"):
         backend(torch.randn(2, 3, 16, 16))
+
+
+def test_cli_train_runs_through_the_switch_with_strips(tmp_path, capsys):
+    code = cli_main(["train", "--model", "cifar_vgg11_bn", "--method", "rowstrips", "--strips", "2", "--epochs", "2",
+                     "--frt-epochs", "1", "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots",
+                     "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0 and "row strips from the input (2 strips, overlap)" in out
+    assert cli_main(["train", "--method", "rowstrips", "--strips", "1"]) == 2
+    assert "strips" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [facto_fx.HOSVD(1.0), facto_fx.ErrorBounded(1e-12)])
+def test_lossless_settings_of_other_methods_inside_strips_keep_dense_gradients(method):
+    """HOSVD keeping all energy and ErrorBounded at a bound below float64 rounding are exact, so
+    inside strips (decomposing or coding each strip's maps) they must give dense autograd's
+    gradients; their lossy settings still run there, on each strip's own maps."""
+    torch.manual_seed(0)
+    model = Net(batch_norm=False).double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"c2": method, "c3": method},
+                              row_strips=RowStrips(3, max_overhead=4.0), example_inputs=(x,))
+    assert "c2" in fmodel.row_strips.geometry
+    fmodel(x).sum().backward()
+    reference(x).sum().backward()
+    trained = [(name, p, q) for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True)
+               if p.grad is not None]  # HOSVD fine-tunes: what it leaves untrained has no gradient
+    assert {"c2.weight", "c3.weight"} <= {name for name, _, _ in trained}
+    for name, p, q in trained:
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10, msg=name)
