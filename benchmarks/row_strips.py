@@ -18,6 +18,7 @@ says how many bytes they are (vgg16's classifier alone has 0.48 GiB).
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -55,17 +56,16 @@ def _frozen_batch_norm(model: nn.Module) -> nn.Module:
 def build(name: str, x: torch.Tensor, strips: int, apply_ratio: float) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, num_classes=1000).to(x.device)
-    common = {"example_inputs": (x[:1],)}
-    facto = {"apply_ratio": apply_ratio, **common}
-    return {
-        "vanilla": _frozen_batch_norm(model),
-        "strips overlap": facto_fx.compile(model, apply_ratio=0.0, row_strips=RowStrips(strips, "overlap"), **common),
-        "strips two_phase": facto_fx.compile(
-            model, apply_ratio=0.0, row_strips=RowStrips(strips, "two_phase"), **common),
-        f"facto (apply_ratio {apply_ratio})": facto_fx.compile(model, **facto),
-        "facto + strips overlap": facto_fx.compile(model, row_strips=RowStrips(strips, "overlap"), **facto),
-        "facto + strips two_phase": facto_fx.compile(model, row_strips=RowStrips(strips, "two_phase"), **facto),
+    ratio = apply_ratio
+    options = {  # each compiled from its own copy: a Facto model freezes the weights it shares
+        "strips overlap": {"apply_ratio": 0.0, "row_strips": RowStrips(strips, "overlap")},
+        "strips two_phase": {"apply_ratio": 0.0, "row_strips": RowStrips(strips, "two_phase")},
+        f"facto (apply_ratio {ratio})": {"apply_ratio": ratio},
+        "facto + strips overlap": {"apply_ratio": ratio, "row_strips": RowStrips(strips, "overlap")},
+        "facto + strips two_phase": {"apply_ratio": ratio, "row_strips": RowStrips(strips, "two_phase")},
     }
+    models = {name: facto_fx.compile(copy.deepcopy(model), example_inputs=(x[:1],), **o) for name, o in options.items()}
+    return {"vanilla": _frozen_batch_norm(model), **models}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:

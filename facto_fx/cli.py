@@ -38,8 +38,8 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
                         help="eb: error bound of ops without weights, relative to each map's value range")
     parser.add_argument("--sigma", type=float, default=0.1,
                         help="eb: conv / linear gradient error tolerated, x the gradient's std (adaptive bound)")
-    parser.add_argument("--strips", type=int, default=4, help="rowstrips: how many horizontal strips")
-    parser.add_argument("--strip-mode", default="overlap", choices=("overlap", "two_phase"),
+    parser.add_argument("--strips", type=int, default=8, help="rowstrips: how many horizontal strips")
+    parser.add_argument("--strip-mode", default="two_phase", choices=("two_phase", "overlap"),
                         help="rowstrips: overlap recomputes shared rows; two_phase hands them on")
 
 

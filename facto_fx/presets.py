@@ -20,7 +20,7 @@ def facto_error_bounded(eb: float = 0.02, sigma: float = 0.1, every: int = 100, 
 
 
 def method_options(method: str, eps: float = 0.8, last: int = 4, eb: float = 0.02, sigma: float = 0.1,
-                   strips: int = 4, strip_mode: str = "overlap") -> dict[str, dict | MethodConfig | None]:
+                   strips: int = 8, strip_mode: str = "two_phase") -> dict[str, dict | MethodConfig | None]:
     """FactoConfig's `methods`, `fallback` and `row_strips` for the command line's --method: "facto"
     alone, "hosvd" / "svd" (eps) on the last `last` convs with Facto in front, "eb", Facto plus
     ErrorBounded for the rest (eb relative to each map's range, sigma for the adaptive bound), or
@@ -36,7 +36,7 @@ def method_options(method: str, eps: float = 0.8, last: int = 4, eb: float = 0.0
 
 
 def method_description(method: str, eps: float = 0.8, last: int = 4, eb: float = 0.02, sigma: float = 0.1,
-                       strips: int = 4, strip_mode: str = "overlap") -> str:
+                       strips: int = 8, strip_mode: str = "two_phase") -> str:
     """What --method adds to Facto, for the commands' headers ("" for Facto alone)."""
     if method == "facto":
         return ""

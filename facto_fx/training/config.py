@@ -49,8 +49,8 @@ class TrainConfig:
     last: int = 4
     eb: float = 0.02
     sigma: float = 0.1
-    strips: int = 4
-    strip_mode: Literal["overlap", "two_phase"] = "overlap"
+    strips: int = 8
+    strip_mode: Literal["two_phase", "overlap"] = "two_phase"
     merge_every: int | None = None
     amp: bool = False
     compile: bool = False

@@ -35,7 +35,7 @@ class Net(nn.Module):
 @pytest.mark.parametrize("options,message", [
     ({"strips": 1}, "integer >= 2"),
     ({"strips": 2.0}, "integer >= 2"),
-    ({"mode": "rows"}, "one of ('overlap', 'two_phase')"),
+    ({"mode": "rows"}, "one of ('two_phase', 'overlap')"),
     ({"max_overhead": 0}, "number > 0"),
 ])
 def test_bad_configs_name_the_argument(options, message):
@@ -99,7 +99,7 @@ def test_report_labels_the_region_and_its_layers():
     table = facto_fx.report(fmodel, torch.randn(2, 3, 32, 32), peak=True)
     labels = {r.layer: r.decision for r in table.rows}
     assert labels["c1"] == "rowstrips" and labels["row_strips"] == "-"
-    assert "run in 2 strips (overlap)" in table.notes["row_strips"]
+    assert "run in 2 strips (two_phase)" in table.notes["row_strips"]
     assert table.facto_peak < table.vanilla_peak
 
 
@@ -133,7 +133,7 @@ def test_cli_train_runs_through_the_switch_with_strips(tmp_path, capsys):
                      "--frt-epochs", "1", "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots",
                      "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
-    assert code == 0 and "row strips from the input (2 strips, overlap)" in out
+    assert code == 0 and "row strips from the input (2 strips, two_phase)" in out
     assert cli_main(["train", "--method", "rowstrips", "--strips", "1"]) == 2
     assert "strips" in capsys.readouterr().err
 
