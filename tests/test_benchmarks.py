@@ -106,8 +106,8 @@ def test_recalibrated_compile_keeps_the_models_accuracy():
 
 @pytest.mark.slow
 def test_row_strips_benchmark_lowers_the_peak_side_by_side():
-    """resnet18, batch 4, 128² (the committed figures are vgg16 / resnet50 at batch 8, 224²)."""
-    results = _load("row_strips").main(["--model", "resnet18", "--batch-size", "4", "--image-size", "128",
+    """resnet18, batch 8, 160² (the committed figures are vgg16 / resnet50 at batch 8, 224²)."""
+    results = _load("row_strips").main(["--model", "resnet18", "--batch-size", "8", "--image-size", "160",
                                         "--steps", "1"])
-    assert results["strips two_phase"]["peak_ratio"] < 0.75
-    assert results["strips overlap"]["peak_ratio"] < 0.75
+    assert results["strips two_phase"]["peak_ratio"] < 0.65  # measured 0.56
+    assert results["strips overlap"]["peak_ratio"] < 0.65  # measured 0.52
