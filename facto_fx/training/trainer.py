@@ -234,6 +234,8 @@ class Trainer:
             self._restore_or_start()
             while self.position.epoch < self.config.epochs:
                 if self.position.epoch == self.config.frt_epochs and self.position.phase == FULL_RANK:
+                    if self.topology.is_main and (problem := early_switch(self.history, self.data.num_classes)):
+                        warnings.warn(problem, stacklevel=2)
                     self._switch_to_facto()
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.config.lr_at(self.position.epoch)
@@ -316,6 +318,23 @@ class Trainer:
         state = {"model": self.config.model, "num_classes": self.data.num_classes, "state_dict": dense.state_dict()}
         checkpoint.save_atomic(state, self.out / DENSE)
         (self.out / HISTORY).write_text(json.dumps([dataclasses.asdict(r) for r in self.history], indent=1))
+
+
+def early_switch(history: list[EpochRecord], num_classes: int) -> str | None:
+    """Why switching to Facto now will lose accuracy, if full-rank training has not learned yet.
+
+    Low-rank training moves W only within the few directions D spans between merges, so it
+    cannot catch up from weights at chance: measured with benchmarks/train_defaults.py, a VGG
+    without batch-norm switched while its loss was still ln(classes) ended far below vanilla.
+    """
+    chance = math.log(num_classes)
+    if history and history[-1].train_loss < 0.9 * chance:
+        return None
+    where = f"after epoch {history[-1].epoch}, at training loss {history[-1].train_loss:.2f}" if history else (
+        "before any full-rank training")
+    return (f"low-rank training starts {where}, with the model still at chance (loss ln {num_classes} = "
+            f"{chance:.2f}): it will lose accuracy; train full-rank longer (--frt-epochs) or faster (--lr) "
+            "before the switch (the paper switches after 30 % of the epochs)")
 
 
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:

@@ -11,7 +11,7 @@ from facto_fx.layers import FactoConv2d
 from facto_fx.model_zoo import build_model
 from facto_fx.training import TrainConfig, train
 from facto_fx.training.checkpoint import load
-from facto_fx.training.trainer import CHECKPOINT, DENSE, HISTORY
+from facto_fx.training.trainer import CHECKPOINT, DENSE, HISTORY, EpochRecord, early_switch
 
 TINY = TrainConfig(
     model="cifar_vgg11_bn", batch_size=16, epochs=3, frt_epochs=1, limit_batches=3, merge_every=2,
@@ -83,3 +83,16 @@ def test_an_existing_checkpoint_needs_resume_and_matching_options(tmp_path):
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint at"):
         train(dataclasses.replace(TINY, out=str(tmp_path), resume=True))
+
+
+def test_early_switch_reads_the_last_full_rank_loss():
+    trained = [EpochRecord(1, "full-rank", 0.5, 0.9, 0.9, 100.0, 0)]
+    at_chance = [EpochRecord(1, "full-rank", 2.29, 0.1, 0.1, 100.0, 0)]
+    assert early_switch(trained, 10) is None
+    assert "loss ln 10 = 2.30" in early_switch(at_chance, 10)
+    assert "before any full-rank training" in early_switch([], 10)
+
+
+def test_a_switch_while_the_model_is_still_at_chance_is_warned(tmp_path):
+    with pytest.warns(UserWarning, match="still at chance.*--frt-epochs"):
+        train(dataclasses.replace(TINY, lr=1e-7, epochs=2, out=str(tmp_path)))
