@@ -173,9 +173,24 @@ def report(
     return result
 
 
+def graph_nodes(fmodel: fx.GraphModule) -> list[tuple[fx.Node, str | None]]:
+    """Every node to show, each with the region that runs it: a region's own graph (row strips'
+    chain of layers) is listed right after the node that runs it."""
+    found = []
+    for node in fmodel.graph.nodes:
+        if node.op == "output":
+            continue
+        found.append((node, None))
+        chain = getattr(fmodel.get_submodule(node.target), "chain", None) if node.op == "call_module" else None
+        if isinstance(chain, fx.GraphModule):
+            found += [(n, node.name) for n in chain.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    return found
+
+
 def _method_nodes(fmodel: fx.GraphModule) -> list[tuple[Decision, MethodConfig, fx.Node, Method]]:
-    """Every rewritten node with each method its decision applied (the method, then a wrapper)."""
-    nodes = {node.name: node for node in fmodel.graph.nodes}
+    """Every rewritten node with each method its decision applied (the method, then a wrapper),
+    those a region runs (row strips) included."""
+    nodes = {node.name: node for node, _ in graph_nodes(fmodel)}
     return [(d, m, nodes[d.node], method_handler(m))
             for d in _state(fmodel).decisions if d.rewritten and d.node in nodes for m in d.methods]
 

@@ -71,7 +71,7 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epochs: int) -> None:
+def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epochs: int, lr: float) -> None:
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, help="a torchvision classification model or a package model")
     parser.add_argument("--dataset", default=defaults.dataset, help=f"one of {', '.join(DATASETS)}")
@@ -81,7 +81,7 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--epochs", type=int, default=epochs, help="total epochs")
     parser.add_argument("--frt-epochs", type=int, default=frt_epochs, help="full-rank epochs before Facto")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
+    parser.add_argument("--lr", type=float, default=lr, help="learning rate")
     parser.add_argument("--lr-milestones", type=int, nargs="*", default=None,
                         help="epochs where the learning rate drops by --lr-gamma (default: where Facto starts)")
     parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma, help="LR factor at each milestone")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="full-rank then Facto training, with checkpoints and resume",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_training_options(train, epochs=TrainConfig.epochs, frt_epochs=TrainConfig.frt_epochs)
+    _add_training_options(train, epochs=TrainConfig.epochs, frt_epochs=TrainConfig.frt_epochs, lr=TrainConfig.lr)
     train.add_argument("--out", default="runs/facto", help="folder for checkpoint.pt, model_dense.pt, history.json")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="vanilla vs Facto on scikit-learn's digits, with plots (about 2 min)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_training_options(demo, epochs=3, frt_epochs=1)
+    _add_training_options(demo, epochs=3, frt_epochs=1, lr=0.01)
     demo.add_argument("--out", default="facto-demo", help="folder for the plots")
     demo.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
     demo.set_defaults(run=demo_command)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import Tensor, fx
 
-from facto_fx.api import decisions, facto_model, report
+from facto_fx.api import decisions, facto_model, graph_nodes, report
 from facto_fx.passes.trace import propagate_shapes
 from facto_fx.report import MiB
 
@@ -128,20 +128,6 @@ class GraphInspection:
         return subprocess.run([dot, "-Tsvg"], input=self.to_dot(), capture_output=True, text=True, check=True).stdout
 
 
-def _nodes(fmodel: fx.GraphModule) -> list[tuple[fx.Node, str | None]]:
-    """Every node to show, each with the region that runs it: a region's own graph (row strips'
-    chain of layers) is listed right after the node that runs it."""
-    found = []
-    for node in fmodel.graph.nodes:
-        if node.op == "output":
-            continue
-        found.append((node, None))
-        chain = getattr(fmodel.get_submodule(node.target), "chain", None) if node.op == "call_module" else None
-        if isinstance(chain, fx.GraphModule):
-            found += [(n, node.name) for n in chain.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
-    return found
-
-
 def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = True) -> GraphInspection:
     """The rewritten graph with decisions, reasons and (given example inputs) shapes and saved bytes."""
     fmodel = facto_model(fmodel)
@@ -153,7 +139,7 @@ def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = Tr
         table = report(fmodel, *example_inputs, analytic=analytic)
         vanilla, facto = table.vanilla_by_node, table.facto_by_node
     nodes = []
-    for node, region in _nodes(fmodel):
+    for node, region in graph_nodes(fmodel):
         d = by_node.get(node.name)
         meta = node.meta.get("tensor_meta")
         info = NodeInfo(

@@ -149,6 +149,8 @@ def row_geometry(gm: fx.GraphModule, node: fx.Node) -> RowGeometry | str:
         return f"a {node.op} node"
     fn, args = node.target, tuple(node.args)
     if isinstance(fn, ops.CompressedFunction):  # an ErrorBounded wrapper: the op it runs decides
+        if fn.bound.sigma is not None:
+            return "ErrorBounded's adaptive bound measures gradients a checkpointed strip would not give it"
         if fn.fn is None:
             inner = args[0]
             if isinstance(inner, fx.Node) and inner.op == "get_attr":

@@ -157,3 +157,10 @@ def test_lossless_settings_of_other_methods_inside_strips_keep_dense_gradients(m
     assert {"c2.weight", "c3.weight"} <= {name for name, _, _ in trained}
     for name, p, q in trained:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_an_adaptive_error_bound_ends_the_chain_with_its_reason():
+    fmodel = facto_fx.compile(Net(batch_norm=False), apply_ratio=0.0, row_strips=RowStrips(2),
+                              methods={"c2": facto_fx.ErrorBounded(adaptive=True)})
+    assert list(fmodel.row_strips.geometry) == ["c1", "relu"]
+    assert "adaptive bound" in fmodel.meta["facto"].region_notes["row_strips"]

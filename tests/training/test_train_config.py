@@ -16,7 +16,7 @@ from facto_fx.training import TrainConfig
         ({"frt_epochs": 4, "epochs": 3}, r"frt_epochs \(4\) cannot exceed epochs \(3\)"),
         ({"merge_every": 0}, "merge_every must be an integer >= 1"),
         ({"lr": 0.0}, "lr must be > 0"),
-        ({"lr_milestones": (0,)}, r"lr_milestones must be epochs in \(0, 3\)"),
+        ({"lr_milestones": (0,)}, r"lr_milestones must be epochs in \(0, 10\)"),
         ({"resume": True}, "resume needs out"),
         ({"inr": 1.5}, r"inr must be a number in \(0, 1\]"),
     ],
