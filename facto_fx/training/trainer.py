@@ -230,7 +230,7 @@ class Trainer:
         """Train to `config.epochs`, checkpointing each epoch, then export the dense model."""
         try:
             if self.topology.is_main:
-                print(_header(self.config, self.device))
+                print(run_header(self.config, self.device))
             self._restore_or_start()
             while self.position.epoch < self.config.epochs:
                 if self.position.epoch == self.config.frt_epochs and self.position.phase == FULL_RANK:
@@ -363,13 +363,26 @@ def _progress(batches, total: int, initial: int, desc: str, enabled: bool):
     return tqdm(batches, total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def _header(config: TrainConfig, device: torch.device) -> str:
+def run_header(config: TrainConfig, device: torch.device) -> str:
+    """The line `train` opens with: model, data, schedule, method, and where Facto starts."""
     method = method_description(config.method, config.eps, config.last, config.eb, config.sigma,
                                 config.strips, config.strip_mode)
     return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {config.frt_epochs} full-rank, then Facto "
             f"(INR {config.inr}, lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{method}); "
             f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}, {device}"
-            + (", autocast" if config.amp else ""))
+            + (", autocast" if config.amp else "") + _switch_guidance(config))
+
+
+def _switch_guidance(config: TrainConfig) -> str:
+    """Where Facto starts against the paper's regime, and what that means for accuracy."""
+    if config.frt_epochs >= config.epochs:
+        return ""
+    share = config.frt_epochs / config.epochs
+    if share >= 0.3:
+        return (f"\nFacto starts after {share:.0%} of the epochs, as in the paper (from 30 %): expect vanilla's "
+                "accuracy once full-rank training has left chance (README, 'When to compile')")
+    return (f"\nFacto starts after {share:.0%} of the epochs, earlier than the paper's 30 %: expect less than "
+            "vanilla's accuracy, the more so the less full-rank training has learned (README, 'When to compile')")
 
 
 def _memory_line(report: MemoryReport) -> str:

@@ -11,7 +11,7 @@ from facto_fx.layers import FactoConv2d
 from facto_fx.model_zoo import build_model
 from facto_fx.training import TrainConfig, train
 from facto_fx.training.checkpoint import load
-from facto_fx.training.trainer import CHECKPOINT, DENSE, HISTORY, EpochRecord, early_switch
+from facto_fx.training.trainer import CHECKPOINT, DENSE, HISTORY, EpochRecord, early_switch, run_header
 
 TINY = TrainConfig(
     model="cifar_vgg11_bn", batch_size=16, epochs=3, frt_epochs=1, limit_batches=3, merge_every=2,
@@ -96,3 +96,11 @@ def test_early_switch_reads_the_last_full_rank_loss():
 def test_a_switch_while_the_model_is_still_at_chance_is_warned(tmp_path):
     with pytest.warns(UserWarning, match="still at chance.*--frt-epochs"):
         train(dataclasses.replace(TINY, lr=1e-7, epochs=2, out=str(tmp_path)))
+
+
+def test_the_header_places_the_switch_against_the_papers_regime():
+    early = run_header(dataclasses.replace(TINY, epochs=10, frt_epochs=1), torch.device("cpu"))
+    paper = run_header(dataclasses.replace(TINY, epochs=10, frt_epochs=3), torch.device("cpu"))
+    assert "after 10% of the epochs, earlier than the paper's 30 %: expect less" in early
+    assert "after 30% of the epochs, as in the paper" in paper
+    assert "Facto starts" not in run_header(dataclasses.replace(TINY, epochs=2, frt_epochs=2), torch.device("cpu"))
