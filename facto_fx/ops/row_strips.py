@@ -7,7 +7,7 @@ its users need, dropping rows computed from padding that is not the map's own. R
 found backwards from the strip's share of the segment's output, so boundaries need no other
 alignment, and the result equals the unsplit chain up to float rounding.
 
-Two modes (paper §4):
+Two modes (the paper's OverL and 2PS):
 - "overlap" (OverL): strips are independent; each recomputes the halo rows it shares with its
   neighbours, runs under non-reentrant checkpointing, and keeps only its input slice.
 - "two_phase" (2PS): strips run in order, each handing the next the rows of every layer it
@@ -17,7 +17,7 @@ Two modes (paper §4):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -103,7 +103,7 @@ def _split(rows: int, strips: int) -> list[int]:
     return [round(j * rows / strips) for j in range(strips + 1)]
 
 
-def _region_args(node: fx.Node, known: dict) -> list[fx.Node]:
+def _region_args(node: fx.Node, known: Collection[fx.Node]) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if a in known]
 
 
