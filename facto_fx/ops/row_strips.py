@@ -179,6 +179,27 @@ def _overhead(plans: list[StripPlan], nodes: list[fx.Node], rows: dict[fx.Node, 
     return split / whole - 1 if whole else float("inf")
 
 
+def feasible(plans: list[StripPlan], start: fx.Node, nodes: list[fx.Node],
+             geometry: dict[fx.Node, RowGeometry]) -> bool:
+    """Whether every op of every strip is given rows its inputs hold, and returns the rows asked
+    of it: unusual paddings or maps thinner than the strips can leave an op nothing to compute
+    from; such a segment runs whole instead."""
+    members = {start, *nodes}
+    for plan in plans:
+        for node, (i0, i1) in plan.reads.items():
+            g = geometry[node]
+            if i1 <= i0 or i1 - i0 + 2 * g.padding < g.dilation * (g.kernel - 1) + 1:
+                return False
+            for arg in _region_args(node, members):
+                held = plan.keep.get(arg)
+                if held is None or not held[0] <= i0 < i1 <= held[1]:
+                    return False
+            first, (c0, c1) = i0 // g.stride, plan.compute[node]
+            if not first <= c0 < c1 <= first + g.out_rows(i1 - i0):
+                return False
+    return True
+
+
 def plan_segments(region_nodes: list[fx.Node], cuts: list[fx.Node], geometry: dict[fx.Node, RowGeometry],
                   rows: dict[fx.Node, int], row_bytes: dict[fx.Node, int], strips: int, mode: str,
                   max_overhead: float) -> list[Segment]:
@@ -202,13 +223,15 @@ def plan_segments(region_nodes: list[fx.Node], cuts: list[fx.Node], geometry: di
             plans = overlap_plans(cuts[i], nodes, geometry, rows, strips)
             if _overhead(plans, nodes, rows, row_bytes) > max_overhead:
                 break
+            if mode == "two_phase":
+                plans = two_phase_plans(cuts[i], nodes, geometry, rows, strips)
+            if not feasible(plans, cuts[i], nodes, geometry):
+                break
             best = k, nodes, plans
         if best is None:
             segments.append(Segment(cuts[i], between(cuts[i], cuts[-1]), []))
             break
         k, nodes, plans = best
-        if mode == "two_phase":
-            plans = two_phase_plans(cuts[i], nodes, geometry, rows, strips)
         segments.append(Segment(cuts[i], nodes, plans))
         i = k
     return segments
@@ -339,6 +362,10 @@ class RowStripRegion(nn.Module):
         return {n: math.prod(s) // s[2] * size * scale for n, (s, size) in shapes.items()}
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) map: a batch of one
+            return self(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"row strips run (N, C, H, W) or (C, H, W) maps; got shape {tuple(x.shape)}")
         segments = self.segments(x)
         executor = StripExecutor(self.chain, {n: self.geometry[n.name] for s in segments for n in s.nodes})
         for segment in segments:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from facto_fx import layers, ops
 from facto_fx.ops.row_strips import RowGeometry
@@ -112,6 +113,8 @@ def _function_geometry(node: fx.Node, fn: Callable, args: tuple) -> RowGeometry 
 
 
 def _module_geometry(module: nn.Module) -> RowGeometry | str:
+    if module._forward_hooks or module._forward_pre_hooks or parametrize.is_parametrized(module):
+        return "it has forward hooks or parametrizations (spectral norm...), which would run once per strip"
     if isinstance(module, _RANDOM_MODULES):
         return "random: a recomputed strip would draw another mask"
     for cls, geometry in _MODULES.items():
@@ -215,7 +218,7 @@ def find_region(gm: fx.GraphModule) -> Region | str:
     for node in order:  # a cut: nothing defined before it is used after it
         if reach <= position[node]:
             cuts.append(node)
-        reach = max(reach, *(position[u] for u in node.users))
+        reach = max([reach, *(position[u] for u in node.users)])
     if len(cuts) < 2:
         return f"no spatially local layer follows the input ({stop})"
     nodes = order[: order.index(cuts[-1]) + 1]

@@ -164,3 +164,24 @@ def test_an_adaptive_error_bound_ends_the_chain_with_its_reason():
                               methods={"c2": facto_fx.ErrorBounded(adaptive=True)})
     assert list(fmodel.row_strips.geometry) == ["c1", "relu"]
     assert "adaptive bound" in fmodel.meta["facto"].region_notes["row_strips"]
+
+
+def test_review_findings_dead_nodes_hooks_and_unbatched_maps():
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.c1(x)
+            torch.relu(y)  # unused
+            return self.c2(y).mean((-2, -1))
+
+    x = torch.randn(3, 20, 20)
+    model = Dead()
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, row_strips=RowStrips(2, max_overhead=4.0))
+    torch.testing.assert_close(fmodel(x), model(x))  # unbatched: strips run it as a batch of one
+    sn = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(),
+                       nn.AdaptiveAvgPool2d(1))
+    found = facto_fx.compile(sn, apply_ratio=0.0, row_strips=RowStrips(2), verify=False)
+    assert "parametrizations" in found.meta["facto"].region_notes["rowstrips"]  # nothing to split

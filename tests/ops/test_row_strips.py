@@ -196,3 +196,24 @@ def test_torch_compile_of_a_strips_model_matches_eager(backend):
     actual = _grads(torch.compile(fmodel, backend=backend), x, weight)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["overlap", "two_phase"])
+def test_maps_that_grow_or_thin_out_fall_back_to_running_whole(mode):
+    """Paddings beyond half the kernel (maps that grow) and maps thinner than the strips: where a
+    strip's op would have no rows to compute from, that part of the chain runs whole (a review's
+    fuzzing found such chains crashing)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.MaxPool2d((4, 1), 1, (2, 0)), nn.Conv2d(2, 2, (3, 1), 1, (1, 0)),
+        nn.Conv2d(2, 2, (4, 1), (2, 1), (3, 0)), nn.Conv2d(2, 2, (5, 1), 1, (5, 0)),
+        nn.Conv2d(2, 2, (3, 1), (3, 1), (1, 0)), nn.Conv2d(2, 2, (3, 1), (3, 1), (3, 0)),
+        nn.Flatten(), nn.Linear(8, 3),
+    ).double()
+    x = torch.randn(1, 2, 16, 1, dtype=torch.float64)
+    for strips in (3, 8):
+        fmodel = facto_fx.compile(copy.deepcopy(model), apply_ratio=0.0, example_inputs=(x,),
+                                  row_strips=RowStrips(strips, mode, max_overhead=4.0))
+        weight = torch.randn(1, 3, dtype=torch.float64)
+        for a, e in zip(_grads(fmodel, x, weight), _grads(copy.deepcopy(model), x, weight), strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
