@@ -99,8 +99,7 @@ def _out_of_place(chain: fx.GraphModule) -> None:
             if getattr(module, "inplace", False) is True and not list(module.parameters(recurse=True)):
                 replacement = copy.copy(module)
                 replacement.inplace = False
-                parent, _, name = node.target.rpartition(".")
-                setattr(chain.get_submodule(parent) if parent else chain, name, replacement)
+                chain.set_submodule(node.target, replacement)
         elif node.op == "call_function":
             node.target = _IN_PLACE_FUNCTIONS.get(node.target, node.target)
             if node.kwargs.get("inplace") is True:
@@ -128,7 +127,6 @@ class RowStripsMethod(Method):
         with gm.graph.inserting_after(end):
             call = gm.graph.call_module(name, (region.input,))
         end.replace_all_uses_with(call)
-        call.args = (region.input,)
         for node in reversed(region.nodes):
             gm.graph.erase_node(node)
         for node in list(gm.graph.nodes):
