@@ -66,9 +66,29 @@ def _chain_module(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node) -> 
         env[node] = graph.node_copy(node, copied)
     graph.output(env[nodes[-1]])
     chain = fx.GraphModule(gm, graph)
+    _share_attribute_owners(gm, chain)
     _out_of_place(chain)
     _plain_batch_norm(chain)
     return chain
+
+
+_MODEL = "_facto_model"  # the chain's name for the model, owner of the tensors it holds itself
+
+
+def _share_attribute_owners(gm: fx.GraphModule, chain: fx.GraphModule) -> None:
+    """Tensors the chain reads as attributes are looked up on the model's own modules at every
+    run, as the model does: fx copies them into modules of the chain's, which `.to()`, `.half()`
+    or `load_state_dict(assign=True)` on the model would leave holding the old tensors."""
+    for node in chain.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, _, name = node.target.rpartition(".")
+        if owner:
+            chain.set_submodule(owner, gm.get_submodule(owner))
+        else:
+            chain.add_module(_MODEL, gm)
+            node.target = f"{_MODEL}.{name}"
+    chain.recompile()
 
 
 def _plain_batch_norm(chain: fx.GraphModule) -> None:
@@ -92,14 +112,16 @@ _IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul,
 def _out_of_place(chain: fx.GraphModule) -> None:
     """Make the chain's in-place ops out-of-place (same values): a strip's ops read slices of maps
     other strips read too, which an in-place op would overwrite. The model's own modules are left
-    as they are; the chain gets copies of the activations it changes."""
+    as they are (the copies hang from the chain's root, not from modules it shares with the model);
+    the chain gets copies of the activations it changes."""
     for node in chain.graph.nodes:
         if node.op == "call_module":
             module = chain.get_submodule(node.target)
             if getattr(module, "inplace", False) is True and not list(module.parameters(recurse=True)):
                 replacement = copy.copy(module)
                 replacement.inplace = False
-                chain.set_submodule(node.target, replacement)
+                node.target = f"{node.name}_out_of_place"
+                chain.add_module(node.target, replacement)
         elif node.op == "call_function":
             node.target = _IN_PLACE_FUNCTIONS.get(node.target, node.target)
             if node.kwargs.get("inplace") is True:

@@ -185,3 +185,41 @@ def test_review_findings_dead_nodes_hooks_and_unbatched_maps():
                        nn.AdaptiveAvgPool2d(1))
     found = facto_fx.compile(sn, apply_ratio=0.0, row_strips=RowStrips(2), verify=False)
     assert "parametrizations" in found.meta["facto"].region_notes["rowstrips"]  # nothing to split
+
+
+class Shifted(nn.Module):
+    """Tensors the chain reads as attributes: a block's buffer and one of the model's own, and an
+    in-place ReLU inside a block the chain reads a buffer of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True))
+        self.block.register_buffer("scale", torch.rand(1, 8, 1, 1) + 0.5)
+        self.register_buffer("shift", torch.randn(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.block(x) * self.block.scale + self.shift
+        return self.fc(F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1))
+
+
+@pytest.mark.parametrize("convert", ["double", "to_float64", "load_state_dict_assign"])
+def test_tensors_the_chain_reads_follow_the_model_after_conversion(convert):
+    torch.manual_seed(0)
+    model = Shifted()
+    split = facto_fx.compile(copy.deepcopy(model), apply_ratio=0.0, row_strips=RowStrips(3))
+    assert any(n.op == "call_module" and n.target == "row_strips" for n in split.graph.nodes)
+    if convert == "double":
+        model, split = model.double(), split.double()
+    elif convert == "to_float64":
+        model, split = model.to(torch.float64), split.to(torch.float64)
+    else:
+        for m in (model, split):
+            m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    with torch.no_grad():  # in place, on the tensors the models hold now
+        for m in (model, split):
+            m.shift.add_(1.0)
+            m.block.scale.mul_(2.0)
+    x = torch.randn(2, 3, 17, 11, dtype=model.shift.dtype)
+    torch.testing.assert_close(split(x), model(x), rtol=1e-6, atol=1e-6)
+    assert model.block[1].inplace  # the model keeps its in-place ReLU; the chain runs its own copy
