@@ -13,7 +13,7 @@ from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, unpack_codes
 from facto_fx.ops.grads import register_autograd
-from facto_fx.shapes import code_bits, is_channels_last, pair
+from facto_fx.shapes import code_bits, is_channels_last, pair, pool_output_size
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
 
@@ -155,4 +155,27 @@ def max_pool2d(
     stride = kernel if stride is None or stride == [] else pair(stride)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
-    return torch.ops.facto.max_pool2d(x, kernel, stride, pair(padding), pair(dilation), ceil_mode)[0]
+    padding, dilation = pair(padding), pair(dilation)
+    pools = list(zip(x.shape[-2:], kernel, stride, padding, dilation, strict=True))
+    if any(_window_in_padding(*pool, ceil_mode) for pool in pools):
+        return _explicitly_padded(x, kernel, stride, padding, dilation, ceil_mode)
+    return torch.ops.facto.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)[0]
+
+
+def _window_in_padding(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> bool:
+    """Whether some window lies wholly in the padding (dilation allows it). F.max_pool2d gives it
+    -inf and an argmax index outside the input, which its own backward writes through."""
+    out = pool_output_size(size, kernel, stride, padding, dilation, ceil_mode)
+    starting_in_padding = range(min(out, -(-padding // stride) + 1))  # only these can miss the input
+    return any(all(not 0 <= o * stride - padding + t * dilation < size for t in range(kernel))
+               for o in starting_in_padding)
+
+
+def _explicitly_padded(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> Tensor:
+    """The same outputs as F.max_pool2d (-inf where a window holds only padding), pooled over x
+    padded with -inf: such a window's argmax then lies in the padding, whose gradient F.pad drops."""
+    (ph, pw), sizes = padding, x.shape[-2:]
+    out = [pool_output_size(*pool, ceil_mode) for pool in zip(sizes, kernel, stride, padding, dilation, strict=True)]
+    padded = F.pad(x, (pw, pw, ph, ph), value=float("-inf"))
+    y = torch.ops.facto.max_pool2d(padded, kernel, stride, [0, 0], dilation, ceil_mode)[0]
+    return y[..., : out[0], : out[1]]

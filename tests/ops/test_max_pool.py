@@ -31,8 +31,8 @@ def _pool_out(size, kernel, stride, padding, dilation, ceil_mode):
 
 def _windows_touch_input(size, kernel, stride, padding, dilation, ceil_mode):
     """False when some window lies wholly in the padding (possible with dilation): F.max_pool2d then
-    returns -inf with an out-of-range index and its own backward corrupts the heap, so there is no
-    reference to compare against."""
+    returns -inf with an out-of-range index and its own backward corrupts the heap, so torch is no
+    reference for the gradient (test_windows_wholly_in_padding has one)."""
     out = _pool_out(size, kernel, stride, padding, dilation, ceil_mode)
     taps = [[o * stride - padding + dilation * t for t in range(kernel)] for o in range(out)]
     return out >= 1 and all(any(0 <= i < size for i in window) for window in taps)
@@ -116,6 +116,39 @@ def test_channels_last_input(kernel, stride, padding, grad_layout):
     y.backward(grad_y)
     y_ref.backward(grad_y)
     assert torch.equal(fx.grad, rx.grad)
+
+
+def _brute_force_gradient(x, grad_y, kernel, stride, padding, dilation):
+    """Each output's gradient added at the first largest input its window holds; none for a
+    window that holds no input (its -inf output depends on nothing)."""
+    grad_x = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    for n, c, i, j in torch.cartesian_prod(*(torch.arange(s) for s in grad_y.shape)).tolist():
+        taps = [(i * stride[0] - padding[0] + a * dilation[0], j * stride[1] - padding[1] + b * dilation[1])
+                for a in range(kernel[0]) for b in range(kernel[1])]
+        inside = [(r, q) for r, q in taps if 0 <= r < h and 0 <= q < w]
+        if inside:
+            r, q = max(inside, key=lambda t: x[n, c, t[0], t[1]].item())
+            grad_x[n, c, r, q] += grad_y[n, c, i, j]
+    return grad_x
+
+
+@pytest.mark.parametrize(("shape", "kernel", "stride", "padding", "dilation", "ceil_mode"), [
+    ((2, 3, 1, 5), (2, 1), (3, 1), (1, 0), (2, 1), True),  # found by fuzzing: one row, both taps outside
+    ((1, 2, 5, 1), (3, 2), (2, 1), (1, 1), (1, 2), False),  # in the width
+    ((2, 1, 2, 7), (2, 3), (1, 2), (1, 1), (3, 1), True),  # dilation 3 skips both rows
+])
+def test_windows_wholly_in_padding(shape, kernel, stride, padding, dilation, ceil_mode):
+    """Torch's -inf outputs, and a gradient that leaves such windows out (torch's own writes out of bounds)."""
+    dims = zip(shape[2:], kernel, stride, padding, dilation, strict=True)
+    assert not all(_windows_touch_input(*dim, ceil_mode) for dim in dims)
+    x = _distinct(shape, seed=9).requires_grad_(True)
+    y = facto.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    assert torch.equal(y, F.max_pool2d(x.detach(), kernel, stride, padding, dilation, ceil_mode))
+    assert torch.isinf(y).any()
+    grad_y = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    assert torch.equal(grad_x, _brute_force_gradient(x.detach(), grad_y, kernel, stride, padding, dilation))
 
 
 def test_default_stride_is_kernel():
