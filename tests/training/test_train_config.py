@@ -10,7 +10,7 @@ from facto_fx.training import TrainConfig
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"dataset": "mnist"}, "valid names: digits, cifar10, imagefolder"),
+        ({"dataset": "mnist"}, "valid names: digits, mnist5k, cifar10, imagefolder"),
         ({"optimizer": "lion"}, "valid names: sgd, adamw"),
         ({"epochs": 0}, "epochs must be an integer >= 1"),
         ({"frt_epochs": 4, "epochs": 3}, r"frt_epochs \(4\) cannot exceed epochs \(3\)"),
