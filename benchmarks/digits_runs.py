@@ -1,6 +1,7 @@
 """What the digits benchmarks share: the small CNN, its SGD schedule, test accuracy, seed means.
 
-Imported by hosvd_digits.py, eb_digits.py, recalibration.py and directions.py (as siblings).
+Imported by hosvd_digits.py, eb_digits.py, recalibration.py, directions.py and switch_regimes.py (as
+siblings).
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> None:
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
             schedule.step()
+
+
+def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, count: int) -> None:
+    """`count` epochs of cross-entropy steps in training mode, gradients set to None before each."""
+    model.train()
+    for _ in range(count):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
 
 
 @torch.no_grad()

@@ -14,8 +14,7 @@ import argparse
 import copy
 
 import torch
-import torch.nn.functional as F
-from digits_runs import accuracy, mean_over
+from digits_runs import accuracy, mean_over, run_epochs
 from torch.utils.data import DataLoader
 
 import facto_fx
@@ -26,15 +25,6 @@ from facto_fx.training.data import load_digits_splits
 LR, WEIGHT_DECAY = 0.05, 5e-4
 
 
-def epochs(model, loader, optimizer, count: int) -> None:
-    model.train()
-    for _ in range(count):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-
 def facto_run(model, loader, data, direction: str, lr: float, count: int) -> float:
     fmodel = facto_fx.compile(model, inr=0.3, lossy_kernel=2, apply_ratio=1.0, direction=direction)
     low_rank = method_parameters(fmodel)
@@ -43,7 +33,7 @@ def facto_run(model, loader, data, direction: str, lr: float, count: int) -> flo
     optimizer = torch.optim.SGD([{"params": low_rank, "weight_decay": 0.0}, {"params": others}], lr=lr,
                                 momentum=0.9, weight_decay=WEIGHT_DECAY)
     hooks = facto_fx.attach(fmodel, optimizer, merge_every=len(loader), w_decay=lr * WEIGHT_DECAY)
-    epochs(fmodel, loader, optimizer, count)
+    run_epochs(fmodel, loader, optimizer, count)
     hooks.remove()
     return accuracy(fmodel, data)
 
@@ -52,12 +42,12 @@ def one_seed(data, seed: int, after: int) -> dict[str, float]:
     torch.manual_seed(seed)
     model = cifar_vgg11(num_classes=10)
     loader = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    epochs(model, loader, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY), 1)
+    run_epochs(model, loader, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY), 1)
     lr = LR / 10
     result = {}
     vanilla = copy.deepcopy(model)
     torch.manual_seed(seed + 1)
-    epochs(vanilla, loader, torch.optim.SGD(vanilla.parameters(), lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY),
+    run_epochs(vanilla, loader, torch.optim.SGD(vanilla.parameters(), lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY),
            after)
     result["vanilla"] = accuracy(vanilla, data)
     for direction in ("gaussian", "orthonormal"):
