@@ -47,6 +47,7 @@ class TrainConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: str | None = None
+    batch_norm: Literal["freeze", "detached", "train"] = "freeze"
     method: Literal["facto", "hosvd", "svd", "eb", "rowstrips"] = "facto"
     eps: float = 0.8
     last: int = 4
@@ -104,7 +105,7 @@ class TrainConfig:
         (presets.method_options)."""
         return FactoConfig(
             inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
-            storage_dtype=self.storage_dtype, seed=self.seed,
+            storage_dtype=self.storage_dtype, batch_norm=self.batch_norm, seed=self.seed,
             **method_options(self.method, self.eps, self.last, self.eb, self.sigma, self.strips, self.strip_mode),
         )
 

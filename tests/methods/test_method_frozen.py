@@ -127,3 +127,20 @@ def test_it_ends_a_strips_chain_and_the_backend_refuses_it():
         backend(torch.randn(2, 3, 16, 16))
     with pytest.raises(ValueError, match="batch_norm must be 'freeze', 'detached' or 'train'"):
         facto_fx.FactoConfig(batch_norm="batch")
+
+
+def test_cli_train_and_report_take_it(tmp_path, capsys):
+    from facto_fx.cli import main as cli_main
+
+    code = cli_main(["train", "--model", "cifar_vgg11_bn", "--batch-norm", "detached", "--epochs", "2",
+                     "--frt-epochs", "1", "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots",
+                     "--out", str(tmp_path / "run")])
+    assert code == 0
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["config"]["batch_norm"] == "detached"
+    assert cli_main(["report", "--model", "resnet18", "--batch-size", "2", "--image-size", "32",
+                     "--batch-norm", "detached"]) == 0
+    assert "(batch-norm frozen)" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--batch-norm", "batch"])
+    assert "--batch-norm: invalid choice: 'batch'" in capsys.readouterr().err
