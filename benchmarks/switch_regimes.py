@@ -8,9 +8,8 @@ The CIFAR-size VGG11 (with batch-norm) trains full-rank with SGD (momentum 0.9, 
 batch 64, learning rate 0.05), then goes on either plain (vanilla) or compiled for Facto the way the
 README's "Use" section does it (INR 0.3, lossy kernel 2, apply ratio 1.0, batch-norm recalibrated on
 8 training batches and frozen, merging every epoch, W decayed by lr·weight decay); `--batch-norm
-detached` normalises with batch statistics instead (constants in the backward), `--batch-norm train`
-leaves batch-norm as torch's. Both continue from the same weights with a fresh optimizer on the same
-schedule and data order:
+train` leaves batch-norm as torch's, on batch statistics. Both continue from the same weights with a
+fresh optimizer on the same schedule and data order:
 
     paper: 3 full-rank epochs of 10, learning rate x0.1 at the switch (the paper's regime)
     same:  1 full-rank epoch of 6, the same learning rate throughout
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
-    parser.add_argument("--batch-norm", choices=["freeze", "detached", "train"], default="freeze",
+    parser.add_argument("--batch-norm", choices=["freeze", "train"], default="freeze",
                         help="Facto's batch-norm (compile's batch_norm): frozen statistics, the README's path")
     args = parser.parse_args(argv)
     summary: dict[str, dict[str, dict[str, float]]] = {}

@@ -16,7 +16,6 @@ from facto_fx.calibration import recalibrate_batch_norm, stale_statistics
 from facto_fx.config import FactoConfig
 from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
 from facto_fx.methods import Method, MethodConfig, method_handler, method_layers, method_notes
-from facto_fx.methods.frozen import use_batch_statistics
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import ModuleSite, rewrite, rewrite_regions
@@ -80,8 +79,6 @@ def compile(
     matches = find_matches(gm)
     plan = schedule(gm, matches, config)
     rewrite(gm, matches, plan, ModuleSite(gm, config.seed))
-    if config.batch_norm == "detached":
-        use_batch_statistics(gm)
     regions = [config.row_strips] if config.row_strips is not None else []
     notes = rewrite_regions(gm, plan, regions) if regions else {}
     gm.meta["facto"] = FactoState(config, plan, model, notes)
@@ -97,7 +94,7 @@ def compile(
 def _trace(model: nn.Module, config: FactoConfig, like: fx.GraphModule | None = None) -> fx.GraphModule:
     """The pass's trace of `model`; `like` reuses the leaves an earlier trace chose, to skip retries."""
     leaves = list(like.meta[OPAQUE_META]) if like is not None else config.leaf_modules
-    return trace(model, leaves, freeze_batch_norm=config.batch_norm != "train", strict=config.strict)
+    return trace(model, leaves, freeze_batch_norm=config.batch_norm == "freeze", strict=config.strict)
 
 
 def _prepare_statistics(model: nn.Module, calibration_data: Iterable | None) -> None:

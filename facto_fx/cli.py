@@ -28,10 +28,9 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lossy-kernel", type=int, default=2, help="mean-pool size of saved maps (1: none)")
     parser.add_argument("--apply-ratio", type=float, default=0.6, help="share of layers compressed from the input")
     parser.add_argument("--storage-dtype", default=None, help="dtype of compressed maps: fp32, bf16, fp16")
-    parser.add_argument("--batch-norm", default="freeze", choices=("freeze", "detached", "train"),
-                        help="freeze: running statistics, frozen (the paper); detached: each batch's statistics, "
-                             "constants in the backward (same memory; for a switch without an LR drop); "
-                             "train: torch's (input saved whole)")
+    parser.add_argument("--batch-norm", default="freeze", choices=("freeze", "train"),
+                        help="freeze: running statistics, frozen (the paper; switch with an LR drop); train: "
+                             "batch statistics, torch's batch-norm left as it is (its input saved whole)")
     parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
                         help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
                              "eb: error-bounded compression of every layer Facto leaves; rowstrips: the local "

@@ -25,11 +25,8 @@ class FactoConfig:
     lossy_kernel: k of the mean-pool that compresses saved maps (paper §3.3); 1 = no pooling.
     apply_ratio: share of conv / scale / batch-norm layers to compress, counted from the input.
     storage_dtype: dtype of compressed maps; None keeps the activation dtype.
-    batch_norm: "freeze" rewrites batch-norm into a frozen-statistics affine (the paper's);
-        "detached" rewrites it the same way but, in training mode, normalises with each batch's
-        statistics and updates the running ones as torch does, treating them as constants in the
-        backward (the saved bytes of "freeze", the forward of torch's training mode; batch-norm
-        modules only); "train" leaves it in training mode, unrewritten (its input saved whole).
+    batch_norm: "freeze" rewrites batch-norm into a frozen-statistics affine; "train" leaves it
+        in training mode, unrewritten, for models that need batch statistics.
     include / exclude / layer_filter: force layers in or out by qualified name or by a function
         ``(name, module_or_None) -> bool`` returning False to exclude.
     leaf_modules: qualified names the tracer must not enter; they are kept as one call, dense.
@@ -56,7 +53,7 @@ class FactoConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: torch.dtype | str | None = None
-    batch_norm: Literal["freeze", "detached", "train"] = "freeze"
+    batch_norm: Literal["freeze", "train"] = "freeze"
     include: Sequence[str] = field(default_factory=tuple)
     exclude: Sequence[str] = field(default_factory=tuple)
     layer_filter: LayerFilter | None = None
@@ -77,8 +74,8 @@ class FactoConfig:
             0.0 <= self.apply_ratio <= 1.0
         ):
             raise ValueError(f"apply_ratio must be a number in [0, 1]; got {self.apply_ratio!r}")
-        if self.batch_norm not in ("freeze", "detached", "train"):
-            raise ValueError(f"batch_norm must be 'freeze', 'detached' or 'train'; got {self.batch_norm!r}")
+        if self.batch_norm not in ("freeze", "train"):
+            raise ValueError(f"batch_norm must be 'freeze' or 'train'; got {self.batch_norm!r}")
         for name in ("include", "exclude", "leaf_modules"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):

@@ -166,12 +166,6 @@ def facto_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
             "strips act at run time); apply it with facto_fx.compile(model, ...) and torch.compile the result "
             "(default backend)"
         )
-    if config.batch_norm == "detached":
-        raise ValueError(
-            "batch_norm='detached' follows each batch-norm module's training mode, which a captured graph "
-            "does not have; apply it with facto_fx.compile(model, batch_norm='detached') and torch.compile the "
-            "result (default backend)"
-        )
     # Rewrite a copy: dynamo keeps reading its own graph after the backend returns. The copy is a
     # fresh GraphModule, so inductor treats the extra inputs as plain runtime inputs.
     graph = fx.Graph()

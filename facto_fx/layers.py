@@ -225,54 +225,29 @@ class FactoLinear(LowRankMixin, nn.Module):
 
 
 class FactoBatchNorm(nn.Module):
-    """Batch-norm whose backward treats the statistics as constants; γ and β stay trainable.
-
-    Frozen (the default, the paper's): the running statistics normalise and never change.
-    batch_statistics=True (compile's batch_norm="detached"): in training mode each batch's own
-    statistics normalise, as torch's training mode does, and update the running ones as torch
-    does; only the backward differs, treating them as constants. Either way the backward needs no
-    normalised input beyond the pooled one, so it saves what a frozen batch-norm saves.
+    """Batch-norm with frozen running statistics; γ and β stay trainable.
 
     It shares parameters and buffers with the module it replaces, so the statistics stay where
     the original model (and `export_dense`) expects them.
     """
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, lossy_kernel: int, storage_dtype: torch.dtype | None,
-                 batch_statistics: bool = False):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, lossy_kernel: int, storage_dtype: torch.dtype | None):
         super().__init__()
-        self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
+        self.num_features, self.eps = bn.num_features, bn.eps
         self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
-        self.batch_statistics = batch_statistics
         self.weight, self.bias = bn.weight, bn.bias
         self.register_buffer("running_mean", bn.running_mean)
         self.register_buffer("running_var", bn.running_var)
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
 
-    @torch.no_grad()
-    def _batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """This batch's mean and biased variance per channel (in fp32 at least), folded into the
-        running statistics as torch's training mode folds them (unbiased variance; momentum None:
-        the cumulative average)."""
-        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        dims = [d for d in range(x.dim()) if d != 1]
-        var, mean = torch.var_mean(wide, dim=dims, correction=0)
-        count = x.numel() // x.shape[1]
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_((var * count / max(count - 1, 1)).to(self.running_var.dtype), factor)
-        return mean.to(self.running_mean.dtype), var.to(self.running_var.dtype)
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.batch_statistics:
-            mean, var = self._batch_statistics(x)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return ops.batch_norm(x, mean, var, self.weight, self.bias, self.eps, self.lossy_kernel, self.storage_dtype)
+        return ops.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.eps, self.lossy_kernel, self.storage_dtype,
+        )
 
     def extra_repr(self) -> str:
-        statistics = "batch statistics, constant in backward" if self.batch_statistics else "frozen statistics"
-        return f"{self.num_features}, eps={self.eps}, {statistics}, lossy_kernel={self.lossy_kernel}"
+        return f"{self.num_features}, eps={self.eps}, frozen statistics, lossy_kernel={self.lossy_kernel}"
 
 
 class FactoDropout(nn.Module):

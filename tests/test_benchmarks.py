@@ -122,10 +122,10 @@ def test_switch_regimes_paper_regime_keeps_up_with_vanilla():
 
 
 @pytest.mark.slow
-def test_switch_regimes_detached_batch_norm_trains_at_the_full_learning_rate():
-    """Digits, one seed, switched after one epoch at the same learning rate: frozen statistics diverged
-    there (0.078, chance), batch statistics held as constants keep up with vanilla."""
+def test_switch_regimes_batch_statistics_train_at_the_full_learning_rate():
+    """Digits, one seed, switched after one epoch at the same learning rate: frozen statistics diverge
+    there (0.078, chance); with batch_norm='train' Facto keeps up with vanilla (measured 0.986 / 0.975)."""
     summary = _load("switch_regimes").main(["--data", "digits", "--seeds", "0", "--regimes", "same",
-                                            "--batch-norm", "detached"])
+                                            "--batch-norm", "train"])
     same = summary["digits"]["same"]
     assert same["facto"] > 0.9 and same["gap"] <= 3.0

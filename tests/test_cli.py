@@ -6,6 +6,7 @@ import importlib.util
 import re
 
 import pytest
+import torch
 
 from facto_fx.cli import main
 
@@ -153,3 +154,18 @@ def test_amp_on_a_cpu_without_bf16_warns(tmp_path, capsys, monkeypatch):
     with pytest.warns(UserWarning, match="no bf16 instructions"):
         main(["train", "--model", "cifar_vgg11", "--amp", "--device", "cpu", "--epochs", "1", "--frt-epochs", "1",
               "--limit-batches", "1", "--batch-size", "4", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+
+
+def test_train_and_report_take_batch_norm(tmp_path, capsys):
+    code = main(["train", "--model", "cifar_vgg11_bn", "--batch-norm", "train", "--epochs", "2", "--frt-epochs", "1",
+                 "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    assert code == 0
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["config"]["batch_norm"] == "train"
+    capsys.readouterr()
+    assert main(["report", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--batch-norm",
+                 "train"]) == 0
+    assert "batch_norm='train': left in training mode" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--batch-norm", "batch"])
+    assert "--batch-norm: invalid choice: 'batch'" in capsys.readouterr().err

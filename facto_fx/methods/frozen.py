@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx
 
 from facto_fx import ops
 from facto_fx.dtypes import parse_dtype
@@ -47,22 +46,6 @@ def freeze_batch_norm(
         tuple(args[name] for name in ("input", "running_mean", "running_var", "weight", "bias")),
         {"eps": args["eps"], "lossy_kernel": lossy_kernel, "storage_dtype": storage_dtype},
     )
-
-
-def use_batch_statistics(gm: fx.GraphModule) -> None:
-    """compile's batch_norm="detached": every rewritten batch-norm module normalises with batch
-    statistics in training mode. A functional call has no training mode of its own to follow, so
-    it is refused by name rather than left frozen."""
-    calls = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.batch_norm]
-    if calls:
-        raise ValueError(
-            f"batch_norm='detached' needs batch-norm modules; {', '.join(calls)} call batch-norm as a function "
-            "(F.batch_norm, as in timm's BatchNormAct2d), which has no training mode to follow: use "
-            "batch_norm='freeze' or 'train', or mark the module that calls it in leaf_modules"
-        )
-    for module in gm.modules():
-        if isinstance(module, FactoBatchNorm):
-            module.batch_statistics = True
 
 
 @register_method(FrozenBatchNorm)
