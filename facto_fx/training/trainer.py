@@ -234,8 +234,11 @@ class Trainer:
             self._restore_or_start()
             while self.position.epoch < self.config.epochs:
                 if self.position.epoch == self.config.frt_epochs and self.position.phase == FULL_RANK:
-                    if self.topology.is_main and (problem := early_switch(self.history, self.data.num_classes)):
-                        warnings.warn(problem, stacklevel=2)
+                    if self.topology.is_main:
+                        problems = (early_switch(self.history, self.data.num_classes),
+                                    frozen_at_full_rate(self.config, len(batch_norms(self.raw))))
+                        for problem in filter(None, problems):
+                            warnings.warn(problem, stacklevel=2)
                     self._switch_to_facto()
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.config.lr_at(self.position.epoch)
@@ -335,6 +338,25 @@ def early_switch(history: list[EpochRecord], num_classes: int) -> str | None:
     return (f"low-rank training starts {where}, with the model still at chance (loss ln {num_classes} = "
             f"{chance:.2f}): it will lose accuracy; train full-rank longer (--frt-epochs) or faster (--lr) "
             "before the switch (the paper switches after 30 % of the epochs)")
+
+
+def frozen_at_full_rate(config: TrainConfig, batch_norm_layers: int) -> str | None:
+    """Why frozen batch-norm statistics will fail, if the learning rate does not drop at the switch.
+
+    Frozen statistics cannot follow weights that still move fast: measured with
+    benchmarks/switch_regimes.py, cifar_vgg11_bn switched after one epoch on digits at the full
+    learning rate diverged (chance) with them, and matched vanilla with batch statistics.
+    """
+    switch = config.frt_epochs
+    if not (batch_norm_layers and config.batch_norm == "freeze" and 0 < switch < config.epochs):
+        return None
+    before, after = config.lr_at(switch - 1), config.lr_at(switch)
+    if after < before:
+        return None
+    return (f"Facto starts at learning rate {after:g}, no lower than full-rank training's {before:g}, with "
+            f"{batch_norm_layers} batch-norm layers' statistics frozen: at the full rate they diverged in our "
+            "measurements (benchmarks/switch_regimes.py); drop the rate where Facto starts (--lr-milestones, the "
+            "default) or keep batch statistics (--batch-norm train, which saves each batch-norm's input whole)")
 
 
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:

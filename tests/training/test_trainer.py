@@ -11,7 +11,15 @@ from facto_fx.layers import FactoConv2d
 from facto_fx.model_zoo import build_model
 from facto_fx.training import TrainConfig, train
 from facto_fx.training.checkpoint import load
-from facto_fx.training.trainer import CHECKPOINT, DENSE, HISTORY, EpochRecord, early_switch, run_header
+from facto_fx.training.trainer import (
+    CHECKPOINT,
+    DENSE,
+    HISTORY,
+    EpochRecord,
+    early_switch,
+    frozen_at_full_rate,
+    run_header,
+)
 
 TINY = TrainConfig(
     model="cifar_vgg11_bn", batch_size=16, epochs=3, frt_epochs=1, limit_batches=3, merge_every=2,
@@ -83,6 +91,16 @@ def test_an_existing_checkpoint_needs_resume_and_matching_options(tmp_path):
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint at"):
         train(dataclasses.replace(TINY, out=str(tmp_path), resume=True))
+
+
+def test_frozen_statistics_at_the_full_learning_rate_are_warned_about():
+    same_rate = TrainConfig(epochs=6, frt_epochs=1, lr_milestones=())
+    assert "no lower than full-rank training's 0.05, with 3 batch-norm layers" in frozen_at_full_rate(same_rate, 3)
+    assert "--batch-norm train" in frozen_at_full_rate(same_rate, 3)
+    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=1), 3) is None  # the default drops it there
+    assert frozen_at_full_rate(same_rate, 0) is None  # nothing frozen
+    assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="train"), 3) is None
+    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=6, lr_milestones=()), 3) is None  # never switches
 
 
 def test_early_switch_reads_the_last_full_rank_loss():
