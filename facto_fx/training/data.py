@@ -37,11 +37,7 @@ def load_digits_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
-    split = int(0.8 * len(y))
-    train, test = order[:split], order[split:]
-    return DataSplits(TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]), 10, image_size)
+    return _seeded_split(x, torch.tensor(digits.target), image_size, split_seed)
 
 
 def load_mnist5k_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
@@ -58,7 +54,11 @@ def load_mnist5k_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits
     else:
         x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
     x = x.expand(-1, 3, -1, -1).contiguous()
-    y = torch.tensor(labels, dtype=torch.int64)
+    return _seeded_split(x, torch.tensor(labels, dtype=torch.int64), image_size, split_seed)
+
+
+def _seeded_split(x: torch.Tensor, y: torch.Tensor, image_size: int, split_seed: int) -> DataSplits:
+    """A seeded 80/20 train / test split of ten-class images held in memory."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
     split = int(0.8 * len(y))
     train, test = order[:split], order[split:]
