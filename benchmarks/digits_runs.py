@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import facto_fx
+from facto_fx.methods import method_parameters
+
 
 def small_cnn() -> nn.Sequential:
     """6 convs with batch-norm and ReLU, two max-pools, a linear classifier (32² digits, 10 classes)."""
@@ -47,6 +50,19 @@ def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, count
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+
+
+def run_low_rank_epochs(fmodel: nn.Module, loader, lr: float, count: int, weight_decay: float = 5e-4) -> None:
+    """`count` epochs of a Facto model as the README trains one: SGD (momentum 0.9) with weight decay
+    on everything but M, W decayed by lr·weight_decay, merge-and-reinit every epoch."""
+    low_rank = method_parameters(fmodel)
+    ids = {id(p) for p in low_rank}
+    others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in ids]
+    optimizer = torch.optim.SGD([{"params": low_rank, "weight_decay": 0.0}, {"params": others}], lr=lr,
+                                momentum=0.9, weight_decay=weight_decay)
+    hooks = facto_fx.attach(fmodel, optimizer, merge_every=len(loader), w_decay=lr * weight_decay)
+    run_epochs(fmodel, loader, optimizer, count)
+    hooks.remove()
 
 
 @torch.no_grad()

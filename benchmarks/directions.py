@@ -14,11 +14,10 @@ import argparse
 import copy
 
 import torch
-from digits_runs import accuracy, mean_over, run_epochs
+from digits_runs import accuracy, mean_over, run_epochs, run_low_rank_epochs
 from torch.utils.data import DataLoader
 
 import facto_fx
-from facto_fx.methods import method_parameters
 from facto_fx.models import cifar_vgg11
 from facto_fx.training.data import load_digits_splits
 
@@ -27,14 +26,7 @@ LR, WEIGHT_DECAY = 0.05, 5e-4
 
 def facto_run(model, loader, data, direction: str, lr: float, count: int) -> float:
     fmodel = facto_fx.compile(model, inr=0.3, lossy_kernel=2, apply_ratio=1.0, direction=direction)
-    low_rank = method_parameters(fmodel)
-    ids = {id(p) for p in low_rank}
-    others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in ids]
-    optimizer = torch.optim.SGD([{"params": low_rank, "weight_decay": 0.0}, {"params": others}], lr=lr,
-                                momentum=0.9, weight_decay=WEIGHT_DECAY)
-    hooks = facto_fx.attach(fmodel, optimizer, merge_every=len(loader), w_decay=lr * WEIGHT_DECAY)
-    run_epochs(fmodel, loader, optimizer, count)
-    hooks.remove()
+    run_low_rank_epochs(fmodel, loader, lr, count, WEIGHT_DECAY)
     return accuracy(fmodel, data)
 
 
@@ -48,7 +40,7 @@ def one_seed(data, seed: int, after: int) -> dict[str, float]:
     vanilla = copy.deepcopy(model)
     torch.manual_seed(seed + 1)
     run_epochs(vanilla, loader, torch.optim.SGD(vanilla.parameters(), lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY),
-           after)
+               after)
     result["vanilla"] = accuracy(vanilla, data)
     for direction in ("gaussian", "orthonormal"):
         torch.manual_seed(seed + 1)

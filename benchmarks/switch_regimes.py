@@ -26,11 +26,10 @@ import itertools
 import statistics
 
 import torch
-from digits_runs import accuracy, run_epochs
+from digits_runs import accuracy, run_epochs, run_low_rank_epochs
 from torch.utils.data import DataLoader
 
 import facto_fx
-from facto_fx.methods import method_parameters
 from facto_fx.models import MODELS
 from facto_fx.training.data import load_splits
 
@@ -44,8 +43,8 @@ def batches(data, seed: int) -> DataLoader:
     return DataLoader(data.train, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
-def sgd(groups, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
+def sgd(params, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
 
 
 def continue_vanilla(model, loader, lr: float, count: int) -> None:
@@ -55,13 +54,7 @@ def continue_vanilla(model, loader, lr: float, count: int) -> None:
 def continue_facto(model, loader, lr: float, count: int, calibration: list, batch_norm: str):
     fmodel = facto_fx.compile(model, inr=0.3, lossy_kernel=2, apply_ratio=1.0, calibration_data=calibration,
                               batch_norm=batch_norm)
-    low_rank = method_parameters(fmodel)
-    ids = {id(p) for p in low_rank}
-    others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in ids]
-    optimizer = sgd([{"params": low_rank, "weight_decay": 0.0}, {"params": others}], lr)
-    hooks = facto_fx.attach(fmodel, optimizer, merge_every=len(loader), w_decay=lr * WEIGHT_DECAY)
-    run_epochs(fmodel, loader, optimizer, count)
-    hooks.remove()
+    run_low_rank_epochs(fmodel, loader, lr, count, WEIGHT_DECAY)
     return fmodel
 
 
