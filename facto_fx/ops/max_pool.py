@@ -158,7 +158,7 @@ def max_pool2d(
     padding, dilation = pair(padding), pair(dilation)
     pools = list(zip(x.shape[-2:], kernel, stride, padding, dilation, strict=True))
     if any(_window_in_padding(*pool, ceil_mode) for pool in pools):
-        return _explicitly_padded(x, kernel, stride, padding, dilation, ceil_mode)
+        return _explicitly_padded(x, pools, ceil_mode)
     return torch.ops.facto.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)[0]
 
 
@@ -171,11 +171,12 @@ def _window_in_padding(size: int, kernel: int, stride: int, padding: int, dilati
                for o in starting_in_padding)
 
 
-def _explicitly_padded(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> Tensor:
+def _explicitly_padded(x: Tensor, pools: list[tuple[int, ...]], ceil_mode: bool) -> Tensor:
     """The same outputs as F.max_pool2d (-inf where a window holds only padding), pooled over x
-    padded with -inf: such a window's argmax then lies in the padding, whose gradient F.pad drops."""
-    (ph, pw), sizes = padding, x.shape[-2:]
-    out = [pool_output_size(*pool, ceil_mode) for pool in zip(sizes, kernel, stride, padding, dilation, strict=True)]
+    padded with -inf: such a window's argmax then lies in the padding, whose gradient F.pad drops.
+    `pools` holds (size, kernel, stride, padding, dilation) for the height, then the width."""
+    (_, kh, sh, ph, dh), (_, kw, sw, pw, dw) = pools
+    out_h, out_w = (pool_output_size(*pool, ceil_mode) for pool in pools)
     padded = F.pad(x, (pw, pw, ph, ph), value=float("-inf"))
-    y = torch.ops.facto.max_pool2d(padded, kernel, stride, [0, 0], dilation, ceil_mode)[0]
-    return y[..., : out[0], : out[1]]
+    y = torch.ops.facto.max_pool2d(padded, [kh, kw], [sh, sw], [0, 0], [dh, dw], ceil_mode)[0]
+    return y[..., :out_h, :out_w]
