@@ -16,6 +16,7 @@ import time
 import torch
 
 import facto_fx
+from facto_fx.config import BATCH_NORM_MODES
 from facto_fx.model_zoo import build_model, model_names
 
 
@@ -53,6 +54,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--inr", type=float, default=0.3)
     parser.add_argument("--lossy-kernel", type=int, default=2)
     parser.add_argument("--apply-ratio", type=float, default=1.0)
+    parser.add_argument("--batch-norm", default="freeze", choices=BATCH_NORM_MODES, help="compile's batch_norm")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
@@ -61,14 +63,16 @@ def main(argv=None) -> dict:
     vanilla = build_model(args.model, num_classes=10)
     source = build_model(args.model, num_classes=10)
     source.load_state_dict(vanilla.state_dict())
-    facto = facto_fx.compile(source, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio)
+    facto = facto_fx.compile(source, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
+                             batch_norm=args.batch_norm)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch_size,))
     steps = {"vanilla": make_step(vanilla, x, y), "facto": make_step(facto, x, y)}
     medians = median_step_times(steps, args.warmup, args.steps)
     ratio = medians["facto"] / medians["vanilla"]
     print(
-        f"{args.model} batch {args.batch_size} {args.image_size}x{args.image_size}, {torch.get_num_threads()} threads: "
+        f"{args.model} batch {args.batch_size} {args.image_size}x{args.image_size}, batch_norm={args.batch_norm}, "
+        f"{torch.get_num_threads()} threads: "
         f"vanilla {1e3 * medians['vanilla']:.1f} ms, facto {1e3 * medians['facto']:.1f} ms, "
         f"facto / vanilla = {ratio:.3f}"
     )

@@ -8,7 +8,7 @@ batch fits: the step's peak is. Both runs measure their second step (the first c
 optimizer's momentum buffers), gradients set to None before it, with
 `facto_fx.memory.peak_step_bytes`: the most memory held at once beyond what was live before the
 step, from the allocator's events on the CPU, or torch.cuda.max_memory_allocated on a GPU.
-Facto: INR 0.3, lossy kernel 2, apply ratio 1.0.
+Facto: INR 0.3, lossy kernel 2, apply ratio 1.0, batch-norm as `--batch-norm` says.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 import facto_fx
+from facto_fx.config import BATCH_NORM_MODES
 from facto_fx.memory import peak_step_bytes
 
 MiB = 2**20
@@ -45,16 +46,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-norm", default="freeze", choices=BATCH_NORM_MODES, help="compile's batch_norm")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, num_classes=10).to(args.device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     y = torch.randint(0, 10, (args.batch_size,), device=args.device)
     vanilla = _measure(model, x, y)
-    fmodel = facto_fx.compile(model, inr=0.3, lossy_kernel=2, apply_ratio=1.0)
+    fmodel = facto_fx.compile(model, inr=0.3, lossy_kernel=2, apply_ratio=1.0, batch_norm=args.batch_norm)
     facto = _measure(fmodel, x, y)
     print(
-        f"{args.model}, batch {args.batch_size}, {args.image_size}², {args.device}: peak of a training step "
+        f"{args.model}, batch {args.batch_size}, {args.image_size}², {args.device}, batch_norm={args.batch_norm}: "
+        "peak of a training step "
         f"vanilla {vanilla / MiB:.1f} MiB, facto {facto / MiB:.1f} MiB, facto / vanilla = {facto / vanilla:.3f}"
     )
     return {"vanilla": vanilla, "facto": facto}

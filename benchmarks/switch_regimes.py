@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
-    parser.add_argument("--batch-norm", choices=["freeze", "train"], default="freeze",
+    parser.add_argument("--batch-norm", choices=["freeze", "lossy", "train"], default="freeze",
                         help="Facto's batch-norm (compile's batch_norm): frozen statistics, the README's path")
     args = parser.parse_args(argv)
     summary: dict[str, dict[str, dict[str, float]]] = {}

@@ -58,10 +58,10 @@ def compile(
     node.meta["tensor_meta"]. The result shares parameters with `model`: its frozen weights W are
     the model's own, so merges update them in place.
 
-    Batch-norm statistics are frozen (batch_norm="freeze"): `calibration_data` (a few batches, a
-    DataLoader) re-estimates `model`'s own statistics on its current weights first
-    (facto_fx.recalibrate_batch_norm); without it, statistics that were never estimated get a
-    warning naming them.
+    `calibration_data` (a few batches, a DataLoader) re-estimates `model`'s own batch-norm
+    statistics on its current weights first (facto_fx.recalibrate_batch_norm): what frozen
+    statistics (batch_norm="freeze") train on, and what eval uses in every mode. Without it,
+    statistics about to be frozen that were never estimated get a warning naming them.
     """
     if config is not None and options:
         raise ValueError("pass either a FactoConfig or keyword options, not both")
@@ -70,8 +70,7 @@ def compile(
         raise ValueError("this model is already a Facto model; compile the original model instead")
     if verify and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("a model on the meta device cannot be verified: pass verify=False (nothing can run on it)")
-    if config.batch_norm == "freeze":
-        _prepare_statistics(model, calibration_data)
+    _prepare_statistics(model, calibration_data, frozen=config.batch_norm == "freeze")
     gm = _trace(model, config)
     inputs = example_inputs
     if verify and inputs is None:
@@ -97,13 +96,14 @@ def _trace(model: nn.Module, config: FactoConfig, like: fx.GraphModule | None = 
     return trace(model, leaves, freeze_batch_norm=config.batch_norm == "freeze", strict=config.strict)
 
 
-def _prepare_statistics(model: nn.Module, calibration_data: Iterable | None) -> None:
-    """Re-estimate the statistics compile is about to freeze, or warn where they look stale."""
+def _prepare_statistics(model: nn.Module, calibration_data: Iterable | None, frozen: bool) -> None:
+    """Re-estimate the statistics on the current weights, or warn where statistics about to be
+    frozen look stale."""
     if calibration_data is not None:
         device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
         recalibrate_batch_norm(model, calibration_data, device=device)
         return
-    if any(t.is_meta for t in model.buffers()):
+    if not frozen or any(t.is_meta for t in model.buffers()):
         return
     stale = stale_statistics(model)
     if stale:
@@ -111,7 +111,7 @@ def _prepare_statistics(model: nn.Module, calibration_data: Iterable | None) -> 
         warnings.warn(
             f"compile freezes batch-norm statistics that were never estimated ({shown}: mean 0, variance 1): "
             "pass calibration_data=<a few training batches> or call facto_fx.recalibrate_batch_norm(model, "
-            "batches) first, or batch_norm='train' to keep batch statistics",
+            "batches) first, or batch_norm='lossy' to train on batch statistics",
             stacklevel=3,
         )
 

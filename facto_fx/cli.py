@@ -15,6 +15,7 @@ import sys
 import torch
 
 import facto_fx
+from facto_fx.config import BATCH_NORM_MODES
 from facto_fx.model_zoo import build_model, check_model_name
 from facto_fx.presets import METHOD_CHOICES, method_description, method_options
 from facto_fx.training import TrainConfig
@@ -28,9 +29,10 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lossy-kernel", type=int, default=2, help="mean-pool size of saved maps (1: none)")
     parser.add_argument("--apply-ratio", type=float, default=0.6, help="share of layers compressed from the input")
     parser.add_argument("--storage-dtype", default=None, help="dtype of compressed maps: fp32, bf16, fp16")
-    parser.add_argument("--batch-norm", default="freeze", choices=("freeze", "train"),
-                        help="freeze: running statistics, frozen (the paper; switch with an LR drop); train: "
-                             "batch statistics, torch's batch-norm left as it is (its input saved whole)")
+    parser.add_argument("--batch-norm", default="freeze", choices=BATCH_NORM_MODES,
+                        help="freeze: running statistics, frozen (the paper; switch with an LR drop); lossy: "
+                             "batch statistics, x̂ saved pooled as frozen saves it (trains at an undropped LR); "
+                             "train: torch's batch-norm left as it is (its input saved whole)")
     parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
                         help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
                              "eb: error-bounded compression of every layer Facto leaves; rowstrips: the local "

@@ -14,6 +14,7 @@ from facto_fx.triton_ops.dispatch import Kernels, check_mode
 
 LayerFilter = Callable[[str, "nn.Module | None"], bool]
 MethodChoices = Mapping["str | Last | LayerFilter", "MethodConfig | None"]
+BATCH_NORM_MODES = ("freeze", "lossy", "train")
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,12 @@ class FactoConfig:
     lossy_kernel: k of the mean-pool that compresses saved maps (paper §3.3); 1 = no pooling.
     apply_ratio: share of conv / scale / batch-norm layers to compress, counted from the input.
     storage_dtype: dtype of compressed maps; None keeps the activation dtype.
-    batch_norm: "freeze" rewrites batch-norm into a frozen-statistics affine; "train" leaves it
-        in training mode, unrewritten, for models that need batch statistics.
+    batch_norm: "freeze" rewrites batch-norm into a frozen-statistics affine; "lossy" keeps batch
+        statistics (the forward and the running statistics as torch's) and saves x̂ pooled like
+        the frozen form, its backward reading x̂ from that copy; both save the same bytes, and
+        "lossy" trains where frozen statistics diverge (an early switch at an undropped learning
+        rate). "lossy" covers batch-norm modules: functional batch-norm and layers beyond
+        apply_ratio stay torch's. "train" leaves every batch-norm as torch's, its input saved whole.
     include / exclude / layer_filter: force layers in or out by qualified name or by a function
         ``(name, module_or_None) -> bool`` returning False to exclude.
     leaf_modules: qualified names the tracer must not enter; they are kept as one call, dense.
@@ -53,7 +58,7 @@ class FactoConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: torch.dtype | str | None = None
-    batch_norm: Literal["freeze", "train"] = "freeze"
+    batch_norm: Literal["freeze", "lossy", "train"] = "freeze"
     include: Sequence[str] = field(default_factory=tuple)
     exclude: Sequence[str] = field(default_factory=tuple)
     layer_filter: LayerFilter | None = None
@@ -74,8 +79,9 @@ class FactoConfig:
             0.0 <= self.apply_ratio <= 1.0
         ):
             raise ValueError(f"apply_ratio must be a number in [0, 1]; got {self.apply_ratio!r}")
-        if self.batch_norm not in ("freeze", "train"):
-            raise ValueError(f"batch_norm must be 'freeze' or 'train'; got {self.batch_norm!r}")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {', '.join(map(repr, BATCH_NORM_MODES))}; "
+                             f"got {self.batch_norm!r}")
         for name in ("include", "exclude", "leaf_modules"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -118,4 +124,5 @@ class FactoConfig:
 
     def low_rank(self) -> FactoLowRank:
         """The Facto method apply_ratio and include give a layer."""
-        return FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction)
+        return FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction,
+                            batch_statistics=self.batch_norm == "lossy")

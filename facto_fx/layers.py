@@ -225,29 +225,42 @@ class FactoLinear(LowRankMixin, nn.Module):
 
 
 class FactoBatchNorm(nn.Module):
-    """Batch-norm with frozen running statistics; γ and β stay trainable.
+    """Batch-norm whose saved input is x̂ mean-pooled; γ and β stay trainable.
 
-    It shares parameters and buffers with the module it replaces, so the statistics stay where
-    the original model (and `export_dense`) expects them.
+    With frozen statistics it is a per-channel affine in every mode. With `batch_statistics` it
+    trains as torch's batch-norm does (batch statistics, running statistics updated with the
+    module's momentum) and evaluates on the running statistics. It shares parameters and buffers
+    with the module it replaces, so the statistics stay where the original model (and
+    `export_dense`) expects them.
     """
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, lossy_kernel: int, storage_dtype: torch.dtype | None):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, lossy_kernel: int, storage_dtype: torch.dtype | None,
+                 batch_statistics: bool = False):
         super().__init__()
-        self.num_features, self.eps = bn.num_features, bn.eps
+        self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
         self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
+        self.batch_statistics = batch_statistics
         self.weight, self.bias = bn.weight, bn.bias
         self.register_buffer("running_mean", bn.running_mean)
         self.register_buffer("running_var", bn.running_var)
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.batch_statistics and self.training:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            return ops.batch_norm_stats(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                momentum, self.eps, self.lossy_kernel, self.storage_dtype,
+            )
         return ops.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias,
             self.eps, self.lossy_kernel, self.storage_dtype,
         )
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, frozen statistics, lossy_kernel={self.lossy_kernel}"
+        statistics = "batch statistics" if self.batch_statistics else "frozen statistics"
+        return f"{self.num_features}, eps={self.eps}, {statistics}, lossy_kernel={self.lossy_kernel}"
 
 
 class FactoDropout(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from facto_fx.layers import FactoConv2d, FactoLinear, direction_seed, draw_direction
+from facto_fx.layers import FactoBatchNorm, FactoConv2d, FactoLinear, direction_seed, draw_direction
 
 
 def test_direction_rows_have_norm_alpha():
@@ -100,3 +100,27 @@ def test_folded_filter_follows_every_draw_of_d(conv_layer):
     other.load_state_dict(conv_layer.state_dict())
     assert "folded" not in conv_layer.state_dict()
     _assert_folded_matches_d(other)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_with_batch_statistics_tracks_like_torch(momentum):
+    """Training steps update the shared running statistics and the batch count as nn.BatchNorm2d
+    does (momentum=None: the cumulative average); eval uses them; lossy_kernel=1 is exact."""
+    torch.manual_seed(0)
+    bn, reference = nn.BatchNorm2d(5, momentum=momentum), nn.BatchNorm2d(5, momentum=momentum)
+    layer = FactoBatchNorm(bn, lossy_kernel=1, storage_dtype=None, batch_statistics=True)
+    assert "batch statistics" in repr(layer)
+    for _ in range(3):
+        x = torch.randn(3, 5, 4, 6) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = layer(xa), reference(xb)
+        torch.testing.assert_close(y, y_ref)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(bn.running_mean, reference.running_mean)
+    torch.testing.assert_close(bn.running_var, reference.running_var)
+    assert bn.num_batches_tracked.item() == reference.num_batches_tracked.item() == 3
+    torch.testing.assert_close(bn.weight.grad, reference.weight.grad)
+    layer.eval(), reference.eval()
+    torch.testing.assert_close(layer(x), reference(x))

@@ -30,9 +30,9 @@ class TinyNet(nn.Module):
         return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
 
 
-def _fmodel():
+def _fmodel(batch_norm: str = "freeze"):
     torch.manual_seed(0)
-    fmodel = facto_fx.compile(TinyNet(), apply_ratio=1.0)
+    fmodel = facto_fx.compile(TinyNet(), apply_ratio=1.0, batch_norm=batch_norm)
     with torch.no_grad():
         for layer in fmodel.modules():
             if hasattr(layer, "M"):
@@ -66,6 +66,24 @@ def test_compiled_matches_eager(backend):
     assert compiled_grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_statistics_compile_to_one_graph_that_matches_eager(channels_last):
+    """batch_norm='lossy' (batch statistics, running statistics updated in forward) under
+    aot_eager with fullgraph: the same outputs, gradients and running statistics as eager."""
+    torch._dynamo.reset()
+    eager, compiled = _fmodel("lossy"), _fmodel("lossy")
+    x = torch.randn(2, 3, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    eager_out, eager_grads = _grads(eager, x)
+    compiled_out, compiled_grads = _grads(torch.compile(compiled, fullgraph=True, backend="aot_eager"), x)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(compiled.bn.running_var, eager.bn.running_var)
+    assert compiled.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item() == 1
 
 
 SETTINGS = {

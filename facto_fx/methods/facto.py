@@ -18,7 +18,7 @@ from facto_fx import ops
 from facto_fx.dtypes import parse_dtype
 from facto_fx.layers import FactoConv2d, FactoLinear
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, StepOptions, register_method
-from facto_fx.methods.frozen import freeze_batch_norm
+from facto_fx.methods.frozen import rewrite_batch_norm
 from facto_fx.passes.match import BATCH_NORM, CONV, LINEAR, SCALE, Match, call_args
 
 
@@ -32,6 +32,8 @@ class FactoLowRank(MethodConfig):
     direction: how D is drawn: "gaussian" (the paper: unit-norm Gaussian rows times α) or
         "orthonormal" (the same norms, rows orthogonal: SGD on M is SGD on Ω within D's row space;
         layers.draw_direction).
+    batch_statistics: a batch-norm layer trains on batch statistics, its backward reading x̂ from
+        the pooled copy (FactoConfig(batch_norm="lossy") sets it), instead of on frozen statistics.
     """
 
     label = "facto"
@@ -40,6 +42,7 @@ class FactoLowRank(MethodConfig):
     lossy_kernel: int = 2
     storage_dtype: torch.dtype | str | None = None
     direction: Literal["gaussian", "orthonormal"] = "gaussian"
+    batch_statistics: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.inr, bool) or not isinstance(self.inr, (int, float)) or not (
@@ -54,6 +57,8 @@ class FactoLowRank(MethodConfig):
         object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype))
         if self.direction not in ("gaussian", "orthonormal"):
             raise ValueError(f"direction must be 'gaussian' or 'orthonormal'; got {self.direction!r}")
+        if not isinstance(self.batch_statistics, bool):
+            raise ValueError(f"batch_statistics must be True or False; got {self.batch_statistics!r}")
 
     def rank(self, features: int) -> int:
         """Internal rank for a layer with `features` input channels / nodes (at least 1)."""
@@ -118,7 +123,7 @@ class Facto(Method):
             site.use_function(node, ops.scale, (x, s), {"lossy_kernel": method.lossy_kernel,
                                                          "storage_dtype": method.storage_dtype})
         else:
-            freeze_batch_norm(site, match, method.lossy_kernel, method.storage_dtype)
+            rewrite_batch_norm(site, match, method.lossy_kernel, method.storage_dtype, method.batch_statistics)
 
     def after_step(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer, step: int,
                    options: StepOptions) -> bool:

@@ -33,13 +33,18 @@ class FrozenBatchNorm(MethodConfig):
         return self.lossy_kernel > 1 or self.storage_dtype is not None
 
 
-def freeze_batch_norm(
-    site: RewriteSite, match: Match, lossy_kernel: int, storage_dtype: torch.dtype | None
+def rewrite_batch_norm(
+    site: RewriteSite, match: Match, lossy_kernel: int, storage_dtype: torch.dtype | None,
+    batch_statistics: bool = False,
 ) -> None:
-    """Rewrite a batch-norm module or call into frozen-statistics batch-norm."""
+    """Rewrite a batch-norm module or call into frozen-statistics batch-norm, or a module into
+    batch-statistics batch-norm (FactoBatchNorm's two forms)."""
     if match.module is not None:
-        site.use_layer(match, FactoBatchNorm(match.module, lossy_kernel, storage_dtype))
+        site.use_layer(match, FactoBatchNorm(match.module, lossy_kernel, storage_dtype, batch_statistics))
         return
+    if batch_statistics:
+        raise ValueError(f"'{match.layer}' is a functional batch-norm: batch statistics with a pooled saved map "
+                         "cover batch-norm modules only; leave it dense (methods={name: None})")
     args = call_args(match.node)
     site.use_function(
         match.node, ops.batch_norm,
@@ -53,4 +58,4 @@ class Frozen(Method):
     kinds = frozenset({BATCH_NORM})
 
     def rewrite(self, site: RewriteSite, match: Match, method: FrozenBatchNorm) -> None:
-        freeze_batch_norm(site, match, method.lossy_kernel, method.storage_dtype)
+        rewrite_batch_norm(site, match, method.lossy_kernel, method.storage_dtype)

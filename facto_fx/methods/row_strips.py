@@ -96,7 +96,8 @@ def _plain_batch_norm(chain: fx.GraphModule) -> None:
     batch-norm does: run torch's (fused, cheaper) in the chain."""
     for node in list(chain.graph.nodes):
         module = chain.get_submodule(node.target) if node.op == "call_module" else None
-        if not (isinstance(module, FactoBatchNorm) and module.lossy_kernel == 1 and module.storage_dtype is None):
+        if not (isinstance(module, FactoBatchNorm) and not module.batch_statistics and module.lossy_kernel == 1
+                and module.storage_dtype is None):
             continue
         with chain.graph.inserting_before(node):
             tensors = [chain.graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None else None

@@ -1,8 +1,15 @@
-"""facto::batch_norm — batch-norm with frozen statistics: a per-channel affine.
+"""Batch-norm whose saved map is x̂ mean-pooled, in two forms.
 
-During low-rank training the running statistics are frozen, so batch-norm is y = x̂·γ + β with
-x̂ = (x - μ)/σ fixed per channel. grad_x needs no saved map at all; grad_γ needs x̂, which is
-saved mean-pooled (and only when γ is trained).
+facto::batch_norm — frozen statistics: y = x̂·γ + β with x̂ = (x − μ)/σ fixed per channel.
+grad_x needs no saved map at all; grad_γ needs x̂, which is saved mean-pooled (and only when γ is
+trained).
+
+facto::batch_norm_stats — batch statistics, as torch trains batch-norm: the forward is exact and
+the running statistics update once per call. Its backward,
+grad_x = γ/σ · (g − mean(g) − x̂·mean(g·x̂)), reads x̂ from the same pooled copy, upsampled: the
+gradient through the statistics is what keeps a batch-norm network stable at a high learning rate
+(frozen statistics diverged where this did not; benchmarks/switch_regimes.py), at the saved bytes
+of frozen statistics. There is no Triton kernel: it runs PyTorch on every device.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.grads import register_autograd
-from facto_fx.ops.lossy import cast, mean_pool, store, sum_pool
+from facto_fx.ops.lossy import cast, mean_pool, store, sum_pool, upsample
 from facto_fx.ops.scale import spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -119,3 +126,112 @@ def batch_norm(
     return torch.ops.facto.batch_norm(
         x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled
     )[0]
+
+
+@torch.library.custom_op("facto::batch_norm_stats", mutates_args=())
+def batch_norm_stats_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    lossy_kernel: int,
+    storage_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype)
+
+
+def _per_channel(t: Tensor, like: Tensor) -> Tensor:
+    """A (C,) vector shaped to broadcast over dim 1 of `like`."""
+    return t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _subtract_upsampled_(out: Tensor, pooled: Tensor, scale: Tensor, k: int) -> None:
+    """out −= upsample(pooled)·scale. Where k tiles the map, in place on out's k×k blocks (a view
+    in any layout), with no full-size temporary; else through the upsampled map."""
+    scale = scale.to(out.dtype)
+    h, w = out.shape[-2:]
+    if k == 1:
+        out.addcmul_(pooled, scale, value=-1)
+    elif h % k == 0 and w % k == 0:
+        blocks = out.unflatten(-1, (w // k, k)).unflatten(-3, (h // k, k))  # N, C, h/k, k, w/k, k
+        blocks.addcmul_(pooled[:, :, :, None, :, None], scale[..., None, None], value=-1)
+    else:
+        out.addcmul_(upsample(pooled, k, (h, w)), scale, value=-1)
+
+
+def _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype):
+    """(y, pooled x̂, [μ; 1/σ]): torch's training batch-norm (one aten call, statistics in fp32
+    for every x dtype), then x̂ of the pooled map (pooling commutes with the per-channel affine).
+    Also the fake kernel."""
+    y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    pooled = mean_pool(x, spatial_kernel(x, lossy_kernel))
+    pooled_hat = ((pooled - _per_channel(mean, x)) * _per_channel(invstd, x)).to(x.dtype)
+    # aten's fake gives the statistics x's dtype where the CPU kernel gives fp32: fix the dtype.
+    stats = torch.stack([mean, invstd]).to(torch.promote_types(x.dtype, torch.float32))
+    return y, store(pooled_hat, storage_dtype), stats
+
+
+batch_norm_stats_fwd.register_fake(_stats_forward)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    _, weight, bias, _, lossy_kernel, _ = inputs
+    ctx.save_for_backward(output[1], weight, output[2][1])
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.lossy_kernel = lossy_kernel
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _stats_backward(ctx, grad_y, _grad_pooled, _grad_stats):
+    """torch's batch-norm backward with x̂ upsampled from its pooled copy; per-channel sums in at least fp32."""
+    pooled, weight, invstd = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    reduce_dims = [d for d in range(grad_y.dim()) if d != 1]
+    count = grad_y.numel() // grad_y.shape[1]
+    k = spatial_kernel(grad_y, ctx.lossy_kernel)
+    acc = torch.promote_types(grad_y.dtype, torch.float32)
+    grad_bias = grad_y.sum(reduce_dims, dtype=acc)
+    grad_p = sum_pool(grad_y, k)
+    grad_weight = (grad_p * cast(pooled, grad_p.dtype)).sum(reduce_dims, dtype=acc)
+    del grad_p
+    grad_x = None
+    if need_x:
+        gain = invstd if weight is None else invstd * weight.to(acc)
+        grad_x = grad_y * _per_channel(gain, grad_y).to(grad_y.dtype)
+        grad_x.sub_(_per_channel(gain * grad_bias / count, grad_y).to(grad_y.dtype))
+        _subtract_upsampled_(grad_x, cast(pooled, grad_y.dtype), _per_channel(gain * grad_weight / count, pooled), k)
+    grad_weight = grad_weight.to(weight.dtype) if need_weight and weight is not None else None
+    grad_bias = grad_bias.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None
+    return grad_x, grad_weight, grad_bias, None, None, None
+
+
+register_autograd(batch_norm_stats_fwd, _stats_backward, _stats_setup_context)
+
+
+def batch_norm_stats(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    lossy_kernel: int = 2,
+    storage_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Batch-norm on batch statistics over dim 1, updating the running statistics as
+    F.batch_norm(training=True) does (unbiased variance, `momentum`); saves only pooled x̂."""
+    trained = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    if not (torch.is_grad_enabled() and trained):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    count = x.numel() // x.shape[1]
+    if count < 2:
+        raise ValueError(
+            f"batch-norm on batch statistics needs more than 1 value per channel; got input {tuple(x.shape)}"
+        )
+    y, _, stats = torch.ops.facto.batch_norm_stats(x, weight, bias, eps, lossy_kernel, storage_dtype)
+    with torch.no_grad():
+        mean, invstd = stats.to(running_mean.dtype)
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_((invstd.pow(-2) - eps) * (count / max(count - 1, 1)), momentum)
+    return y

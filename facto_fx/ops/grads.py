@@ -1,7 +1,7 @@
 """Shared autograd plumbing of the facto ops.
 
-Each op returns (y, saved code) with the code marked non-differentiable. Autograd would otherwise
-allocate a zero gradient for the code on every backward; `register_autograd` switches that off
+Each op returns (y, saved code, ...) with the codes marked non-differentiable. Autograd would otherwise
+allocate a zero gradient for each code on every backward; `register_autograd` switches that off
 (`ctx.set_materialize_grads(False)`), so a backward reached with no gradient for y gets None and
 answers that no input needs a gradient.
 """
@@ -20,9 +20,9 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
         ctx.set_materialize_grads(False)
 
     @functools.wraps(backward)
-    def wrapped(ctx, grad_y, grad_code):
+    def wrapped(ctx, grad_y, *grad_codes):
         if grad_y is None:
             return (None,) * len(ctx.needs_input_grad)
-        return backward(ctx, grad_y, grad_code)
+        return backward(ctx, grad_y, *grad_codes)
 
     op.register_autograd(wrapped, setup_context=setup)

@@ -49,6 +49,14 @@ def sum_pool(x: Tensor, k: int) -> Tensor:
     return F.avg_pool2d(x, k, k, ceil_mode=True, divisor_override=1)
 
 
+def upsample(pooled: Tensor, k: int, size: tuple[int, int]) -> Tensor:
+    """Each pooled value repeated over its k×k window, cropped to `size`: the map mean_pool
+    stands for (nearest upsampling, the adjoint of sum_pool)."""
+    if k == 1:
+        return pooled
+    return pooled.repeat_interleave(k, -2).repeat_interleave(k, -1)[..., : size[0], : size[1]]
+
+
 def _span(kernel: int, stride: int, dilation: int, k: int) -> int:
     return stride * (k - 1) + dilation * (kernel - 1) + 1
 

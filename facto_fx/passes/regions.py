@@ -64,7 +64,8 @@ _MODULES: dict[type[nn.Module], Callable[[nn.Module], RowGeometry | str]] = {
     nn.MaxPool2d: lambda m: "return_indices=True" if m.return_indices else _pool_geometry(
         m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode),
     nn.AvgPool2d: lambda m: _pool_geometry(m.kernel_size, m.stride, m.padding, 1, m.ceil_mode),
-    layers.FactoBatchNorm: lambda m: POINTWISE,
+    layers.FactoBatchNorm: lambda m: "batch statistics: each strip would see its own" if m.batch_statistics
+    else POINTWISE,
     **{cls: (lambda m: POINTWISE) for cls in (
         nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
         nn.LeakyReLU, nn.ELU, nn.Identity,

@@ -166,9 +166,21 @@ def _by_pattern(
     return None
 
 
-def _batch_stats(kind: str, config: FactoConfig) -> bool:
-    """Batch-norm kept in training mode (batch statistics): only a method that wraps it whole applies."""
-    return kind == BATCH_NORM and config.batch_norm == "train"
+def _batch_stats(match: Match, config: FactoConfig) -> str | None:
+    """Why a batch-norm stays torch's (batch statistics, input saved whole), if it does: only a
+    method that wraps it whole applies."""
+    if match.kind != BATCH_NORM:
+        return None
+    if config.batch_norm == "train":
+        return "batch_norm='train': left in training mode"
+    if config.batch_norm == "lossy" and match.module is None:
+        return "batch_norm='lossy' rewrites batch-norm modules; this functional batch-norm is left in training mode"
+    return None
+
+
+def _torch_batch_norm(config: FactoConfig) -> MethodConfig | None:
+    """What a batch-norm Facto does not take becomes: frozen (the trace froze it) or torch's."""
+    return FrozenBatchNorm() if config.batch_norm == "freeze" else None
 
 
 def _wraps_whole(chosen: tuple[MethodConfig | None, str] | None) -> bool:
@@ -189,7 +201,7 @@ class _Planner:
         # What apply_ratio counts: supported conv / scale / batch-norm layers Facto could take.
         self.ordered = sorted(
             (m for m in matches if m.kind in ORDERED_KINDS and m.unsupported is None and not self._input(m)
-             and not _batch_stats(m.kind, config) and self._refusal(self.low_rank, m) is None),
+             and not _batch_stats(m, config) and self._refusal(self.low_rank, m) is None),
             key=lambda m: self.depth[m.node.name],
         )
         self.chosen = {m.node.name for m in self.ordered[: math.ceil(config.apply_ratio * len(self.ordered))]}
@@ -207,10 +219,11 @@ class _Planner:
         explicit = _by_name(self.config, match, default)
         problem = match.unsupported
         chosen = explicit
-        if problem is None and _batch_stats(match.kind, self.config):
+        kept_training = _batch_stats(match, self.config) if problem is None else None
+        if kept_training:
             chosen = explicit or _by_pattern(self.config, match, self.last)
             if not _wraps_whole(chosen):
-                problem = "batch_norm='train': left in training mode"
+                problem = kept_training
         if problem is not None:
             if explicit is not None and explicit[0] is not None:
                 raise ValueError(f"'{match.layer}' ({explicit[1]}) cannot be rewritten: {problem}")
@@ -264,7 +277,7 @@ class _Planner:
             if refusal:
                 decision.reason, decision.unsupported = refusal, True
                 if match.kind == BATCH_NORM:
-                    decision.method = FrozenBatchNorm()
+                    decision.method = _torch_batch_norm(self.config)
                 return decision
             within = match.node.name in self.chosen
             verdict = "within" if within else "beyond"
@@ -272,7 +285,8 @@ class _Planner:
                 f"#{self.ordered.index(match) + 1} of {len(self.ordered)} from the input, "
                 f"{verdict} apply_ratio={self.config.apply_ratio}"
             )
-            decision.method = self.low_rank if within else FrozenBatchNorm() if match.kind == BATCH_NORM else None
+            decision.method = self.low_rank if within else _torch_batch_norm(self.config) if match.kind == BATCH_NORM \
+                else None
             return decision
         if match.kind == LINEAR:
             decision.reason = LINEAR_PENDING
@@ -300,9 +314,9 @@ def schedule(
     # A linear layer left to the default gets Facto only when every conv / scale / batch-norm before
     # it saves memory, whatever made those dense (apply_ratio, exclude, an unsupported form).
     dense_depths = [
-        d.depth for d in decisions
+        d.depth for m, d in zip(matches, decisions, strict=True)
         if d.kind in ORDERED_KINDS and not d.compress and d.node not in planner.inputs
-        and not _batch_stats(d.kind, config)
+        and not _batch_stats(m, config)
     ]
     cutoff = min(dense_depths, default=math.inf)
     for d in decisions:

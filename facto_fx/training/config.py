@@ -47,7 +47,7 @@ class TrainConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: str | None = None
-    batch_norm: Literal["freeze", "train"] = "freeze"
+    batch_norm: Literal["freeze", "lossy", "train"] = "freeze"
     method: Literal["facto", "hosvd", "svd", "eb", "rowstrips"] = "facto"
     eps: float = 0.8
     last: int = 4

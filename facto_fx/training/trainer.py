@@ -126,8 +126,9 @@ class Trainer:
         w_decay = config.lr_at(config.frt_epochs) * config.weight_decay
         self.hooks = facto_fx.attach(fmodel, self.optimizer, merge_every, w_decay=w_decay)
         self.raw = fmodel
-        # Frozen statistics and deterministic D: no buffer needs broadcasting once Facto is on.
-        self.model = self._wrap(fmodel, broadcast_buffers=False)
+        # Frozen statistics and deterministic D: no buffer needs broadcasting once Facto is on; batch
+        # statistics keep updating running averages, which rank 0 broadcasts as for the dense model.
+        self.model = self._wrap(fmodel, broadcast_buffers=config.batch_norm != "freeze")
         self.position.phase = FACTO
         if self.topology.is_main:
             x = torch.empty(self.config.batch_size, 3, self.data.image_size, self.data.image_size, device="meta")
@@ -356,7 +357,7 @@ def frozen_at_full_rate(config: TrainConfig, batch_norm_layers: int) -> str | No
     return (f"Facto starts at learning rate {after:g}, no lower than full-rank training's {before:g}, with "
             f"{batch_norm_layers} batch-norm layers' statistics frozen: at the full rate they diverged in our "
             "measurements (benchmarks/switch_regimes.py); drop the rate where Facto starts (--lr-milestones, the "
-            "default) or keep batch statistics (--batch-norm train, which saves each batch-norm's input whole)")
+            "default) or keep batch statistics (--batch-norm lossy, which saves what frozen statistics save)")
 
 
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:

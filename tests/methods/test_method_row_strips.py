@@ -223,3 +223,10 @@ def test_tensors_the_chain_reads_follow_the_model_after_conversion(convert):
     x = torch.randn(2, 3, 17, 11, dtype=model.shift.dtype)
     torch.testing.assert_close(split(x), model(x), rtol=1e-6, atol=1e-6)
     assert model.block[1].inplace  # the model keeps its in-place ReLU; the chain runs its own copy
+
+
+def test_batch_statistics_with_pooled_maps_end_the_chain():
+    """batch_norm='lossy' batch-norm trains on batch statistics too: it ends a chain, like torch's."""
+    split = facto_fx.compile(Net(), apply_ratio=1.0, batch_norm="lossy", row_strips=RowStrips(4))
+    assert "c3" in split.row_strips.geometry and "bn" not in split.row_strips.geometry
+    assert split.bn.batch_statistics

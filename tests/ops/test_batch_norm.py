@@ -110,3 +110,146 @@ def test_opcheck():
     x, mean, var, weight, bias = _inputs((2, 3, 5, 4), seed=5)
     args = (leaf(x), leaf(weight), leaf(bias), mean, var, EPS, 2, None, True)
     torch.library.opcheck(torch.ops.facto.batch_norm.default, args)
+
+
+# facto::batch_norm_stats: batch statistics, x̂ saved pooled.
+
+
+def _stats_run(x, weight, bias, k, momentum=0.1, storage_dtype=None):
+    """(y, grads of x, γ, β for a fixed grad_y, running mean, running var) of the facto op and of
+    F.batch_norm(training=True), each on fresh leaves and fresh running statistics."""
+    results = []
+    for facto_op in (True, False):
+        leaves = [leaf(t) for t in (x, weight, bias)]
+        running = (torch.zeros(x.shape[1], dtype=F64), torch.ones(x.shape[1], dtype=F64))
+        if facto_op:
+            y = facto.batch_norm_stats(leaves[0], *running, leaves[1], leaves[2], momentum, EPS, k, storage_dtype)
+        else:
+            y = F.batch_norm(leaves[0], *running, leaves[1], leaves[2], True, momentum, EPS)
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=y.dtype)
+        results.append((y, _grads(y, leaves, grad_y), *running))
+    return results
+
+
+def _block_constant(shape, k, seed=0):
+    """A map constant over each k×k window (the last ones partial): mean-pooling it loses nothing."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, h, w = shape
+    coarse = torch.randn(*lead, -(-h // k), -(-w // k), generator=g, dtype=F64)
+    return coarse.repeat_interleave(k, -2).repeat_interleave(k, -1)[..., :h, :w].contiguous()
+
+
+def _assert_all_close(got, expected, **tolerance):
+    (y, grads, mean, var), (y_ref, grads_ref, mean_ref, var_ref) = got, expected
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    for g, r in zip(grads, grads_ref, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, **tolerance)
+    torch.testing.assert_close(mean, mean_ref, **tolerance)
+    torch.testing.assert_close(var, var_ref, **tolerance)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 3), (2, 3, 5), (1, 3, 4, 4)], ids=["nchw", "bc", "bcl", "batch1"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_stats_exact_without_pooling(shape, affine, momentum):
+    """k = 1 (and any k for non-4-D inputs): the output, every gradient and the running statistics
+    are those of training-mode batch-norm."""
+    x, _, _, weight, bias = _inputs(shape, affine=affine)
+    k = 2 if len(shape) != 4 else 1
+    _assert_all_close(*_stats_run(x, weight, bias, k, momentum), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("hw", [(6, 8), (5, 7), (1, 9)])
+def test_stats_exact_when_pooling_loses_nothing(hw):
+    """k = 2 on a map constant over each 2×2 window (odd sizes: partial windows): the upsampled
+    pooled x̂ is x̂ itself, so every gradient is training-mode batch-norm's."""
+    x = _block_constant((3, 4, *hw), 2)
+    _, _, _, weight, bias = _inputs((3, 4, *hw), seed=1)
+    _assert_all_close(*_stats_run(x, weight, bias, 2), rtol=1e-10, atol=1e-10)
+
+
+def test_stats_pooled_backward():
+    """k = 2 on a general map: y, grad_β and the running statistics stay exact; grad_x keeps the
+    exact backward's invariance to a per-channel shift (it sums to zero per channel); grad_γ is
+    Σ sumpool_2(grad_y)·meanpool_2(x̂); and grad_x lies close to the exact one."""
+    x, _, _, weight, bias = _inputs((4, 3, 8, 6), seed=2)
+    (y, (gx, gw, gb), mean, var), (y_ref, (rgx, _, rgb), mean_ref, var_ref) = _stats_run(x, weight, bias, 2)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gb, rgb)
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(var, var_ref)
+    torch.testing.assert_close(gx.sum((0, 2, 3)), torch.zeros(3, dtype=F64), atol=1e-12, rtol=0)
+    x_hat = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + EPS)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+    torch.testing.assert_close(gw, (_window_sum(grad_y, 2) * _window_sum(x_hat, 2) / 4).sum((0, 2, 3)))
+    assert (gx - rgx).norm() < 0.5 * rgx.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_stats_low_precision_and_layouts(dtype, layout):
+    """Each dtype and layout against float64 training-mode batch-norm, at that dtype's precision;
+    the output keeps x's dtype and memory format, γ's and β's gradients the parameters' fp32."""
+    _, _, _, weight, bias = _inputs((2, 4, 6, 6), seed=3)
+    x = _block_constant((2, 4, 6, 6), 2, seed=3).to(dtype)
+    if layout == "strided":  # x sits in every other column of a wider map
+        x = torch.stack([x, torch.randn_like(x)], -1).flatten(-2)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = leaf(x)
+    source = x[..., ::2] if layout == "strided" else x  # every other column: contiguous in no format
+    w, b = leaf(weight.float()), leaf(bias.float())
+    running = (torch.zeros(4), torch.ones(4))
+    y = facto.batch_norm_stats(source, *running, w, b, 0.1, EPS, 2)
+    assert y.dtype == dtype
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    grads = torch.autograd.grad(y, (x, w, b), grad_y.to(dtype))
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32]
+
+    ref_leaves = [leaf(x.detach().double()), leaf(weight), leaf(bias)]
+    ref_source = ref_leaves[0][..., ::2] if layout == "strided" else ref_leaves[0]
+    ref_running = (torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64))
+    y_ref = F.batch_norm(ref_source, *ref_running, ref_leaves[1], ref_leaves[2], True, 0.1, EPS)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, grad_y)
+    tolerance = {"rtol": 3e-2, "atol": 3e-2} if dtype != torch.float32 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.double(), y_ref, **tolerance)
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g.double(), r, **tolerance)
+    for got, expected in zip(running, ref_running, strict=True):
+        torch.testing.assert_close(got.double(), expected, **tolerance)
+
+
+def test_stats_saves_only_pooled_x_hat():
+    """What backward keeps of the map: x̂ pooled 2×2 in the storage dtype (plus per-channel vectors)."""
+    x, _, _, weight, bias = _inputs((2, 3, 5, 7), seed=5)
+    x, weight, bias = leaf(x), leaf(weight), leaf(bias)
+    running = (torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    saved = _saved(lambda: facto.batch_norm_stats(x, *running, weight, bias, 0.1, EPS, 2, torch.bfloat16))
+    maps = [t for t in _excluding(saved, weight) if t.dim() > 1]
+    assert [(t.dtype, tuple(t.shape)) for t in maps] == [(torch.bfloat16, (2, 3, 3, 4))]
+    assert all(t.numel() <= 3 for t in _excluding(saved, weight) if t.dim() <= 1)
+
+
+def test_stats_without_gradients_is_torch_training_batch_norm():
+    """No gradient wanted: torch's training batch-norm runs, running statistics and all."""
+    x, _, _, weight, bias = _inputs((2, 3, 4, 4), seed=6)
+    running, expected = [(torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)) for _ in range(2)]
+    with torch.no_grad():
+        y = facto.batch_norm_stats(x, *running, leaf(weight), bias, 0.1, EPS)
+    torch.testing.assert_close(y, F.batch_norm(x, *expected, weight, bias, True, 0.1, EPS))
+    torch.testing.assert_close(running, expected)
+
+
+def test_stats_one_value_per_channel_is_refused():
+    x, _, _, weight, bias = _inputs((1, 3, 1, 1), seed=7)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        facto.batch_norm_stats(leaf(x), torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64), leaf(weight), bias)
+
+
+def test_stats_opcheck():
+    x, _, _, weight, bias = _inputs((2, 3, 5, 4), seed=8)
+    torch.library.opcheck(torch.ops.facto.batch_norm_stats.default, (leaf(x), leaf(weight), leaf(bias), EPS, 2, None))

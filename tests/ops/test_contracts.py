@@ -68,6 +68,7 @@ CASES = {
     "dropout": lambda x: (x, 0.0),
     "scale": lambda x: (x, torch.full((1,), 1.5, requires_grad=True), 2, None, True),
     "batch_norm": _batch_norm,
+    "batch_norm_stats": lambda x: (x, *_params((4,), (4,)), 1e-5, 2, None),
     "conv2d": _conv,
     "conv2d_factored": _conv_factored,
     "linear": _linear,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -187,6 +189,50 @@ def test_lossy_kernel_1_gradients_equal_dense_autograd():
         d = fmodel.get_buffer(f"{layer}.D")
         expected = dense.get_parameter(f"{layer}.weight").grad.flatten(1) @ d.T
         torch.testing.assert_close(facto[f"{layer}.M"], expected)
+
+
+class _FunctionalNorm(nn.Module):
+    """A batch-norm called as F.batch_norm (as timm's BatchNormAct2d does)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        self.training, 0.1, 1e-5)
+
+
+def test_batch_norm_lossy_trains_on_batch_statistics():
+    """batch_norm='lossy': batch-norm modules within apply_ratio train on batch statistics (the
+    output and the running statistics those of the unrewritten model, step for step), the rest and
+    functional batch-norm stay torch's, with the reason; eval runs on the running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), _FunctionalNorm(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None))
+    reference = copy.deepcopy(model)
+    fmodel = facto_fx.compile(model, batch_norm="lossy", apply_ratio=0.5, verify=False)
+    assert type(fmodel.get_submodule("1")) is FactoBatchNorm and fmodel.get_submodule("1").batch_statistics
+    assert type(fmodel.get_submodule("4")) is FactoBatchNorm
+    assert type(fmodel.get_submodule("10")) is nn.BatchNorm2d  # beyond apply_ratio: torch's
+    decisions = {d.layer: d for d in facto_fx.decisions(fmodel)}
+    assert decisions["7"].unsupported and "functional batch-norm is left in training mode" in decisions["7"].reason
+
+    for _ in range(2):
+        x = torch.randn(4, 3, 9, 7)
+        fmodel.train(), reference.train()
+        torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-5, atol=1e-5)
+    for name in ("1", "4", "7", "10"):
+        got, expected = model.get_submodule(name), reference.get_submodule(name)
+        torch.testing.assert_close(got.running_mean, expected.running_mean)
+        torch.testing.assert_close(got.running_var, expected.running_var)
+    assert model.get_submodule("1").num_batches_tracked.item() == 2
+    fmodel.eval(), reference.eval()
+    torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_batch_norm_train_leaves_bn_alone():
