@@ -123,9 +123,11 @@ def test_switch_regimes_paper_regime_keeps_up_with_vanilla():
 
 @pytest.mark.slow
 def test_switch_regimes_batch_statistics_train_at_the_full_learning_rate():
-    """Digits, one seed, switched after one epoch at the same learning rate: frozen statistics diverge
-    there (0.078, chance); with batch_norm='train' Facto keeps up with vanilla (measured 0.986 / 0.975)."""
-    summary = _load("switch_regimes").main(["--data", "digits", "--seeds", "0", "--regimes", "same",
-                                            "--batch-norm", "train"])
+    """Digits, seed 1, switched after one epoch at the same learning rate: frozen statistics diverge
+    there (0.078, chance), and so do running statistics updated without their gradient; with
+    batch_norm='lossy' (batch statistics, x̂ saved pooled) Facto keeps up with vanilla (measured
+    0.992 / 0.947)."""
+    summary = _load("switch_regimes").main(["--data", "digits", "--seeds", "1", "--regimes", "same",
+                                            "--batch-norm", "lossy"])
     same = summary["digits"]["same"]
-    assert same["facto"] > 0.9 and same["gap"] <= 3.0
+    assert same["facto"] > 0.9 and same["gap"] <= 1.0

@@ -32,9 +32,10 @@ def test_parameters_are_not_counted():
     assert [v.shape for v in values] == [(5, 64)]  # the input, never the weight
 
 
-def test_compiled_facto_keeps_what_eager_facto_keeps():
+@pytest.mark.parametrize("batch_norm", ["freeze", "lossy"])
+def test_compiled_facto_keeps_what_eager_facto_keeps(batch_norm):
     torch.manual_seed(0)
-    fmodel = facto_fx.compile(torchvision.models.resnet18(num_classes=10), apply_ratio=1.0)
+    fmodel = facto_fx.compile(torchvision.models.resnet18(num_classes=10), apply_ratio=1.0, batch_norm=batch_norm)
     x = torch.randn(2, 3, 64, 64)
     eager = facto_fx.report(fmodel, x, analytic=True)
     assert compiled_saved_bytes(fmodel, x) == eager.facto_bytes

@@ -136,7 +136,7 @@ def batch_norm_stats_fwd(
     eps: float,
     lossy_kernel: int,
     storage_dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype)
 
 
@@ -160,15 +160,15 @@ def _subtract_upsampled_(out: Tensor, pooled: Tensor, scale: Tensor, k: int) -> 
 
 
 def _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype):
-    """(y, pooled x̂, [μ; 1/σ]): torch's training batch-norm (one aten call, statistics in fp32
+    """(y, pooled x̂, μ, 1/σ): torch's training batch-norm (one aten call, statistics in fp32
     for every x dtype), then x̂ of the pooled map (pooling commutes with the per-channel affine).
     Also the fake kernel."""
     y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     pooled = mean_pool(x, spatial_kernel(x, lossy_kernel))
     pooled_hat = ((pooled - _per_channel(mean, x)) * _per_channel(invstd, x)).to(x.dtype)
     # aten's fake gives the statistics x's dtype where the CPU kernel gives fp32: fix the dtype.
-    stats = torch.stack([mean, invstd]).to(torch.promote_types(x.dtype, torch.float32))
-    return y, store(pooled_hat, storage_dtype), stats
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return y, store(pooled_hat, storage_dtype), mean.to(acc), invstd.to(acc)
 
 
 batch_norm_stats_fwd.register_fake(_stats_forward)
@@ -176,13 +176,13 @@ batch_norm_stats_fwd.register_fake(_stats_forward)
 
 def _stats_setup_context(ctx, inputs, output):
     _, weight, bias, _, lossy_kernel, _ = inputs
-    ctx.save_for_backward(output[1], weight, output[2][1])
+    ctx.save_for_backward(output[1], weight, output[3])
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.lossy_kernel = lossy_kernel
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _stats_backward(ctx, grad_y, _grad_pooled, _grad_stats):
+def _stats_backward(ctx, grad_y, _grad_pooled, _grad_mean, _grad_invstd):
     """torch's batch-norm backward with x̂ upsampled from its pooled copy; per-channel sums in at least fp32."""
     pooled, weight, invstd = ctx.saved_tensors
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -229,9 +229,8 @@ def batch_norm_stats(
         raise ValueError(
             f"batch-norm on batch statistics needs more than 1 value per channel; got input {tuple(x.shape)}"
         )
-    y, _, stats = torch.ops.facto.batch_norm_stats(x, weight, bias, eps, lossy_kernel, storage_dtype)
+    y, _, mean, invstd = torch.ops.facto.batch_norm_stats(x, weight, bias, eps, lossy_kernel, storage_dtype)
     with torch.no_grad():
-        mean, invstd = stats.to(running_mean.dtype)
-        running_mean.lerp_(mean, momentum)
-        running_var.lerp_((invstd.pow(-2) - eps) * (count / max(count - 1, 1)), momentum)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(((invstd.pow(-2) - eps) * (count / (count - 1))).to(running_var.dtype), momentum)
     return y
