@@ -37,15 +37,20 @@ def rewrite_batch_norm(
     site: RewriteSite, match: Match, lossy_kernel: int, storage_dtype: torch.dtype | None,
     batch_statistics: bool = False,
 ) -> None:
-    """Rewrite a batch-norm module or call into frozen-statistics batch-norm, or a module into
-    batch-statistics batch-norm (FactoBatchNorm's two forms)."""
+    """Rewrite a batch-norm module or call into frozen-statistics batch-norm, or into batch-norm on
+    batch statistics in training; both save x̂ pooled."""
     if match.module is not None:
         site.use_layer(match, FactoBatchNorm(match.module, lossy_kernel, storage_dtype, batch_statistics))
         return
-    if batch_statistics:
-        raise ValueError(f"'{match.layer}' is a functional batch-norm: batch statistics with a pooled saved map "
-                         "cover batch-norm modules only; leave it dense (methods={name: None})")
     args = call_args(match.node)
+    if batch_statistics:
+        site.use_function(
+            match.node, ops.batch_norm_in_mode,
+            tuple(args[name] for name in ("input", "running_mean", "running_var", "weight", "bias", "training",
+                                          "momentum", "eps")),
+            {"lossy_kernel": lossy_kernel, "storage_dtype": storage_dtype},
+        )
+        return
     site.use_function(
         match.node, ops.batch_norm,
         tuple(args[name] for name in ("input", "running_mean", "running_var", "weight", "bias")),

@@ -6,7 +6,7 @@ autocast policy.
 """
 
 from facto_fx.ops import autocast
-from facto_fx.ops.batch_norm import batch_norm, batch_norm_stats
+from facto_fx.ops.batch_norm import batch_norm, batch_norm_in_mode, batch_norm_stats
 from facto_fx.ops.conv import conv2d, delta_weight, merged_weight, projection_filter
 from facto_fx.ops.dropout import dropout
 from facto_fx.ops.error_bound import ErrorBound
@@ -20,8 +20,7 @@ from facto_fx.ops.scale import scale
 autocast.register()
 
 __all__ = [
-    "CompressedFunction", "ErrorBound", "batch_norm", "batch_norm_stats", "compressed_call", "conv2d", "conv_padding",
-    "decompose",
-    "delta_weight", "dropout", "hosvd_conv2d", "hosvd_linear", "linear", "max_pool2d", "merged_weight",
-    "projection_filter", "rank_report", "reconstruct", "relu", "scale",
+    "CompressedFunction", "ErrorBound", "batch_norm", "batch_norm_in_mode", "batch_norm_stats", "compressed_call",
+    "conv2d", "conv_padding", "decompose", "delta_weight", "dropout", "hosvd_conv2d", "hosvd_linear", "linear",
+    "max_pool2d", "merged_weight", "projection_filter", "rank_report", "reconstruct", "relu", "scale",
 ]

@@ -234,3 +234,23 @@ def batch_norm_stats(
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_var.lerp_(((invstd.pow(-2) - eps) * (count / (count - 1))).to(running_var.dtype), momentum)
     return y
+
+
+def batch_norm_in_mode(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    lossy_kernel: int = 2,
+    storage_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """What F.batch_norm(..., training, momentum, eps) computes, saving x̂ pooled: batch statistics
+    in training (batch_norm_stats), running statistics otherwise (batch_norm). A functional
+    batch-norm reads its module's mode at run time, so one graph serves both."""
+    if training:
+        return batch_norm_stats(x, running_mean, running_var, weight, bias, momentum, eps, lossy_kernel, storage_dtype)
+    return batch_norm(x, running_mean, running_var, weight, bias, eps, lossy_kernel, storage_dtype)

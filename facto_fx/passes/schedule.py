@@ -169,12 +169,8 @@ def _by_pattern(
 def _batch_stats(match: Match, config: FactoConfig) -> str | None:
     """Why a batch-norm stays torch's (batch statistics, input saved whole), if it does: only a
     method that wraps it whole applies."""
-    if match.kind != BATCH_NORM:
-        return None
-    if config.batch_norm == "train":
+    if match.kind == BATCH_NORM and config.batch_norm == "train":
         return "batch_norm='train': left in training mode"
-    if config.batch_norm == "lossy" and match.module is None:
-        return "batch_norm='lossy' rewrites batch-norm modules; this functional batch-norm is left in training mode"
     return None
 
 
