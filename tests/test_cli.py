@@ -156,6 +156,18 @@ def test_amp_on_a_cpu_without_bf16_warns(tmp_path, capsys, monkeypatch):
               "--limit-batches", "1", "--batch-size", "4", "--no-progress", "--no-plots", "--out", str(tmp_path)])
 
 
+def test_train_takes_lossy_batch_norm(tmp_path):
+    """--batch-norm lossy: the Facto phase trains batch-norm on batch statistics, so its running
+    statistics keep moving after the switch (frozen ones would not)."""
+    code = main(["train", "--model", "cifar_vgg11_bn", "--batch-norm", "lossy", "--epochs", "2", "--frt-epochs", "1",
+                 "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    assert code == 0
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["config"]["batch_norm"] == "lossy"
+    counts = {k: v.item() for k, v in saved["model"].items() if k.endswith("num_batches_tracked")}
+    assert counts and all(count == 4 for count in counts.values())  # 2 full-rank steps, 2 Facto steps
+
+
 def test_train_and_report_take_batch_norm(tmp_path, capsys):
     code = main(["train", "--model", "cifar_vgg11_bn", "--batch-norm", "train", "--epochs", "2", "--frt-epochs", "1",
                  "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots", "--out", str(tmp_path)])
