@@ -29,10 +29,11 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lossy-kernel", type=int, default=2, help="mean-pool size of saved maps (1: none)")
     parser.add_argument("--apply-ratio", type=float, default=0.6, help="share of layers compressed from the input")
     parser.add_argument("--storage-dtype", default=None, help="dtype of compressed maps: fp32, bf16, fp16")
-    parser.add_argument("--batch-norm", default="freeze", choices=BATCH_NORM_MODES,
+    parser.add_argument("--batch-norm", default="auto", choices=("auto", *BATCH_NORM_MODES),
                         help="freeze: running statistics, frozen (the paper; switch with an LR drop); lossy: "
                              "batch statistics, x̂ saved pooled as frozen saves it (trains at an undropped LR); "
-                             "train: torch's batch-norm left as it is (its input saved whole)")
+                             "train: torch's batch-norm left as it is (its input saved whole); auto: freeze "
+                             "where the LR drops at the switch, else lossy (report: freeze)")
     parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
                         help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
                              "eb: error-bounded compression of every layer Facto leaves; rowstrips: the local "
@@ -59,7 +60,8 @@ def report_command(args: argparse.Namespace) -> int:
     model = build_model(args.model, num_classes=args.num_classes, device=device)
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
-        storage_dtype=args.storage_dtype, batch_norm=args.batch_norm, verify=args.peak,
+        storage_dtype=args.storage_dtype, verify=args.peak,
+        batch_norm="freeze" if args.batch_norm == "auto" else args.batch_norm,  # no schedule: the paper's
         **method_options(args.method, args.eps, args.last, args.eb, args.sigma, args.strips, args.strip_mode),
     )
     shape = (args.batch_size, args.in_channels, args.image_size, args.image_size)

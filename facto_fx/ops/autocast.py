@@ -9,9 +9,9 @@ op stands for:
   F.linear): the input x is cast to the autocast dtype (bf16 or fp16, whichever torch.autocast asks
   for) and the op runs in it. The op itself casts W + M·D (formed in the parameters' precision), D
   and the bias to x's dtype (the hosvd ops: W and the bias).
-- relu, max_pool2d, dropout, scale, batch_norm (on no autocast list): no cast; they run in their
-  input's dtype, their parameters (s, γ, β, running statistics) stay fp32, and the output takes
-  x's dtype.
+- relu, max_pool2d, dropout, scale, batch_norm, batch_norm_stats (on no autocast list): no cast;
+  they run in their input's dtype, their parameters (s, γ, β, running statistics) stay fp32, and
+  the output takes x's dtype.
 
 Every op's output dtype is therefore its input x's dtype, on every path and in every fake.
 """

@@ -26,7 +26,9 @@ class TrainConfig:
     multiplied by lr_gamma at each epoch in lr_milestones; by default once, where low-rank
     training starts, as in the paper (FRT ends at a learning-rate drop). merge_every counts
     optimizer steps (default: one epoch). limit_batches caps the batches per epoch, train and
-    test, for quick checks.
+    test, for quick checks. batch_norm "auto" freezes statistics where the learning rate drops at
+    the switch and trains on batch statistics ("lossy") where it does not: each what measured
+    best there (benchmarks/switch_regimes.py).
     """
 
     model: str = "cifar_vgg11_bn"
@@ -47,7 +49,7 @@ class TrainConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: str | None = None
-    batch_norm: Literal["freeze", "lossy", "train"] = "freeze"
+    batch_norm: Literal["auto", "freeze", "lossy", "train"] = "auto"
     method: Literal["facto", "hosvd", "svd", "eb", "rowstrips"] = "facto"
     eps: float = 0.8
     last: int = 4
@@ -105,9 +107,18 @@ class TrainConfig:
         (presets.method_options)."""
         return FactoConfig(
             inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
-            storage_dtype=self.storage_dtype, batch_norm=self.batch_norm, seed=self.seed,
+            storage_dtype=self.storage_dtype, batch_norm=self.facto_batch_norm, seed=self.seed,
             **method_options(self.method, self.eps, self.last, self.eb, self.sigma, self.strips, self.strip_mode),
         )
+
+    @property
+    def facto_batch_norm(self) -> str:
+        """compile's batch_norm: batch_norm, with "auto" resolved by the learning rate at the switch."""
+        if self.batch_norm != "auto":
+            return self.batch_norm
+        switch = self.frt_epochs
+        dropped = 0 < switch < self.epochs and self.lr_at(switch) < self.lr_at(switch - 1)
+        return "freeze" if dropped else "lossy"
 
     @property
     def milestones(self) -> tuple[int, ...]:

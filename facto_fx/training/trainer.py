@@ -128,7 +128,7 @@ class Trainer:
         self.raw = fmodel
         # Frozen statistics and deterministic D: no buffer needs broadcasting once Facto is on; batch
         # statistics keep updating running averages, which rank 0 broadcasts as for the dense model.
-        self.model = self._wrap(fmodel, broadcast_buffers=config.batch_norm != "freeze")
+        self.model = self._wrap(fmodel, broadcast_buffers=config.facto_batch_norm != "freeze")
         self.position.phase = FACTO
         if self.topology.is_main:
             x = torch.empty(self.config.batch_size, 3, self.data.image_size, self.data.image_size, device="meta")
@@ -152,7 +152,7 @@ class Trainer:
     def _recalibrate_batch_norm(self) -> None:
         """Statistics of the current weights before compile freezes them (one epoch of batches),
         averaged over the processes."""
-        if self.config.facto_config().batch_norm != "freeze":
+        if self.config.facto_batch_norm != "freeze":
             return
         self.sampler.set_epoch(self.position.epoch)
         with self._autocast():

@@ -38,3 +38,13 @@ def test_learning_rate_drops_where_facto_starts_by_default():
 def test_resume_conflicts_name_the_changed_options():
     saved = {**TrainConfig().__dict__, "inr": 0.2, "epochs": 9}
     assert TrainConfig().conflicts_with(saved) == ["inr"]
+
+
+def test_auto_batch_norm_freezes_only_where_the_rate_drops_at_the_switch():
+    assert TrainConfig(epochs=6, frt_epochs=1).facto_config().batch_norm == "freeze"  # the default schedule drops it
+    assert TrainConfig(epochs=6, frt_epochs=1, lr_milestones=()).facto_config().batch_norm == "lossy"
+    assert TrainConfig(epochs=6, frt_epochs=1, lr_milestones=(3,)).facto_config().batch_norm == "lossy"
+    assert TrainConfig(epochs=6, frt_epochs=0).facto_config().batch_norm == "lossy"  # Facto from the start
+    for explicit in ("freeze", "lossy", "train"):
+        config = TrainConfig(epochs=6, frt_epochs=1, lr_milestones=(), batch_norm=explicit)
+        assert config.facto_config().batch_norm == explicit

@@ -94,13 +94,15 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
 
 
 def test_frozen_statistics_at_the_full_learning_rate_are_warned_about():
-    same_rate = TrainConfig(epochs=6, frt_epochs=1, lr_milestones=())
+    same_rate = TrainConfig(epochs=6, frt_epochs=1, lr_milestones=(), batch_norm="freeze")
     assert "no lower than full-rank training's 0.05, with 3 batch-norm layers" in frozen_at_full_rate(same_rate, 3)
     assert "--batch-norm lossy" in frozen_at_full_rate(same_rate, 3)
-    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=1), 3) is None  # the default drops it there
+    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=1, batch_norm="freeze"), 3) is None  # dropped
     assert frozen_at_full_rate(same_rate, 0) is None  # nothing frozen
     assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="train"), 3) is None
-    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=6, lr_milestones=()), 3) is None  # never switches
+    assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="auto"), 3) is None
+    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=6, lr_milestones=(), batch_norm="freeze"), 3) is None
+
 
 
 def test_early_switch_reads_the_last_full_rank_loss():
