@@ -304,3 +304,31 @@ def test_no_recompilation_after_the_layers_are_added():
     compiled(x)
     compiled(x).sum().backward()
     assert len(calls) == 1
+
+
+def test_batch_statistics_through_the_backend():
+    """batch_norm='lossy' in the backend: batch-norm trains on batch statistics; with lossy_kernel 1
+    the output, the running statistics and γ's gradient are those of the model run eagerly."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Plain()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="facto",
+                             options={"apply_ratio": 1.0, "batch_norm": "lossy", "lossy_kernel": 1})
+    x = torch.randn(4, 3, 16, 16)
+    y, y_ref = compiled(x), reference(x)
+    torch.testing.assert_close(y, y_ref)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+    torch.testing.assert_close(model.bn.running_var, reference.bn.running_var)
+    torch.testing.assert_close(model.bn.weight.grad, reference.bn.weight.grad, rtol=1e-4, atol=1e-5)
+    assert hasattr(model.conv, "facto")  # the conv before it is Facto's
+
+    torch._dynamo.reset()
+    model = copy.deepcopy(reference)
+    model.zero_grad()
+    compiled = torch.compile(model, backend="facto", options={"apply_ratio": 1.0, "batch_norm": "lossy"})
+    compiled(x).square().sum().backward()
+    # lossy_kernel 2: γ's gradient comes from the pooled x̂ (torch's batch-norm would give the exact one)
+    assert not torch.allclose(model.bn.weight.grad, reference.bn.weight.grad, rtol=1e-3)
