@@ -116,9 +116,13 @@ class TrainConfig:
         """compile's batch_norm: batch_norm, with "auto" resolved by the learning rate at the switch."""
         if self.batch_norm != "auto":
             return self.batch_norm
+        return "freeze" if self.rate_drops_at_switch else "lossy"
+
+    @property
+    def rate_drops_at_switch(self) -> bool:
+        """Whether full-rank training is followed by Facto at a lower learning rate (the paper's switch)."""
         switch = self.frt_epochs
-        dropped = 0 < switch < self.epochs and self.lr_at(switch) < self.lr_at(switch - 1)
-        return "freeze" if dropped else "lossy"
+        return 0 < switch < self.epochs and self.lr_at(switch) < self.lr_at(switch - 1)
 
     @property
     def milestones(self) -> tuple[int, ...]:

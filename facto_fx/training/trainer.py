@@ -351,9 +351,9 @@ def frozen_at_full_rate(config: TrainConfig, batch_norm_layers: int) -> str | No
     switch = config.frt_epochs
     if not (batch_norm_layers and config.batch_norm == "freeze" and 0 < switch < config.epochs):
         return None
-    before, after = config.lr_at(switch - 1), config.lr_at(switch)
-    if after < before:
+    if config.rate_drops_at_switch:
         return None
+    before, after = config.lr_at(switch - 1), config.lr_at(switch)
     return (f"Facto starts at learning rate {after:g}, no lower than full-rank training's {before:g}, with "
             f"{batch_norm_layers} batch-norm layers' statistics frozen: at the full rate they diverged in our "
             "measurements (benchmarks/switch_regimes.py); drop the rate where Facto starts (--lr-milestones, the "
