@@ -246,16 +246,13 @@ class FactoBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.batch_statistics and self.training:
+        training, momentum = self.batch_statistics and self.training, 0.0
+        if training:
             self.num_batches_tracked.add_(1)
             momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            return ops.batch_norm_stats(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                momentum, self.eps, self.lossy_kernel, self.storage_dtype,
-            )
-        return ops.batch_norm(
+        return ops.batch_norm_in_mode(
             x, self.running_mean, self.running_var, self.weight, self.bias,
-            self.eps, self.lossy_kernel, self.storage_dtype,
+            training, momentum, self.eps, self.lossy_kernel, self.storage_dtype,
         )
 
     def extra_repr(self) -> str:
