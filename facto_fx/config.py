@@ -30,8 +30,9 @@ class FactoConfig:
         statistics (the forward and the running statistics as torch's) and saves x̂ pooled like
         the frozen form, its backward reading x̂ from that copy; both save the same bytes, and
         "lossy" trains where frozen statistics diverge (an early switch at an undropped learning
-        rate). "lossy" covers batch-norm modules: functional batch-norm and layers beyond
-        apply_ratio stay torch's. "train" leaves every batch-norm as torch's, its input saved whole.
+        rate). Under "lossy", batch-norm beyond apply_ratio stays torch's, and so does a module the
+        trace keeps whole (timm's BatchNormAct2d counts its batches in place), with the reason in
+        the report. "train" leaves every batch-norm as torch's, its input saved whole.
     include / exclude / layer_filter: force layers in or out by qualified name or by a function
         ``(name, module_or_None) -> bool`` returning False to exclude.
     leaf_modules: qualified names the tracer must not enter; they are kept as one call, dense.
