@@ -281,8 +281,10 @@ class _Planner:
                 f"#{self.ordered.index(match) + 1} of {len(self.ordered)} from the input, "
                 f"{verdict} apply_ratio={self.config.apply_ratio}"
             )
-            decision.method = self.low_rank if within else _torch_batch_norm(self.config) if match.kind == BATCH_NORM \
-                else None
+            if within:
+                decision.method = self.low_rank
+            elif match.kind == BATCH_NORM:
+                decision.method = _torch_batch_norm(self.config)
             return decision
         if match.kind == LINEAR:
             decision.reason = LINEAR_PENDING
