@@ -136,9 +136,15 @@ class TrainConfig:
         return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones)
 
     def conflicts_with(self, saved: dict) -> list[str]:
-        """Options that differ from a checkpoint's and would change the run's numbers."""
-        fields = {f.name for f in dataclasses.fields(self)} - RESUMABLE_CHANGES
-        return sorted(f for f in fields if f in saved and saved[f] != getattr(self, f))
+        """Options that differ from a checkpoint's and would change the run's numbers. Options are
+        compared as resolved ("auto" batch-norm as the mode it picks), so a checkpoint written
+        before a default became "auto" resumes where the run is the same."""
+        fields = sorted(f for f in {f.name for f in dataclasses.fields(self)} - RESUMABLE_CHANGES if f in saved)
+        theirs = dataclasses.replace(self, **{f: saved[f] for f in fields})
+        return [f for f in fields if theirs._resolved(f) != self._resolved(f)]
+
+    def _resolved(self, option: str) -> object:
+        return self.facto_batch_norm if option == "batch_norm" else getattr(self, option)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -40,6 +40,16 @@ def test_resume_conflicts_name_the_changed_options():
     assert TrainConfig().conflicts_with(saved) == ["inr"]
 
 
+def test_resume_compares_auto_batch_norm_as_the_mode_it_picks():
+    """A checkpoint from before "auto" (batch_norm="freeze") resumes under the default where auto
+    picks freeze, and is refused where auto would pick lossy: that run would compute otherwise."""
+    dropping, level = TrainConfig(epochs=6, frt_epochs=1), TrainConfig(epochs=6, frt_epochs=1, lr_milestones=())
+    assert dropping.conflicts_with({**dropping.__dict__, "batch_norm": "freeze"}) == []
+    assert level.conflicts_with({**level.__dict__, "batch_norm": "freeze"}) == ["batch_norm"]
+    assert level.conflicts_with({**level.__dict__, "batch_norm": "lossy"}) == []
+    assert dropping.conflicts_with({**dropping.__dict__, "batch_norm": "train"}) == ["batch_norm"]
+
+
 def test_auto_batch_norm_freezes_only_where_the_rate_drops_at_the_switch():
     assert TrainConfig(epochs=6, frt_epochs=1).facto_config().batch_norm == "freeze"  # the default schedule drops it
     assert TrainConfig(epochs=6, frt_epochs=1, lr_milestones=()).facto_config().batch_norm == "lossy"
