@@ -19,7 +19,7 @@ from facto_fx.config import BATCH_NORM_MODES
 from facto_fx.model_zoo import build_model, check_model_name
 from facto_fx.presets import METHOD_CHOICES, method_description, method_options
 from facto_fx.training import TrainConfig
-from facto_fx.training.config import OPTIMIZERS
+from facto_fx.training.config import OPTIMIZERS, SWITCHES
 from facto_fx.training.data import DATASETS
 from facto_fx.training.distributed import resolve_device
 
@@ -78,7 +78,8 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epochs: int, lr: float) -> None:
+def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epochs: int, lr: float,
+                          switch: str) -> None:
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, help="a torchvision classification model or a package model")
     parser.add_argument("--dataset", default=defaults.dataset, help=f"one of {', '.join(DATASETS)}")
@@ -86,7 +87,11 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--download", action="store_true", help="download cifar10 into --data-dir")
     parser.add_argument("--image-size", type=int, default=None, help="input size (digits 32, imagefolder 224)")
     parser.add_argument("--epochs", type=int, default=epochs, help="total epochs")
-    parser.add_argument("--frt-epochs", type=int, default=frt_epochs, help="full-rank epochs before Facto")
+    parser.add_argument("--frt-epochs", type=int, default=frt_epochs,
+                        help="full-rank epochs before Facto (the earliest switch, with --switch auto)")
+    parser.add_argument("--switch", default=switch, choices=SWITCHES,
+                        help="auto: Facto waits while the full-rank loss is above half of chance (ln classes / 2); "
+                             "fixed: it starts after --frt-epochs regardless")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
     parser.add_argument("--lr", type=float, default=lr, help="learning rate")
     parser.add_argument("--lr-milestones", type=int, nargs="*", default=None,
@@ -169,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="full-rank then Facto training, with checkpoints and resume",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_training_options(train, epochs=TrainConfig.epochs, frt_epochs=TrainConfig.frt_epochs, lr=TrainConfig.lr)
+    _add_training_options(train, epochs=TrainConfig.epochs, frt_epochs=TrainConfig.frt_epochs, lr=TrainConfig.lr,
+                          switch=TrainConfig.switch)
     train.add_argument("--out", default="runs/facto", help="folder for checkpoint.pt, model_dense.pt, history.json")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
@@ -179,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="vanilla vs Facto on scikit-learn's digits, with plots (about 2 min)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_training_options(demo, epochs=3, frt_epochs=1, lr=0.01)
+    # A side-by-side on one declared schedule: Facto starts where it says, even in a quick run.
+    _add_training_options(demo, epochs=3, frt_epochs=1, lr=0.01, switch="fixed")
     demo.add_argument("--out", default="facto-demo", help="folder for the plots")
     demo.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
     demo.set_defaults(run=demo_command)

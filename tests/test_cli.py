@@ -42,7 +42,8 @@ def test_report_and_train_with_the_error_bounded_preset(capsys, tmp_path):
     assert {"activation", "mul"} <= {line.split()[1] for line in out.splitlines()
                                      if len(line.split()) > 2 and line.split()[2] == "eb"}
     code = main(["train", "--model", "cifar_vgg11", "--method", "eb", "--epochs", "2", "--frt-epochs", "1",
-                 "--limit-batches", "3", "--batch-size", "16", "--no-progress", "--out", str(tmp_path / "run")])
+                 "--switch", "fixed", "--limit-batches", "3", "--batch-size", "16",
+                 "--no-progress", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert code == 0 and "error-bounded:" in out and "codes" in out and "x smaller" in out
     assert main(["train", "--method", "eb", "--eb", "0"]) == 2
@@ -95,7 +96,7 @@ def test_train_on_an_image_folder_writes_checkpoint_dense_model_and_history(tmp_
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
     code = main(["train", "--model", "cifar_vgg11_bn", "--dataset", "imagefolder", "--data-dir", str(data),
-                 "--image-size", "32", "--epochs", "2", "--frt-epochs", "1", "--batch-size", "4",
+                 "--image-size", "32", "--epochs", "2", "--frt-epochs", "1", "--switch", "fixed", "--batch-size", "4",
                  "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -107,7 +108,7 @@ def test_train_on_an_image_folder_writes_checkpoint_dense_model_and_history(tmp_
     if importlib.util.find_spec("matplotlib"):  # the demo's pictures of the run
         assert {"memory_per_layer.png", "compression_per_layer.png", "training_curves.png"} <= set(written)
     code = main(["train", "--model", "cifar_vgg11_bn", "--dataset", "imagefolder", "--data-dir", str(data),
-                 "--image-size", "32", "--epochs", "3", "--frt-epochs", "1", "--batch-size", "4",
+                 "--image-size", "32", "--epochs", "3", "--frt-epochs", "1", "--switch", "fixed", "--batch-size", "4",
                  "--out", str(out), "--no-progress", "--resume", "--no-plots"])
     assert code == 0 and "resumed from" in capsys.readouterr().out
 
@@ -143,7 +144,7 @@ def test_train_with_amp_and_compile_runs_through_the_switch_to_facto(tmp_path, c
     """bf16 autocast + torch.compile (inductor): the compiled Facto model's fakes agree with its ops."""
     code = main(["train", "--model", "cifar_vgg11_bn", "--dataset", "digits", "--amp", "--compile", "--epochs", "2",
                  "--frt-epochs", "1", "--limit-batches", "2", "--batch-size", "8", "--out", str(tmp_path),
-                 "--no-progress"])
+                 "--switch", "fixed", "--no-progress"])
     assert code == 0 and "epoch 2 (facto)" in capsys.readouterr().out
 
 
@@ -160,7 +161,8 @@ def test_train_takes_lossy_batch_norm(tmp_path):
     """--batch-norm lossy: the Facto phase trains batch-norm on batch statistics, so its running
     statistics keep moving after the switch (frozen ones would not)."""
     code = main(["train", "--model", "cifar_vgg11_bn", "--batch-norm", "lossy", "--epochs", "2", "--frt-epochs", "1",
-                 "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+                 "--switch", "fixed", "--limit-batches", "2", "--batch-size", "8",
+                 "--no-progress", "--no-plots", "--out", str(tmp_path)])
     assert code == 0
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["config"]["batch_norm"] == "lossy"
@@ -170,7 +172,8 @@ def test_train_takes_lossy_batch_norm(tmp_path):
 
 def test_train_and_report_take_batch_norm(tmp_path, capsys):
     code = main(["train", "--model", "cifar_vgg11_bn", "--batch-norm", "train", "--epochs", "2", "--frt-epochs", "1",
-                 "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+                 "--switch", "fixed", "--limit-batches", "2", "--batch-size", "8",
+                 "--no-progress", "--no-plots", "--out", str(tmp_path)])
     assert code == 0
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["config"]["batch_norm"] == "train"

@@ -11,6 +11,7 @@ from facto_fx.presets import method_options
 from facto_fx.training.data import DATASETS
 
 OPTIMIZERS = ("sgd", "adamw")
+SWITCHES = ("auto", "fixed")
 #: Options that may differ between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "out", "resume", "checkpoint_every", "progress", "workers"})
 
@@ -20,15 +21,18 @@ class TrainConfig:
     """A training run: full-rank for `frt_epochs`, then Facto low-rank training until `epochs`.
 
     frt_epochs == epochs trains full-rank throughout (the vanilla baseline). The defaults (10
-    epochs, 3 full-rank, lr 0.05) measured best of those tried in benchmarks/train_defaults.py:
-    Facto equals vanilla on digits with batch-norm models; models without batch-norm are still
-    at chance after 3 epochs there, and `train` warns when that is so at the switch. The learning rate is
-    multiplied by lr_gamma at each epoch in lr_milestones; by default once, where low-rank
-    training starts, as in the paper (FRT ends at a learning-rate drop). merge_every counts
-    optimizer steps (default: one epoch). limit_batches caps the batches per epoch, train and
-    test, for quick checks. batch_norm "auto" freezes statistics where the learning rate drops at
-    the switch and trains on batch statistics ("lossy") where it does not: each what measured
-    best there (benchmarks/switch_regimes.py).
+    epochs, 3 full-rank, lr 0.05) measured best of those tried in benchmarks/train_defaults.py.
+    switch "auto" makes frt_epochs the earliest switch: while the last full-rank epoch's training
+    loss is still above half of chance (ln classes / 2), Facto waits an epoch more, because
+    low-rank training cannot catch up from weights that have not learned yet (models without
+    batch-norm are still at chance after 3 epochs on digits); "fixed" switches at frt_epochs
+    regardless, and warns. frt_epochs 0 (no full-rank phase) never waits. The learning rate is
+    multiplied by lr_gamma at each epoch in lr_milestones; by default once, at frt_epochs, as in
+    the paper (FRT ends at a learning-rate drop). merge_every counts optimizer steps (default: one
+    epoch). limit_batches caps the batches per epoch, train and test, for quick checks.
+    batch_norm "auto" freezes statistics where Facto starts below the initial learning rate and
+    trains on batch statistics ("lossy") where it does not: each what measured best there
+    (benchmarks/switch_regimes.py).
     """
 
     model: str = "cifar_vgg11_bn"
@@ -38,6 +42,7 @@ class TrainConfig:
     image_size: int | None = None
     epochs: int = 10
     frt_epochs: int = 3
+    switch: Literal["auto", "fixed"] = "auto"
     batch_size: int = 64
     lr: float = 0.05
     lr_milestones: tuple[int, ...] | None = None
@@ -72,6 +77,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; valid names: {', '.join(DATASETS)}")
+        if self.switch not in SWITCHES:
+            raise ValueError(f"unknown switch {self.switch!r}; valid names: {', '.join(SWITCHES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid names: {', '.join(OPTIMIZERS)}")
         for name in ("epochs", "batch_size"):
@@ -113,16 +120,16 @@ class TrainConfig:
 
     @property
     def facto_batch_norm(self) -> str:
-        """compile's batch_norm: batch_norm, with "auto" resolved by the learning rate at the switch."""
+        """compile's batch_norm: batch_norm, with "auto" resolved by the learning rate at frt_epochs.
+        A later switch (switch "auto") starts at a rate no higher, so freezing stays safe there."""
         if self.batch_norm != "auto":
             return self.batch_norm
-        return "freeze" if self.rate_drops_at_switch else "lossy"
+        return "freeze" if self.rate_lowered_at(self.frt_epochs) else "lossy"
 
-    @property
-    def rate_drops_at_switch(self) -> bool:
-        """Whether full-rank training is followed by Facto at a lower learning rate (the paper's switch)."""
-        switch = self.frt_epochs
-        return 0 < switch < self.epochs and self.lr_at(switch) < self.lr_at(switch - 1)
+    def rate_lowered_at(self, switch: int) -> bool:
+        """Whether Facto starting at epoch `switch` trains below the initial learning rate, after
+        full-rank training (the paper's switch, at a learning-rate drop)."""
+        return 0 < switch < self.epochs and self.lr_at(switch) < self.lr
 
     @property
     def milestones(self) -> tuple[int, ...]:

@@ -69,6 +69,7 @@ class _Position:
     step_in_epoch: int = 0
     global_step: int = 0
     phase: str = FULL_RANK
+    switched_at: int | None = None  # the epoch Facto started at (None: not yet, or a checkpoint from before)
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss·n, correct, n
 
 
@@ -107,8 +108,9 @@ class Trainer:
         self.optimizer = self._optimizer([{"params": list(self.raw.parameters())}])
         self.model = self._wrap(self.raw, broadcast_buffers=True)
 
-    def _switch_to_facto(self, recalibrate: bool = True) -> None:
-        """Compile the full-rank model for Facto; a fresh optimizer over M and the other trainables.
+    def _switch_to_facto(self, epoch: int, recalibrate: bool = True) -> None:
+        """Compile the full-rank model for Facto, which starts at `epoch`; a fresh optimizer over M
+        and the other trainables.
 
         Batch-norm statistics are frozen from here on, so they are first re-estimated on the
         current weights: the running averages lag the weights by many steps after a short FRT.
@@ -123,13 +125,13 @@ class Trainer:
         # W is regularised by the hooks (paper eq. 14), not by decaying M.
         self.optimizer = self._optimizer([{"params": low_rank, "weight_decay": 0.0}, {"params": others}])
         merge_every = config.merge_every or self.steps_per_epoch
-        w_decay = config.lr_at(config.frt_epochs) * config.weight_decay
+        w_decay = config.lr_at(epoch) * config.weight_decay
         self.hooks = facto_fx.attach(fmodel, self.optimizer, merge_every, w_decay=w_decay)
         self.raw = fmodel
         # Frozen statistics and deterministic D: no buffer needs broadcasting once Facto is on; batch
         # statistics keep updating running averages, which rank 0 broadcasts as for the dense model.
         self.model = self._wrap(fmodel, broadcast_buffers=config.facto_batch_norm != "freeze")
-        self.position.phase = FACTO
+        self.position.phase, self.position.switched_at = FACTO, epoch
         if self.topology.is_main:
             x = torch.empty(self.config.batch_size, 3, self.data.image_size, self.data.image_size, device="meta")
             self.report = facto_fx.report(fmodel, x, analytic=True)
@@ -195,7 +197,9 @@ class Trainer:
             raise ValueError(f"cannot resume: options differ from the checkpoint's ({changes})")
         position = _Position(**state["position"])
         if position.phase == FACTO:
-            self._switch_to_facto(recalibrate=False)
+            if position.switched_at is None:  # a checkpoint from before switch "auto": it switched at frt_epochs
+                position.switched_at = self.config.frt_epochs
+            self._switch_to_facto(position.switched_at, recalibrate=False)
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.hooks is not None:
@@ -234,16 +238,17 @@ class Trainer:
                 print(run_header(self.config, self.device))
             self._restore_or_start()
             while self.position.epoch < self.config.epochs:
-                if self.position.epoch == self.config.frt_epochs and self.position.phase == FULL_RANK:
-                    if self.topology.is_main:
-                        problems = (early_switch(self.history, self.data.num_classes),
-                                    frozen_at_full_rate(self.config, len(batch_norms(self.raw))))
-                        for problem in filter(None, problems):
-                            warnings.warn(problem, stacklevel=2)
-                    self._switch_to_facto()
+                if self._switch_due():
+                    self._switch_to_facto(self.position.epoch)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.config.lr_at(self.position.epoch)
                 self._train_epoch()
+            never_started = self.position.phase == FULL_RANK and self.config.frt_epochs < self.config.epochs
+            if never_started and self.topology.is_main:
+                warnings.warn("Facto never started: the full-rank training loss stayed above half of chance "
+                              "before every epoch Facto could have started at, so this run was full-rank "
+                              "throughout; train longer (--epochs), faster (--lr), or switch regardless "
+                              "(--switch fixed)", stacklevel=2)
             if self.report is not None and self.report.notes and self.topology.is_main:
                 self.report = self._measured_report()
                 print(f"measured on a training batch: {_memory_line(self.report)}")
@@ -251,6 +256,26 @@ class Trainer:
         finally:
             distributed.teardown(self.topology)
         return TrainResult(self.config, self.history, self.raw, self.report, self.out)
+
+    def _switch_due(self) -> bool:
+        """Whether Facto starts at this epoch: from frt_epochs on, unless switch "auto" waits for
+        full-rank training to leave chance (the same verdict on every process: the loss is summed
+        over them). A switch that goes ahead anyway is warned about, as is a frozen statistics one."""
+        epoch, config = self.position.epoch, self.config
+        if self.position.phase != FULL_RANK or epoch < config.frt_epochs:
+            return False
+        untrained = near_chance(self.history, self.data.num_classes) if config.frt_epochs else None
+        if untrained and config.switch == "auto":
+            if self.topology.is_main:
+                print(f"Facto waits: {untrained} (--switch fixed starts it regardless)")
+            return False
+        if self.topology.is_main:
+            problems = (untrained and f"low-rank training starts although {untrained}: it will lose accuracy; train "
+                        "full-rank longer (--frt-epochs, or --switch auto to wait) or faster (--lr)",
+                        frozen_at_full_rate(config, epoch, len(batch_norms(self.raw))))
+            for problem in filter(None, problems):
+                warnings.warn(problem, stacklevel=3)
+        return True
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -300,7 +325,7 @@ class Trainer:
             if position.phase == FACTO:
                 for line in facto_fx.method_summaries(self.raw):
                     print(f"  {line}")
-        self.position = _Position(position.epoch + 1, 0, position.global_step, position.phase)
+        self.position = _Position(position.epoch + 1, 0, position.global_step, position.phase, position.switched_at)
         self.save_checkpoint()
 
     @torch.no_grad()
@@ -324,36 +349,38 @@ class Trainer:
         (self.out / HISTORY).write_text(json.dumps([dataclasses.asdict(r) for r in self.history], indent=1))
 
 
-def early_switch(history: list[EpochRecord], num_classes: int) -> str | None:
-    """Why switching to Facto now will lose accuracy, if full-rank training has not learned yet.
+def near_chance(history: list[EpochRecord], num_classes: int) -> str | None:
+    """What says full-rank training has not learned yet: its last epoch's training loss still above
+    half of chance (ln classes / 2), or no full-rank epoch at all.
 
     Low-rank training moves W only within the few directions D spans between merges, so it
-    cannot catch up from weights at chance: measured with benchmarks/train_defaults.py, a VGG
-    without batch-norm switched while its loss was still ln(classes) ended far below vanilla.
+    cannot catch up from weights near chance: measured with benchmarks/train_defaults.py, a VGG
+    without batch-norm switched while its loss was still ln(classes) ended far below vanilla,
+    and closer to it switched once its loss had halved.
     """
     chance = math.log(num_classes)
-    if history and history[-1].train_loss < 0.9 * chance:
+    if not history:
+        return "no full-rank training yet"
+    loss = history[-1].train_loss
+    if loss < chance / 2:
         return None
-    where = f"after epoch {history[-1].epoch}, at training loss {history[-1].train_loss:.2f}" if history else (
-        "before any full-rank training")
-    return (f"low-rank training starts {where}, with the model still at chance (loss ln {num_classes} = "
-            f"{chance:.2f}): it will lose accuracy; train full-rank longer (--frt-epochs) or faster (--lr) "
-            "before the switch (the paper switches after 30 % of the epochs)")
+    return (f"the full-rank training loss after epoch {history[-1].epoch} is {loss:.2f}, above half of chance "
+            f"(ln {num_classes} / 2 = {chance / 2:.2f})")
 
 
-def frozen_at_full_rate(config: TrainConfig, batch_norm_layers: int) -> str | None:
-    """Why frozen batch-norm statistics will fail, if the learning rate does not drop at the switch.
+def frozen_at_full_rate(config: TrainConfig, switch: int, batch_norm_layers: int) -> str | None:
+    """Why frozen batch-norm statistics will fail, if Facto starts at epoch `switch` at the full
+    learning rate.
 
     Frozen statistics cannot follow weights that still move fast: measured with
     benchmarks/switch_regimes.py, cifar_vgg11_bn switched after one epoch on digits at the full
     learning rate diverged (chance) with them, and matched vanilla with batch statistics.
     """
-    switch = config.frt_epochs
     if not (batch_norm_layers and config.batch_norm == "freeze" and 0 < switch < config.epochs):
         return None
-    if config.rate_drops_at_switch:
+    if config.rate_lowered_at(switch):
         return None
-    before, after = config.lr_at(switch - 1), config.lr_at(switch)
+    before, after = config.lr, config.lr_at(switch)
     return (f"Facto starts at learning rate {after:g}, no lower than full-rank training's {before:g}, with "
             f"{batch_norm_layers} batch-norm layers' statistics frozen: at the full rate they diverged in our "
             "measurements (benchmarks/switch_regimes.py); drop the rate where Facto starts (--lr-milestones, the "
@@ -390,7 +417,9 @@ def run_header(config: TrainConfig, device: torch.device) -> str:
     """The line `train` opens with: model, data, schedule, method, and where Facto starts."""
     method = method_description(config.method, config.eps, config.last, config.eb, config.sigma,
                                 config.strips, config.strip_mode)
-    return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {config.frt_epochs} full-rank, then Facto "
+    at_least = "at least " if config.switch == "auto" and config.frt_epochs else ""
+    return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {at_least}{config.frt_epochs} full-rank, "
+            "then Facto "
             f"(INR {config.inr}, lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{method}); "
             f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}, {device}"
             + (", autocast" if config.amp else "") + _switch_guidance(config))
@@ -402,8 +431,9 @@ def _switch_guidance(config: TrainConfig) -> str:
         return ""
     share = config.frt_epochs / config.epochs
     if share >= 0.3:
-        return (f"\nFacto starts after {share:.0%} of the epochs, as in the paper (from 30 %): expect vanilla's "
-                "accuracy once full-rank training has left chance (README, 'When to compile')")
+        wait = " (later while full-rank training is near chance)" if config.switch == "auto" else ""
+        return (f"\nFacto starts after {share:.0%} of the epochs{wait}, as in the paper (from 30 %): expect "
+                "vanilla's accuracy once full-rank training has left chance (README, 'When to compile')")
     return (f"\nFacto starts after {share:.0%} of the epochs, earlier than the paper's 30 %: expect less than "
             "vanilla's accuracy, the more so the less full-rank training has learned (README, 'When to compile')")
 

@@ -131,7 +131,7 @@ def test_the_facto_backend_refuses_strips_with_what_to_do():
 def test_cli_train_runs_through_the_switch_with_strips(tmp_path, capsys):
     code = cli_main(["train", "--model", "cifar_vgg11_bn", "--method", "rowstrips", "--strips", "2", "--epochs", "2",
                      "--frt-epochs", "1", "--limit-batches", "2", "--batch-size", "8", "--no-progress", "--no-plots",
-                     "--out", str(tmp_path / "run")])
+                     "--switch", "fixed", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert code == 0 and "row strips from the input (2 strips, two_phase)" in out
     assert cli_main(["train", "--method", "rowstrips", "--strips", "1"]) == 2

@@ -11,7 +11,7 @@ from facto_fx.training import TrainConfig, train
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     config = TrainConfig(
-        model="cifar_vgg11_bn", batch_size=8, epochs=2, frt_epochs=1, limit_batches=3, merge_every=2,
+        model="cifar_vgg11_bn", batch_size=8, epochs=2, frt_epochs=1, switch="fixed", limit_batches=3, merge_every=2,
         lr=0.02, progress=False, device="cpu", out=str(out / "run"),
     )
     result = train(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -16,14 +17,14 @@ from facto_fx.training.trainer import (
     DENSE,
     HISTORY,
     EpochRecord,
-    early_switch,
     frozen_at_full_rate,
+    near_chance,
     run_header,
 )
 
-TINY = TrainConfig(
+TINY = TrainConfig(  # three batches an epoch learn nothing: the switch is fixed, or it would wait
     model="cifar_vgg11_bn", batch_size=16, epochs=3, frt_epochs=1, limit_batches=3, merge_every=2,
-    lr=0.02, progress=False, seed=1,
+    lr=0.02, progress=False, seed=1, switch="fixed",
 )
 
 
@@ -95,32 +96,69 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
 
 def test_frozen_statistics_at_the_full_learning_rate_are_warned_about():
     same_rate = TrainConfig(epochs=6, frt_epochs=1, lr_milestones=(), batch_norm="freeze")
-    assert "no lower than full-rank training's 0.05, with 3 batch-norm layers" in frozen_at_full_rate(same_rate, 3)
-    assert "--batch-norm lossy" in frozen_at_full_rate(same_rate, 3)
-    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=1, batch_norm="freeze"), 3) is None  # dropped
-    assert frozen_at_full_rate(same_rate, 0) is None  # nothing frozen
-    assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="train"), 3) is None
-    assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="auto"), 3) is None
-    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=6, lr_milestones=(), batch_norm="freeze"), 3) is None
+    assert "no lower than full-rank training's 0.05, with 3 batch-norm layers" in frozen_at_full_rate(same_rate, 1, 3)
+    assert "--batch-norm lossy" in frozen_at_full_rate(same_rate, 1, 3)
+    dropped = TrainConfig(epochs=6, frt_epochs=1, batch_norm="freeze")
+    assert frozen_at_full_rate(dropped, 1, 3) is None
+    assert frozen_at_full_rate(dropped, 3, 3) is None  # a later switch still runs at the dropped rate
+    assert frozen_at_full_rate(same_rate, 1, 0) is None  # nothing frozen
+    assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="train"), 1, 3) is None
+    assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="auto"), 1, 3) is None
+    assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=6, lr_milestones=(), batch_norm="freeze"), 6, 3) is None
 
 
+def test_near_chance_reads_the_last_full_rank_loss_against_half_of_ln_classes():
+    def history(loss):
+        return [EpochRecord(1, "full-rank", 2.3, 0.1, 0.1, 100.0, 0), EpochRecord(2, "full-rank", loss, 0.5, 0.5, 1, 0)]
 
-def test_early_switch_reads_the_last_full_rank_loss():
-    trained = [EpochRecord(1, "full-rank", 0.5, 0.9, 0.9, 100.0, 0)]
-    at_chance = [EpochRecord(1, "full-rank", 2.29, 0.1, 0.1, 100.0, 0)]
-    assert early_switch(trained, 10) is None
-    assert "loss ln 10 = 2.30" in early_switch(at_chance, 10)
-    assert "before any full-rank training" in early_switch([], 10)
+    assert near_chance(history(1.14), 10) is None  # ln 10 / 2 = 1.151
+    assert "after epoch 2 is 1.16, above half of chance (ln 10 / 2 = 1.15)" in near_chance(history(1.16), 10)
+    assert near_chance(history(0.34), 2) is None and near_chance(history(0.35), 2)  # ln 2 / 2 = 0.347
+    assert near_chance([], 10) == "no full-rank training yet"
 
 
-def test_a_switch_while_the_model_is_still_at_chance_is_warned(tmp_path):
-    with pytest.warns(UserWarning, match="still at chance.*--frt-epochs"):
-        train(dataclasses.replace(TINY, lr=1e-7, epochs=2, out=str(tmp_path)))
+def test_a_fixed_switch_while_the_model_is_still_at_chance_is_warned(tmp_path):
+    with pytest.warns(UserWarning, match="starts although the full-rank training loss after epoch 1.*--switch auto"):
+        result = train(dataclasses.replace(TINY, lr=1e-7, epochs=2, out=str(tmp_path)))
+    assert [r.phase for r in result.history] == ["full-rank", "facto"]
+
+
+def test_an_auto_switch_waits_while_the_model_is_at_chance_and_says_so(tmp_path, capsys):
+    config = dataclasses.replace(TINY, lr=1e-7, epochs=2, switch="auto", out=str(tmp_path))
+    with pytest.warns(UserWarning, match="Facto never started.*--switch fixed"):
+        result = train(config)
+    assert [r.phase for r in result.history] == ["full-rank", "full-rank"]
+    assert re.search(r"Facto waits: the full-rank training loss after epoch 1 is 2\.\d\d, above half of chance",
+                     capsys.readouterr().out)
+    exported = load(tmp_path / DENSE)  # the dense model is the full-rank one
+    assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in exported["state_dict"].items())
+
+
+def test_a_delayed_switch_resumes_bit_identically(tmp_path, monkeypatch):
+    """Facto waits one epoch past frt_epochs (the verdict is stubbed: three batches learn nothing),
+    then starts; a run stopped in its Facto phase resumes to the same numbers, switch epoch and all."""
+    import facto_fx.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "near_chance", lambda history, classes: "waiting" if len(history) < 2 else None)
+    config = dataclasses.replace(TINY, epochs=4, switch="auto", batch_norm="lossy")
+    whole = train(dataclasses.replace(config, out=str(tmp_path / "whole")))
+    assert [r.phase for r in whole.history] == ["full-rank", "full-rank", "facto", "facto"]
+    assert load(tmp_path / "whole" / CHECKPOINT)["position"]["switched_at"] == 2
+    cut = dataclasses.replace(config, out=str(tmp_path / "cut"), checkpoint_every=8)
+    with pytest.raises(Interrupt):
+        train(cut, on_step=_stop_at(9))
+    assert load(tmp_path / "cut" / CHECKPOINT)["position"]["phase"] == "facto"
+    resumed = train(dataclasses.replace(cut, resume=True))
+    assert _numbers(resumed.history) == _numbers(whole.history)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
 def test_the_header_places_the_switch_against_the_papers_regime():
     early = run_header(dataclasses.replace(TINY, epochs=10, frt_epochs=1), torch.device("cpu"))
     paper = run_header(dataclasses.replace(TINY, epochs=10, frt_epochs=3), torch.device("cpu"))
     assert "after 10% of the epochs, earlier than the paper's 30 %: expect less" in early
-    assert "after 30% of the epochs, as in the paper" in paper
+    assert "after 30% of the epochs, as in the paper" in paper and "3 full-rank" in paper
+    waiting = run_header(dataclasses.replace(TINY, epochs=10, frt_epochs=3, switch="auto"), torch.device("cpu"))
+    assert "at least 3 full-rank" in waiting and "(later while full-rank training is near chance)" in waiting
     assert "Facto starts" not in run_header(dataclasses.replace(TINY, epochs=2, frt_epochs=2), torch.device("cpu"))
