@@ -417,10 +417,13 @@ def run_header(config: TrainConfig, device: torch.device) -> str:
     """The line `train` opens with: model, data, schedule, method, and where Facto starts."""
     method = method_description(config.method, config.eps, config.last, config.eb, config.sigma,
                                 config.strips, config.strip_mode)
-    at_least = "at least " if config.switch == "auto" and config.frt_epochs else ""
-    return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {at_least}{config.frt_epochs} full-rank, "
-            "then Facto "
-            f"(INR {config.inr}, lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{method}); "
+    if config.frt_epochs >= config.epochs:
+        schedule = "full-rank throughout"
+    else:
+        at_least = "at least " if config.switch == "auto" and config.frt_epochs else ""
+        schedule = (f"{at_least}{config.frt_epochs} full-rank, then Facto (INR {config.inr}, lossy kernel "
+                    f"{config.lossy_kernel}, apply ratio {config.apply_ratio}{method})")
+    return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {schedule}; "
             f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}, {device}"
             + (", autocast" if config.amp else "") + _switch_guidance(config))
 

@@ -161,4 +161,5 @@ def test_the_header_places_the_switch_against_the_papers_regime():
     assert "after 30% of the epochs, as in the paper" in paper and "3 full-rank" in paper
     waiting = run_header(dataclasses.replace(TINY, epochs=10, frt_epochs=3, switch="auto"), torch.device("cpu"))
     assert "at least 3 full-rank" in waiting and "(later while full-rank training is near chance)" in waiting
-    assert "Facto starts" not in run_header(dataclasses.replace(TINY, epochs=2, frt_epochs=2), torch.device("cpu"))
+    vanilla = run_header(dataclasses.replace(TINY, epochs=2, frt_epochs=2), torch.device("cpu"))
+    assert "2 epochs: full-rank throughout; batch 16" in vanilla and "Facto" not in vanilla
