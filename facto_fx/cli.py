@@ -33,7 +33,7 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
                         help="freeze: running statistics, frozen (the paper; switch with an LR drop); lossy: "
                              "batch statistics, x̂ saved pooled as frozen saves it (trains at an undropped LR); "
                              "train: torch's batch-norm left as it is (its input saved whole); auto: freeze "
-                             "where the LR drops at the switch, else lossy (report: freeze)")
+                             "where Facto starts below the initial LR, else lossy (report: freeze)")
     parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
                         help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
                              "eb: error-bounded compression of every layer Facto leaves; rowstrips: the local "
@@ -95,7 +95,7 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
     parser.add_argument("--lr", type=float, default=lr, help="learning rate")
     parser.add_argument("--lr-milestones", type=int, nargs="*", default=None,
-                        help="epochs where the learning rate drops by --lr-gamma (default: where Facto starts)")
+                        help="epochs where the learning rate drops by --lr-gamma (default: --frt-epochs)")
     parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma, help="LR factor at each milestone")
     parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS, help="optimizer")
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
