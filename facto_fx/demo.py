@@ -37,6 +37,10 @@ def run_demo(config: TrainConfig, out: str | Path, plots: bool = True) -> DemoRe
           f"lossy kernel {config.lossy_kernel}, apply ratio {config.apply_ratio}{also})")
     facto = train(facto_config)
     report = facto.report
+    if report is None:  # --switch auto waited to the end: both runs were full-rank
+        raise RuntimeError("the demo's Facto run never left full-rank training (--switch auto waited for the loss "
+                           "to fall below half of chance), so there is nothing to compare: pass --switch fixed, "
+                           "or more --epochs")
     print(f"\nfeature maps saved for backward, batch {config.batch_size}:\n\n{report}\n")
     print(f"{'':<8} {'test accuracy':>14} {'saved MiB':>10}")
     print(f"{'vanilla':<8} {vanilla.test_accuracy:>14.4f} {report.vanilla_bytes / 2**20:>10.3f}")

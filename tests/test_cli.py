@@ -113,6 +113,12 @@ def test_train_on_an_image_folder_writes_checkpoint_dense_model_and_history(tmp_
     assert code == 0 and "resumed from" in capsys.readouterr().out
 
 
+def test_a_demo_whose_facto_run_never_started_says_what_to_pass(tmp_path, capsys):
+    code = main(["demo", "--epochs", "2", "--limit-batches", "1", "--batch-size", "8", "--lr", "1e-7",
+                 "--switch", "auto", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert code == 2 and "never left full-rank training" in capsys.readouterr().err
+
+
 def test_demo_prints_the_comparison_and_writes_both_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code = main(["demo", "--epochs", "2", "--limit-batches", "2", "--batch-size", "16", "--out", str(tmp_path),
