@@ -31,8 +31,10 @@ class FactoConfig:
         the frozen form, its backward reading x̂ from that copy; both save the same bytes, and
         "lossy" trains where frozen statistics diverge (an early switch at an undropped learning
         rate). Under "lossy", batch-norm beyond apply_ratio stays torch's, and so does a module the
-        trace keeps whole (timm's BatchNormAct2d counts its batches in place), with the reason in
-        the report. "train" leaves every batch-norm as torch's, its input saved whole.
+        trace keeps whole (a batch-norm subclass with momentum=None, whose averaging factor is its
+        batch count), with the reason in the report; the batch count of one the trace enters
+        (timm's BatchNormAct2d) is kept by the graph. "train" leaves every batch-norm as torch's,
+        its input saved whole.
     include / exclude / layer_filter: force layers in or out by qualified name or by a function
         ``(name, module_or_None) -> bool`` returning False to exclude.
     leaf_modules: qualified names the tracer must not enter; they are kept as one call, dense.

@@ -122,3 +122,15 @@ def test_example_inputs_record_shapes():
     assert all(m is not None for m in meta.values())
     assert tuple(meta["features_3"].shape) == (2, 128, 16, 16)
     assert tuple(meta["classifier_2"].shape) == (2, 10)
+
+
+@pytest.mark.parametrize("batch_norm", ["freeze", "lossy", "train"])
+def test_example_inputs_leave_the_models_statistics_and_mode_alone(batch_norm):
+    """The shape pass must not train on the examples: batch-norm on batch statistics would fold them
+    into the running statistics and count a batch."""
+    model = cifar_vgg11(batch_norm=True)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    fmodel = facto_fx.compile(model, batch_norm=batch_norm, example_inputs=(torch.randn(2, 3, 32, 32) * 5 + 3,))
+    assert fmodel.training and all(m.training for m in model.modules())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

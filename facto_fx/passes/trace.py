@@ -11,7 +11,12 @@ the graph; it also stops at the first sub-module it cannot follow. This tracer:
   becomes a read of the owning module's `training` attribute at run time, and any other difference
   makes the owning sub-module a leaf;
 - with `freeze_batch_norm`, traces batch-norm modules in eval mode, the form the pass freezes them
-  into, so subclasses such as timm's BatchNormAct2d yield matchable `F.batch_norm` calls.
+  into, so subclasses such as timm's BatchNormAct2d yield matchable `F.batch_norm` calls;
+- otherwise lifts the batch counter out of the batch-norm forwards it traces into: their in-place
+  `num_batches_tracked.add_(1)` would run once at trace time and never again, so it is hidden
+  while tracing and the graph counts batches itself (`count_batch`), in training, before each
+  such `F.batch_norm`. With momentum=None the count sets the averaging factor, which the trace
+  would freeze: such a module is kept as one call.
 
 Every leaf the tracer chose is recorded, with its reason, in `gm.meta["opaque_modules"]`.
 """
@@ -24,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
@@ -102,6 +108,53 @@ def hooked_modules(model: nn.Module) -> dict[str, str]:
         if reason is not None:
             found[name] = reason
     return found
+
+
+@torch.fx.node.has_side_effect
+def count_batch(counter: torch.Tensor, training: bool) -> None:
+    """A batch-norm's `num_batches_tracked += 1` in training, the in-place update of its forward
+    that a trace cannot repeat, made a graph node (kept though nothing uses its output)."""
+    if training:
+        counter.add_(1)
+
+
+def _counted(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Batch-norm modules whose batch counter the trace lifts: counting, with a fixed momentum."""
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        and m.num_batches_tracked is not None and m.momentum is not None
+    }
+
+
+@contextmanager
+def _counters_hidden(modules: dict[str, nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Set each module's `num_batches_tracked` to None while tracing, so its forward skips the count."""
+    counters = {name: m.num_batches_tracked for name, m in modules.items()}
+    try:
+        for m in modules.values():
+            m.num_batches_tracked = None
+        yield
+    finally:
+        for name, m in modules.items():
+            m.num_batches_tracked = counters[name]
+
+
+def _count_batches(gm: fx.GraphModule, modules: dict[str, nn.modules.batchnorm._BatchNorm]) -> None:
+    """Before each traced `F.batch_norm` of a module whose counter was hidden, count the batch
+    when the graph runs in training (the flag the call reads)."""
+    for node in list(gm.graph.nodes):
+        owner = owner_module(node)
+        if node.op != "call_function" or node.target is not F.batch_norm or owner not in modules:
+            continue
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        container = gm.get_submodule(owner)
+        if getattr(container, "num_batches_tracked", None) is None:
+            container.register_buffer("num_batches_tracked", modules[owner].num_batches_tracked)
+        with gm.graph.inserting_before(node):
+            counter = gm.graph.get_attr(f"{owner}.num_batches_tracked")
+            gm.graph.call_function(count_batch, (counter, training))
+    gm.recompile()
 
 
 @contextmanager
@@ -275,9 +328,10 @@ def trace(
         raise ValueError(f"leaf_modules {unknown} are not sub-modules of {type(model).__name__}")
     opaque = {name: "named in leaf_modules" for name in leaf_modules}
     opaque.update({k: v for k, v in hooked_modules(model).items() if k not in opaque})
+    counted = {} if freeze_batch_norm else _counted(model)
     while True:
         try:
-            with _buffer_guard(model) as mutated:
+            with _buffer_guard(model) as mutated, _counters_hidden(counted):
                 with modes(model, True, freeze_batch_norm):
                     train = _trace_once(model, list(opaque))
                 with modes(model, False, freeze_batch_norm):
@@ -310,11 +364,15 @@ def trace(
     if flags:
         _read_mode_flags(gm, model, flags)
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    _count_batches(gm, {name: m for name, m in counted.items() if name not in called})
     gm.meta[OPAQUE_META] = {name: reason for name, reason in opaque.items() if name in called}
     return gm
 
 
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: torch.Tensor) -> None:
-    """Record each node's output shape and dtype in node.meta['tensor_meta'] (no grad, no copy)."""
-    with torch.no_grad():
+    """Record each node's output shape and dtype in node.meta['tensor_meta'] (no grad, no copy).
+
+    It runs in eval mode: in training, batch-norm on batch statistics would fold the examples
+    into the model's running statistics and count them as a batch."""
+    with torch.no_grad(), modes(gm, False):
         ShapeProp(gm).propagate(*example_inputs)

@@ -234,6 +234,53 @@ def test_batch_norm_lossy_trains_on_batch_statistics():
     torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_timm_batch_norm_act_trains_on_batch_statistics_under_lossy():
+    """timm's BatchNormAct2d (batch-norm, its batch counter and an activation in one forward)
+    becomes Facto's batch-norm on batch statistics plus the activation's op; at lossy kernel 1 the
+    output, every gradient, the running statistics and the batch count are torch's, step for step."""
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layers.BatchNormAct2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                          layers.BatchNormAct2d(8, act_layer=nn.SiLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3))
+    reference = copy.deepcopy(model)
+    fmodel = facto_fx.compile(model, batch_norm="lossy", lossy_kernel=1, apply_ratio=1.0, verify=False)
+    assert [n.target for n in fmodel.graph.nodes if "batch_norm" in str(n.target)] == [batch_norm_in_mode] * 2
+    assert [n.target for n in fmodel.graph.nodes if n.target is relu] == [relu]
+
+    for _ in range(2):
+        x = torch.randn(3, 3, 7, 9)
+        x_f, x_r = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fmodel(x_f).square().sum().backward()
+        reference(x_r).square().sum().backward()
+        torch.testing.assert_close(x_f.grad, x_r.grad, rtol=1e-4, atol=1e-5)
+    for name in ("1", "3"):
+        got, expected = model.get_submodule(name), reference.get_submodule(name)
+        for tensor in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(got, tensor), getattr(expected, tensor))
+        torch.testing.assert_close(got.weight.grad, expected.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.bias.grad, expected.bias.grad, rtol=1e-4, atol=1e-5)
+    assert model.get_submodule("1").num_batches_tracked.item() == 2
+    fmodel.eval(), reference.eval()
+    torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_efficientnet_batch_norms_are_rewritten_under_lossy():
+    """Every BatchNormAct2d of a real timm model is Facto's under lossy at apply ratio 1.0 (before,
+    each was kept whole for its in-place batch count); the training output at M = 0 is the model's."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=10)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    fmodel = facto_fx.compile(model, batch_norm="lossy", apply_ratio=1.0, example_inputs=(x,), verify=False)
+    norms = [name for name, m in reference.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 49
+    assert sum(n.target is batch_norm_in_mode for n in fmodel.graph.nodes) == len(norms)
+    torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert model.bn1.num_batches_tracked.item() == 1
+
+
 def test_batch_norm_train_leaves_bn_alone():
     torch.manual_seed(0)
     model = cifar_vgg11(batch_norm=True)

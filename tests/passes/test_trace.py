@@ -3,6 +3,7 @@ train / eval mode like the model does, and tracing leaves the model as it found 
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -187,3 +188,43 @@ def test_hooks_and_parametrizations_keep_the_module_whole():
     assert len(seen) == 2  # the hook ran in both models
     fmodel(x).sum().backward()
     assert model[3].parametrizations.weight.original1.grad is not None
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: torch's own counting and averaging, then an activation."""
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, factor,
+                         self.eps)
+        return torch.relu(x)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_a_traced_batch_norm_counts_batches_in_training_only(momentum):
+    """The in-place count in a batch-norm forward the trace enters runs once per training call of
+    the graph, as in the model (not once at trace time), and never in eval."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _BatchNormAct(4, momentum=momentum))
+    reference = copy.deepcopy(model)
+    gm = trace(model)
+    assert model[1].num_batches_tracked.item() == 0 and "1" not in gm.meta[OPAQUE_META]
+    x = torch.randn(2, 3, 5, 5)
+    for _ in range(3):
+        torch.testing.assert_close(gm(x), reference(x))
+    gm.eval(), reference.eval()
+    torch.testing.assert_close(gm(x), reference(x))
+    assert model[1].num_batches_tracked.item() == reference[1].num_batches_tracked.item() == 3
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(model[1], name), getattr(reference[1], name))
+
+
+def test_a_batch_norm_averaging_by_its_count_is_kept_whole():
+    """momentum=None averages with 1 / count, a factor the trace would freeze: kept as one call."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _BatchNormAct(4, momentum=None))
+    gm = trace(model)
+    assert "'num_batches_tracked' in place" in gm.meta[OPAQUE_META]["1"]
+    assert trace(model, freeze_batch_norm=True).meta[OPAQUE_META] == {}  # eval mode: nothing counted
