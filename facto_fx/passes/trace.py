@@ -127,6 +127,13 @@ def _counted(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     }
 
 
+def _why_counted(module: nn.Module) -> str:
+    """What else a batch-norm that counts in place uses its count for (the trace lifts the rest)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+        return " (momentum=None: it averages its statistics by 1 / that count, which the graph would freeze)"
+    return ""
+
+
 @contextmanager
 def _counters_hidden(modules: dict[str, nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
     """Set each module's `num_batches_tracked` to None while tracing, so its forward skips the count."""
@@ -351,7 +358,8 @@ def trace(
                     f"{type(model).__name__}.forward updates buffers in place ({mutated}), which a traced graph "
                     "would not repeat\n  fix: move that update into the forward of the module that owns the buffer"
                 )
-            opaque.update({k: f"{v}; kept as one call" for k, v in mutated.items() if k not in opaque})
+            opaque.update({k: f"{v}{_why_counted(model.get_submodule(k))}; kept as one call"
+                           for k, v in mutated.items() if k not in opaque})
             continue
         flags, diverging = _compare_modes(train, evaluation)
         if not diverging:

@@ -227,4 +227,5 @@ def test_a_batch_norm_averaging_by_its_count_is_kept_whole():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), _BatchNormAct(4, momentum=None))
     gm = trace(model)
     assert "'num_batches_tracked' in place" in gm.meta[OPAQUE_META]["1"]
+    assert "momentum=None: it averages its statistics by 1 / that count" in gm.meta[OPAQUE_META]["1"]
     assert trace(model, freeze_batch_norm=True).meta[OPAQUE_META] == {}  # eval mode: nothing counted
