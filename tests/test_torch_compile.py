@@ -86,6 +86,37 @@ def test_batch_statistics_compile_to_one_graph_that_matches_eager(channels_last)
     assert compiled.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item() == 1
 
 
+def test_a_traced_batch_norm_act_keeps_counting_batches_when_compiled():
+    """timm's BatchNormAct2d under lossy: the graph's own batch count and the batch statistics
+    compile into one graph (aot_eager, channels_last) with eager's outputs, gradients and state."""
+    layers = pytest.importorskip("timm.layers")
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layers.BatchNormAct2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                              layers.BatchNormAct2d(8, act_layer=nn.SiLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(8, 3))
+        return model, facto_fx.compile(model, batch_norm="lossy", apply_ratio=1.0, verify=False)
+
+    torch._dynamo.reset()
+    (eager_model, eager), (compiled_model, compiled) = build(), build()
+    compiled = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+        eager_out, eager_grads = _grads(eager, x)
+        compiled_out, compiled_grads = _grads(compiled, x)
+        torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("1", "3"):
+        got, expected = compiled_model.get_submodule(name), eager_model.get_submodule(name)
+        torch.testing.assert_close(got.running_mean, expected.running_mean)
+        assert got.num_batches_tracked.item() == expected.num_batches_tracked.item() == 2
+    compiled.eval(), eager.eval()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert compiled_model.get_submodule("1").num_batches_tracked.item() == 2  # eval counts nothing
+
+
 SETTINGS = {
     "bf16-autocast": (True, False),
     "channels_last": (False, True),
