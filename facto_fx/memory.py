@@ -97,12 +97,18 @@ def _replacement(t: Tensor, analytic: bool, trainable: bool | None) -> Tensor:
 
 def _training_state(gm: fx.GraphModule, analytic: bool, train_all: bool) -> dict[str, Tensor]:
     """Stand-ins for gm's parameters and buffers, keyed for functional_call through `_Runner`:
-    every parameter trained (vanilla) or each keeping its own requires_grad (Facto)."""
+    every parameter trained (vanilla) or each keeping its own requires_grad (Facto). Buffers are
+    copies (one per tensor, so shared ones stay shared): a measuring forward in training updates
+    batch-norm statistics and batch counts in place, which must not reach the model."""
     trainable = True if train_all else None
-    return {
-        f"gm.{name}": _replacement(t, analytic, trainable if isinstance(t, torch.nn.Parameter) else False)
-        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    }
+    parameters = gm.named_parameters(remove_duplicate=False)
+    state = {f"gm.{name}": _replacement(t, analytic, trainable) for name, t in parameters}
+    copies: dict[int, Tensor] = {}
+    for name, t in gm.named_buffers(remove_duplicate=False):
+        if id(t) not in copies:
+            copies[id(t)] = _replacement(t, analytic, False) if analytic else t.detach().clone()
+        state[f"gm.{name}"] = copies[id(t)]
+    return state
 
 
 def saved_bytes_by_node(

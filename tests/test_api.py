@@ -124,6 +124,20 @@ def test_example_inputs_record_shapes():
     assert tuple(meta["classifier_2"].shape) == (2, 10)
 
 
+@pytest.mark.parametrize("batch_norm", ["lossy", "train"])
+def test_report_leaves_the_models_statistics_alone(batch_norm):
+    """report's measuring runs train on batch statistics, on copies of the buffers: the model's
+    running statistics and batch counts stay as they were."""
+    model = cifar_vgg11(batch_norm=True)
+    fmodel = facto_fx.compile(model, batch_norm=batch_norm)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32) * 5 + 3
+    report = facto_fx.report(fmodel, x, peak=True)
+    assert report.facto_bytes < report.vanilla_bytes and report.facto_peak > 0
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 @pytest.mark.parametrize("batch_norm", ["freeze", "lossy", "train"])
 def test_example_inputs_leave_the_models_statistics_and_mode_alone(batch_norm):
     """The shape pass must not train on the examples: batch-norm on batch statistics would fold them

@@ -139,17 +139,11 @@ class Trainer:
 
     def _measured_report(self) -> MemoryReport:
         """The report on a real training batch, for methods whose saved size depends on the data
-        (the analytic report, which said so in its notes, counts them at their worst). Its forward
-        pass must not move the trained model: its buffers (batch-norm statistics) are restored."""
+        (the analytic report, which said so in its notes, counts them at their worst). The report
+        runs on copies of the buffers, so the trained model's statistics do not move."""
         size = min(self.config.batch_size, len(self.data.train))
         x = next(iter(DataLoader(Subset(self.data.train, range(size)), batch_size=size)))[0].to(self.device)
-        buffers = {name: b.clone() for name, b in self.raw.named_buffers()}
-        try:
-            return facto_fx.report(self.raw, x)
-        finally:
-            with torch.no_grad():
-                for name, b in self.raw.named_buffers():
-                    b.copy_(buffers[name])
+        return facto_fx.report(self.raw, x)
 
     def _recalibrate_batch_norm(self) -> None:
         """Statistics of the current weights before compile freezes them (one epoch of batches),
