@@ -133,7 +133,7 @@ class TrainConfig:
 
     @property
     def milestones(self) -> tuple[int, ...]:
-        """lr_milestones, or by default the epoch where Facto starts (none if it never does)."""
+        """lr_milestones, or by default frt_epochs, the earliest switch (none without a Facto phase)."""
         if self.lr_milestones is not None:
             return self.lr_milestones
         return (self.frt_epochs,) if 0 < self.frt_epochs < self.epochs else ()

@@ -319,7 +319,7 @@ class Trainer:
             if position.phase == FACTO:
                 for line in facto_fx.method_summaries(self.raw):
                     print(f"  {line}")
-        self.position = _Position(position.epoch + 1, 0, position.global_step, position.phase, position.switched_at)
+        self.position = dataclasses.replace(position, epoch=position.epoch + 1, step_in_epoch=0, sums=[0.0, 0.0, 0.0])
         self.save_checkpoint()
 
     @torch.no_grad()
