@@ -34,8 +34,8 @@ def pack_bits(codes: Tensor, bits: int, channels_last: bool = False) -> Tensor:
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat
-    if bits == 1 and sys.byteorder == "little":
-        return _pack_bytes_of_bits(flat)
+    if sys.byteorder == "little":
+        return _pack_by_multiply(flat, bits)
     per_byte = 8 // bits
     pad = (-flat.numel()) % per_byte
     if pad:
@@ -44,29 +44,49 @@ def pack_bits(codes: Tensor, bits: int, channels_last: bool = False) -> Tensor:
     return groups.sum(dim=1, dtype=torch.uint8)
 
 
-# Byte i of a little-endian int64 of eight 0/1 bytes, times this, lands on bit 56 + i.
-_GATHER_BITS = 0x0102040810204080
+# A group of 8 / bits codes, one per byte, read as one little-endian integer v of that many bytes:
+# v · _GATHER[bits] (wrapping, as torch's integer products do) holds the group's packed byte in its
+# top eight bits. Code i sits at bit 8i and lands on bit (top byte) + bits·i; the other products
+# land above the word or sum to less than its top byte, so no carry reaches it.
+_GATHER = {
+    1: (torch.int64, 0x0102040810204080),
+    2: (torch.int32, (1 << 24) + (1 << 18) + (1 << 12) + (1 << 6)),
+    4: (torch.int16, (1 << 8) + (1 << 4)),
+}
 
 
-def _pack_bytes_of_bits(flat: Tensor) -> Tensor:
-    """1-bit packing as one multiply per eight codes (a dozen times faster than shift-and-sum).
-
-    The eight 0/1 bytes of a group are read as one int64 v; v · _GATHER_BITS (wrapping, as int64
-    products do in torch) holds the group's byte in its top eight bits.
-    """
-    pad = (-flat.numel()) % 8
-    if pad or flat.storage_offset() % 8:
+def _pack_by_multiply(flat: Tensor, bits: int) -> Tensor:
+    """Packing as one multiply and one shift per byte of output: a dozen to twenty times faster
+    than shift-and-sum over groups."""
+    word, gather = _GATHER[bits]
+    per_byte = 8 // bits
+    pad = (-flat.numel()) % per_byte
+    if pad or flat.storage_offset() % per_byte:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return ((flat.view(torch.int64) * _GATHER_BITS) >> 56).to(torch.uint8)
+    return ((flat.view(word) * gather) >> (8 * per_byte - 8)).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of `pack_bits`: a 1-D uint8 tensor of the first `numel` codes."""
     if bits == 8:
         return packed[:numel]
+    if bits == 1 and sys.byteorder == "little":
+        return unpack_flags(packed)[:numel].clamp_(max=1)
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(1) >> _shifts(bits, packed.device)) & mask
     return codes.reshape(-1)[:numel]
+
+
+# Byte b times _SPREAD is b in each of eight bytes; & _PICK keeps bit i in byte i (as int64, wrapping).
+_SPREAD = 0x0101010101010101
+_PICK = 0x8040201008040201 - (1 << 64)
+
+
+def unpack_flags(packed: Tensor) -> Tensor:
+    """1-bit codes as uint8 flags, nonzero where the code is 1 (code i of a byte comes back as
+    its bit i, 2**i): one multiply and one mask per packed byte, five times faster than shifts.
+    Consumers that only test for nonzero skip the normalisation to 0 / 1. Little-endian only."""
+    return ((packed.to(torch.int64) * _SPREAD) & _PICK).view(torch.uint8)
 
 
 def unpack_codes(packed: Tensor, bits: int, shape: torch.Size, channels_last: bool = False) -> Tensor:
@@ -74,7 +94,17 @@ def unpack_codes(packed: Tensor, bits: int, shape: torch.Size, channels_last: bo
 
     channels_last codes come back as a channels_last view (no copy).
     """
-    codes = unpack_bits(packed, bits, shape.numel())
+    return _shaped(unpack_bits(packed, bits, shape.numel()), shape, channels_last)
+
+
+def unpack_mask(packed: Tensor, shape: torch.Size, channels_last: bool = False) -> Tensor:
+    """A packed 1-bit mask as uint8 of `shape`, nonzero where the mask is set (not always 1)."""
+    if sys.byteorder != "little":
+        return unpack_codes(packed, 1, shape, channels_last)
+    return _shaped(unpack_flags(packed)[: shape.numel()], shape, channels_last)
+
+
+def _shaped(codes: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
     if channels_last:
         n, c, h, w = shape
         return codes.view(n, h, w, c).permute(0, 3, 1, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import pack_bits, unpack_codes
+from facto_fx.ops.bitpack import pack_bits, unpack_mask
 from facto_fx.ops.grads import register_autograd
 from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -44,8 +44,10 @@ def _backward(ctx, grad_y, _grad_mask):
         from facto_fx.triton_ops.relu import relu_backward
 
         return relu_backward(grad_y, packed, ctx.channels_last)
-    mask = unpack_codes(packed, 1, grad_y.shape, ctx.channels_last)
-    return torch.where(mask.bool(), grad_y, 0)  # as torch's relu: 0 where masked, even for an inf gradient
+    mask = unpack_mask(packed, grad_y.shape, ctx.channels_last).to(grad_y.dtype)
+    # torch's own relu backward: 0 where masked, even for an inf gradient (a product would give
+    # NaN there), and vectorised on the CPU, where torch.where with a bool mask is ~15× slower
+    return torch.ops.aten.threshold_backward(grad_y, mask, 0)
 
 
 register_autograd(relu_fwd, _backward, _setup_context)

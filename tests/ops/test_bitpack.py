@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from facto_fx.ops.bitpack import pack_bits, unpack_bits, unpack_codes
+from facto_fx.ops.bitpack import pack_bits, unpack_bits, unpack_codes, unpack_mask
 from facto_fx.shapes import code_bits, is_channels_last
 
 
@@ -84,16 +84,36 @@ def test_code_bits(num_codes, bits):
     assert code_bits(num_codes) == bits
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("n", [1, 8, 13, 4099])
 @pytest.mark.parametrize("offset", [0, 3])
-def test_one_bit_bytes_hold_code_8j_plus_i_at_bit_i(n, offset):
-    """The byte layout every path shares (the Triton kernels too), counted in Python integers; an
-    offset view checks masks that do not start on an 8-byte boundary."""
+def test_byte_j_holds_codes_in_order_from_its_low_bits(bits, n, offset):
+    """The byte layout every path shares (the Triton kernels too): byte j holds codes
+    j·(8 / bits) + i at bits [bits·i, bits·(i + 1)), counted in Python integers. An offset view
+    checks codes that do not start on a word boundary; all-max codes check that no carry spills."""
+    per_byte = 8 // bits
     g = torch.Generator().manual_seed(n)
-    mask = (torch.rand(n + offset, generator=g) > 0.5)[offset:]
-    bits = mask.tolist()
-    expected = [sum(int(b) << i for i, b in enumerate(bits[8 * j : 8 * j + 8])) for j in range(math.ceil(n / 8))]
-    assert pack_bits(mask, 1).tolist() == expected
-    assert pack_bits(torch.ones(n, dtype=torch.bool), 1).tolist() == [
-        (1 << min(8, n - 8 * j)) - 1 for j in range(math.ceil(n / 8))
-    ]
+    codes = torch.randint(0, 2**bits, (n + offset,), generator=g).to(torch.uint8)[offset:]
+    for case in (codes, torch.full_like(codes, 2**bits - 1)):
+        values = case.tolist()
+        expected = [
+            sum(v << (bits * i) for i, v in enumerate(values[per_byte * j : per_byte * (j + 1)]))
+            for j in range(math.ceil(n / per_byte))
+        ]
+        assert pack_bits(case, bits).tolist() == expected
+    mask = codes > 0
+    assert pack_bits(mask, 1).tolist() == pack_bits(mask.to(torch.uint8), 1).tolist()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unpack_mask_is_nonzero_exactly_where_the_mask_is_set(channels_last):
+    """The unnormalised 1-bit unpacking that ReLU's backward reads: zero / nonzero as the mask,
+    shaped and laid out as `unpack_codes`'s codes, for a length that does not fill the last byte."""
+    mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(3)) > 0.5
+    if channels_last:
+        mask = mask.contiguous(memory_format=torch.channels_last)
+    packed = pack_bits(mask, 1, channels_last)
+    flags = unpack_mask(packed, mask.shape, channels_last)
+    assert flags.dtype == torch.uint8 and flags.shape == mask.shape
+    assert flags.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(flags != 0, mask)

@@ -76,6 +76,16 @@ def test_matches_torch(batch, channels, h, w, kernel, stride, padded, dilation, 
     _check_against_torch(x, lambda t: t, kernel, stride, padding, dilation, ceil_mode, seed)
 
 
+
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (2, 3), (1, 3), (3, 1)], ids=str)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_tiled_windows_with_ties_send_the_gradient_to_the_first_maximum(kernel, layout):
+    """The tiled path's pairwise max over 3, 4, 6 and 9 taps: values from {0, 1, 2} tie often, and
+    the gradient must go where F.max_pool2d's argmax (the first maximum) puts it."""
+    g = torch.Generator().manual_seed(sum(kernel))
+    x = torch.randint(0, 3, (2, 3, 6 * kernel[0], 4 * kernel[1]), generator=g).to(torch.float64)
+    _check_against_torch(x.contiguous(memory_format=layout), lambda t: t, kernel, kernel, 0, 1, False)
+
 @pytest.mark.parametrize(
     ("size", "kernel", "stride", "padding"), [(112, 3, 2, 1), (16, 3, 2, 1), (16, 2, 2, 0), (15, 2, 2, 0)]
 )
