@@ -141,3 +141,12 @@ def test_train_waits_for_a_model_without_batch_norm_to_learn_before_the_switch()
     results = _load("train_defaults").main(["--models", "cifar_vgg11", "--seeds", "0"])["cifar_vgg11"]
     assert results["switch_epochs"][0] > 3
     assert results["vanilla"] > 0.9 and results["vanilla"] - results["facto"] <= 0.03
+
+
+@pytest.mark.slow
+def test_strided_one_by_one_input_gradient_is_faster_than_torchs_on_cpu():
+    """benchmarks/conv_input.py: ResNet18's first downsample (the shape where oneDNN's strided
+    kernel is slowest) at least twice as fast; no shape slower (the check inside compares values)."""
+    rows = _load("conv_input").main(["--repeats", "5", "--device", "cpu"])
+    assert rows[0]["torch_ms"] > 2 * rows[0]["facto_ms"]
+    assert all(r["facto_ms"] < 1.1 * r["torch_ms"] for r in rows)

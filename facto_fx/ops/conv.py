@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from facto_fx.ops.conv_input import conv2d_input
 from facto_fx.ops.grads import register_autograd
 from facto_fx.ops.lossy import cast, folds, mean_pool, pooled_filter, pooled_projection, store, sum_pool
 from facto_fx.shapes import conv_output_size, pair
@@ -117,10 +118,10 @@ def _grad_x(grad_y: Tensor, x_shape, weight: Tensor, M: Tensor, D: Tensor, conv_
     if factored(x_shape, weight.shape, out_hw):
         d_filter = cast(D, dtype).view(D.shape[0], *weight.shape[1:])
         grad_u = F.conv2d(grad_y, cast(M, dtype).t()[:, :, None, None])
-        grad_x = torch.nn.grad.conv2d_input(x_shape, cast(weight, dtype), grad_y, *conv_args)
-        return grad_x + torch.nn.grad.conv2d_input(x_shape, d_filter, grad_u, *conv_args)
+        grad_x = conv2d_input(x_shape, cast(weight, dtype), grad_y, *conv_args)
+        return grad_x + conv2d_input(x_shape, d_filter, grad_u, *conv_args)
     omega = cast(merged_weight(weight, M, D), dtype)
-    return torch.nn.grad.conv2d_input(x_shape, omega, grad_y, *conv_args)
+    return conv2d_input(x_shape, omega, grad_y, *conv_args)
 
 
 def _setup_context(ctx, inputs, output):

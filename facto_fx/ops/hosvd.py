@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
+from facto_fx.ops.conv_input import conv2d_input
 from facto_fx.ops.grads import register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.shapes import pair
@@ -338,11 +339,11 @@ def _conv_input_grad(grad_y: Tensor, x_shape, weight: Tensor, stride, pads, dila
     """grad_X = conv2d_input(grad_Y, W), exact; asymmetric padding: that of the padded input, cropped."""
     w = cast(weight, grad_y.dtype)
     if _symmetric(pads):
-        return torch.nn.grad.conv2d_input(x_shape, w, grad_y, stride, (pads[2], pads[0]), dilation, groups)
+        return conv2d_input(x_shape, w, grad_y, stride, (pads[2], pads[0]), dilation, groups)
     left, right, top, bottom = pads
     b, c, h, wd = x_shape
     padded = (b, c, h + top + bottom, wd + left + right)
-    grad = torch.nn.grad.conv2d_input(padded, w, grad_y, stride, 0, dilation, groups)
+    grad = conv2d_input(padded, w, grad_y, stride, 0, dilation, groups)
     return grad[:, :, top:top + h, left:left + wd]
 
 
