@@ -2,8 +2,8 @@
 
 A strided 1×1 convolution (ResNet's downsample) reads every s-th pixel, so its input gradient is
 the stride-1 input gradient of the subsampled grid, written into a zero map at those pixels. On the
-CPU, oneDNN's strided 1×1 backward-data kernel is 1.5 to 9 times slower than that
-(benchmarks/conv_input.py); the values are the same sums.
+CPU, oneDNN's strided 1×1 backward-data kernel is 1.2 to 4 times slower than that on ResNet's
+shapes (benchmarks/conv_input.py); the values are the same sums.
 """
 
 from __future__ import annotations
