@@ -57,15 +57,21 @@ class RowGeometry:
             out -= 1
         return out
 
+    def window(self, lo: int, hi: int) -> tuple[int, int]:
+        """The input rows [a, b) that output rows [lo, hi) read, padding included: a is negative
+        and b past the map where those rows are the op's padding."""
+        first = lo * self.stride - self.padding
+        return first, (hi - 1) * self.stride - self.padding + self.dilation * (self.kernel - 1) + 1
+
     def reads(self, lo: int, hi: int, rows: int) -> tuple[int, int]:
         """The input rows [i0, i1) to give the op so that its output holds rows [lo, hi) exactly.
 
         i0 is a multiple of the stride (or 0), so the op run on the slice alone computes global row
         i0 / s + j as its row j; rows it padded that are not padding of the whole map are cropped.
         """
-        start = max(0, lo * self.stride - self.padding)
-        end = min(rows, (hi - 1) * self.stride - self.padding + self.dilation * (self.kernel - 1) + 1)
-        return start - start % self.stride, end
+        start, end = self.window(lo, hi)
+        start = max(0, start)
+        return start - start % self.stride, min(rows, end)
 
 
 @dataclass
@@ -253,8 +259,7 @@ def _conv_rows(conv: nn.Conv2d, g: RowGeometry, x: Tensor, start: int, rows: int
     padding it would also compute the rows its padding makes at both ends of the slice, which a
     strip crops: a third more rows than needed for resnet50's 3×3 convs at 8 strips.
     """
-    lo = c0 * g.stride - g.padding
-    hi = (c1 - 1) * g.stride - g.padding + g.dilation * (g.kernel - 1) + 1
+    lo, hi = g.window(c0, c1)
     inside = _rows(x, start, max(lo, 0), min(hi, rows))
     if lo < 0 or hi > rows:
         inside = F.pad(inside, (0, 0, max(-lo, 0), max(hi - rows, 0)))
