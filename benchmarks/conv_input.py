@@ -22,11 +22,15 @@ SHAPES = [(8, 64, 128, 32), (8, 128, 256, 16), (8, 256, 512, 8), (8, 256, 512, 5
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` calls after a warm-up, waiting for CUDA's queued work in each."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
 
