@@ -100,6 +100,10 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS, help="optimizer")
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="weight decay")
+    parser.add_argument("--clip-grad-norm", type=float, default=defaults.clip_grad_norm,
+                        help="clip the gradients' global norm to this before each step (0: off)")
+    parser.add_argument("--scalar-lr", type=float, default=defaults.scalar_lr,
+                        help="learning-rate factor of 1-element parameters (Fixup's scalar biases and scales)")
     parser.add_argument("--merge-every", type=int, default=None, help="steps between merges (default: an epoch)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 with loss scaling on older GPUs)")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")

@@ -25,11 +25,14 @@ class TrainConfig:
     switch "auto" makes frt_epochs the earliest switch: while the last full-rank epoch's training
     loss is still above half of chance (ln classes / 2), Facto waits an epoch more, because
     low-rank training cannot catch up from weights that have not learned yet (models without
-    batch-norm are still at chance after 3 epochs on digits); "fixed" switches at frt_epochs
+    batch-norm may still be near chance after 3 epochs on digits); "fixed" switches at frt_epochs
     regardless, and warns. frt_epochs 0 (no full-rank phase) never waits. The learning rate is
-    multiplied by lr_gamma at each epoch in lr_milestones; by default once, at frt_epochs, as in
-    the paper (FRT ends at a learning-rate drop). merge_every counts optimizer steps (default: one
-    epoch). limit_batches caps the batches per epoch, train and test, for quick checks.
+    multiplied by lr_gamma at each epoch in lr_milestones; by default once, where Facto starts, as
+    in the paper (FRT ends at a learning-rate drop). clip_grad_norm clips the gradients' global
+    norm before each step, and 1-element parameters (Fixup's scalars) train at scalar_lr times the
+    rate: without either, models without batch-norm sat at chance on some seeds. merge_every
+    counts optimizer steps (default: one epoch). limit_batches caps the batches per epoch, train
+    and test, for quick checks.
     batch_norm "auto" freezes statistics where Facto starts below the initial learning rate and
     trains on batch statistics ("lossy") where it does not: each what measured best there
     (benchmarks/switch_regimes.py).
@@ -50,6 +53,8 @@ class TrainConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    clip_grad_norm: float = 1.0
+    scalar_lr: float = 0.1
     inr: float = 0.3
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
@@ -103,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"lr_gamma must be in (0, 1]; got {self.lr_gamma!r}")
         if not (self.momentum >= 0 and self.weight_decay >= 0):
             raise ValueError("momentum and weight_decay must be >= 0")
+        if not 0 < self.scalar_lr <= 1:
+            raise ValueError(f"scalar_lr must be in (0, 1]; got {self.scalar_lr!r}")
+        if not self.clip_grad_norm >= 0:
+            raise ValueError(f"clip_grad_norm must be >= 0 (0 turns clipping off); got {self.clip_grad_norm!r}")
         if self.resume and self.out is None:
             raise ValueError("resume needs out: the folder whose checkpoint.pt to continue from")
         self.facto_config()
@@ -129,18 +138,27 @@ class TrainConfig:
     def rate_lowered_at(self, switch: int) -> bool:
         """Whether Facto starting at epoch `switch` trains below the initial learning rate, after
         full-rank training (the paper's switch, at a learning-rate drop)."""
-        return 0 < switch < self.epochs and self.lr_at(switch) < self.lr
+        return 0 < switch < self.epochs and self.lr_at(switch, switch) < self.lr
 
     @property
     def milestones(self) -> tuple[int, ...]:
-        """lr_milestones, or by default frt_epochs, the earliest switch (none without a Facto phase)."""
+        """The planned schedule's drops: lr_milestones, or by default frt_epochs, the earliest switch
+        (none without a Facto phase)."""
+        return self.milestones_for(self.frt_epochs)
+
+    def milestones_for(self, switched_at: int) -> tuple[int, ...]:
+        """The drops of a run whose Facto phase starts at epoch `switched_at` (`epochs`: never):
+        lr_milestones, or by default that epoch, so that a switch "auto" delays until the model has
+        learned also delays the drop (at the planned drop, fixup_resnet18 was still near chance on
+        digits, and at a tenth of the rate it stayed there for epochs)."""
         if self.lr_milestones is not None:
             return self.lr_milestones
-        return (self.frt_epochs,) if 0 < self.frt_epochs < self.epochs else ()
+        return (switched_at,) if 0 < switched_at < self.epochs else ()
 
-    def lr_at(self, epoch: int) -> float:
-        """The learning rate of a 0-based epoch."""
-        return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones)
+    def lr_at(self, epoch: int, switched_at: int | None = None) -> float:
+        """The learning rate of a 0-based epoch, Facto starting at `switched_at` (None: frt_epochs)."""
+        drops = self.milestones_for(self.frt_epochs if switched_at is None else switched_at)
+        return self.lr * self.lr_gamma ** sum(epoch >= m for m in drops)
 
     def conflicts_with(self, saved: dict) -> list[str]:
         """Options that differ from a checkpoint's and would change the run's numbers. Options are

@@ -125,7 +125,7 @@ class Trainer:
         # W is regularised by the hooks (paper eq. 14), not by decaying M.
         self.optimizer = self._optimizer([{"params": low_rank, "weight_decay": 0.0}, {"params": others}])
         merge_every = config.merge_every or self.steps_per_epoch
-        w_decay = config.lr_at(epoch) * config.weight_decay
+        w_decay = config.lr_at(epoch, epoch) * config.weight_decay
         self.hooks = facto_fx.attach(fmodel, self.optimizer, merge_every, w_decay=w_decay)
         self.raw = fmodel
         # Frozen statistics and deterministic D: no buffer needs broadcasting once Facto is on; batch
@@ -158,7 +158,12 @@ class Trainer:
         distributed.average_buffers([t for m in norms for t in (m.running_mean, m.running_var)], self.topology)
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """SGD or AdamW over `groups`, each split so that its 1-element parameters train at
+        `scalar_lr` times the rate (group key "lr_scale", kept through the schedule)."""
         config = self.config
+        groups = [split for group in groups for split in _split_scalars(group, config.scalar_lr) if split["params"]]
+        for group in groups:
+            group["lr"] = config.lr * group["lr_scale"]
         if config.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -234,8 +239,9 @@ class Trainer:
             while self.position.epoch < self.config.epochs:
                 if self._switch_due():
                     self._switch_to_facto(self.position.epoch)
+                rate = self.config.lr_at(self.position.epoch, self._switched_at())
                 for group in self.optimizer.param_groups:
-                    group["lr"] = self.config.lr_at(self.position.epoch)
+                    group["lr"] = rate * group["lr_scale"]
                 self._train_epoch()
             never_started = self.position.phase == FULL_RANK and self.config.frt_epochs < self.config.epochs
             if never_started and self.topology.is_main:
@@ -250,6 +256,11 @@ class Trainer:
         finally:
             distributed.teardown(self.topology)
         return TrainResult(self.config, self.history, self.raw, self.report, self.out)
+
+    def _switched_at(self) -> int:
+        """The epoch Facto started at; `epochs` while it has not (the schedule's drop waits for it)."""
+        switched = self.position.switched_at
+        return self.config.epochs if switched is None else switched
 
     def _switch_due(self) -> bool:
         """Whether Facto starts at this epoch: from frt_epochs on, unless switch "auto" waits for
@@ -293,6 +304,7 @@ class Trainer:
                 logits = self.model(x)
                 loss = F.cross_entropy(logits, y)
             self.scaler.scale(loss).backward()
+            self._clip_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             position.sums[0] += loss.item() * len(y)
@@ -322,6 +334,16 @@ class Trainer:
         self.position = dataclasses.replace(position, epoch=position.epoch + 1, step_in_epoch=0, sums=[0.0, 0.0, 0.0])
         self.save_checkpoint()
 
+    def _clip_gradients(self) -> None:
+        """Clip the global gradient norm (unscaled first under fp16 loss scaling): without it, models
+        without batch-norm sat at chance for epochs on some seeds at the default rate, or fell back
+        to it (benchmarks/train_defaults.py)."""
+        if not self.config.clip_grad_norm:
+            return
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Test accuracy over all processes' shards of the test set."""
@@ -341,6 +363,17 @@ class Trainer:
         state = {"model": self.config.model, "num_classes": self.data.num_classes, "state_dict": dense.state_dict()}
         checkpoint.save_atomic(state, self.out / DENSE)
         (self.out / HISTORY).write_text(json.dumps([dataclasses.asdict(r) for r in self.history], indent=1))
+
+
+def _split_scalars(group: dict, scalar_lr: float) -> list[dict]:
+    """`group` as two: its 1-element parameters (Fixup's scalar biases and multipliers) with
+    lr_scale `scalar_lr`, the rest with 1. The Fixup paper trains the scalars at a tenth of the rate;
+    at the full rate they shifted a fixup_resnet18's features to an input-independent constant on
+    some seeds, and the loss never left chance (benchmarks/train_defaults.py)."""
+    params = list(group["params"])
+    scalars = [p for p in params if p.numel() == 1]
+    rest = [p for p in params if p.numel() != 1]
+    return [{**group, "params": rest, "lr_scale": 1.0}, {**group, "params": scalars, "lr_scale": scalar_lr}]
 
 
 def near_chance(history: list[EpochRecord], num_classes: int) -> str | None:
@@ -374,7 +407,7 @@ def frozen_at_full_rate(config: TrainConfig, switch: int, batch_norm_layers: int
         return None
     if config.rate_lowered_at(switch):
         return None
-    before, after = config.lr, config.lr_at(switch)
+    before, after = config.lr, config.lr_at(switch, switch)
     return (f"Facto starts at learning rate {after:g}, no lower than full-rank training's {before:g}, with "
             f"{batch_norm_layers} batch-norm layers' statistics frozen: at the full rate they diverged in our "
             "measurements (benchmarks/switch_regimes.py); drop the rate where Facto starts (--lr-milestones, the "

@@ -16,6 +16,8 @@ from facto_fx.training import TrainConfig
         ({"frt_epochs": 4, "epochs": 3}, r"frt_epochs \(4\) cannot exceed epochs \(3\)"),
         ({"merge_every": 0}, "merge_every must be an integer >= 1"),
         ({"lr": 0.0}, "lr must be > 0"),
+        ({"scalar_lr": 0.0}, r"scalar_lr must be in \(0, 1\]"),
+        ({"clip_grad_norm": -1.0}, r"clip_grad_norm must be >= 0 \(0 turns clipping off\)"),
         ({"lr_milestones": (0,)}, r"lr_milestones must be epochs in \(0, 10\)"),
         ({"resume": True}, "resume needs out"),
         ({"inr": 1.5}, r"inr must be a number in \(0, 1\]"),
@@ -33,6 +35,14 @@ def test_learning_rate_drops_where_facto_starts_by_default():
     assert TrainConfig(epochs=2, frt_epochs=0).milestones == ()  # Facto from the start: nothing to drop at
     custom = TrainConfig(lr=1.0, epochs=5, lr_milestones=(1, 3), lr_gamma=0.5)
     assert [custom.lr_at(e) for e in range(5)] == [1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_a_delayed_switch_delays_the_default_drop_but_not_explicit_milestones():
+    config = TrainConfig(lr=0.1, epochs=6, frt_epochs=2)
+    assert [round(config.lr_at(e, switched_at=4), 6) for e in range(6)] == [0.1] * 4 + [0.01] * 2
+    assert [config.lr_at(e, switched_at=6) for e in range(6)] == [0.1] * 6  # Facto never started
+    explicit = TrainConfig(lr=0.1, epochs=6, frt_epochs=2, lr_milestones=(2,))
+    assert [round(explicit.lr_at(e, switched_at=4), 6) for e in range(6)] == [0.1] * 2 + [0.01] * 4
 
 
 def test_resume_conflicts_name_the_changed_options():

@@ -17,6 +17,7 @@ from facto_fx.training.trainer import (
     DENSE,
     HISTORY,
     EpochRecord,
+    Trainer,
     frozen_at_full_rate,
     near_chance,
     run_header,
@@ -117,6 +118,50 @@ def test_near_chance_reads_the_last_full_rank_loss_against_half_of_ln_classes():
     assert near_chance([], 10) == "no full-rank training yet"
 
 
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_a_step_is_sgd_on_the_gradients_clipped_to_clip_grad_norm(clip):
+    """One full-rank step against torch's SGD on a copy of the model, its gradients scaled by hand
+    to the norm `clip` (0: unscaled). The default 1.0 clips nearly every step of a fresh model."""
+    config = dataclasses.replace(TINY, epochs=1, frt_epochs=1, limit_batches=1, clip_grad_norm=clip)
+    trainer = Trainer(config)
+    reference = build_model(config.model, num_classes=10)
+    reference.load_state_dict(trainer.raw.state_dict())
+    trainer.sampler.set_epoch(0)
+    x, y = next(iter(trainer.train_loader))
+    trainer.fit()
+
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if clip:
+        assert norm > 2 * clip  # the step below is a clipped one
+        for g in grads:
+            g.mul_(clip / norm)
+    torch.optim.SGD(reference.parameters(), lr=config.lr, momentum=config.momentum,
+                    weight_decay=config.weight_decay).step()
+    for (name, expected), actual in zip(reference.named_parameters(), trainer.raw.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_scalar_parameters_train_at_scalar_lr_times_the_rate_in_both_phases():
+    """fixup_resnet18's scalar biases and multipliers (1-element parameters), as the Fixup paper
+    trains them, before and after the learning-rate drop at the switch to Facto."""
+    config = dataclasses.replace(TINY, model="fixup_resnet18", epochs=2, limit_batches=1, scalar_lr=0.2)
+    trainer = Trainer(config)
+    for epoch, phase in ((0, "full-rank"), (1, "facto")):
+        if epoch:
+            trainer.fit()
+        assert trainer.position.phase == phase
+        rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+        params = [p for p in trainer.raw.parameters() if p.requires_grad]
+        scalars = [p for p in params if p.dim() == 1 and len(p) == 1]
+        assert len(scalars) == 1 + 1 + 8 * 5  # stem and head biases, 8 blocks of 4 biases and a scale
+        assert len(rates) == len(params)
+        for p in params:
+            expected = config.lr_at(epoch) * (0.2 if any(p is s for s in scalars) else 1.0)
+            assert rates[id(p)] == pytest.approx(expected)
+
+
 def test_a_fixed_switch_while_the_model_is_still_at_chance_is_warned(tmp_path):
     with pytest.warns(UserWarning, match="starts although the full-rank training loss after epoch 1.*--switch auto"):
         result = train(dataclasses.replace(TINY, lr=1e-7, epochs=2, out=str(tmp_path)))
@@ -152,6 +197,21 @@ def test_a_delayed_switch_resumes_bit_identically(tmp_path, monkeypatch):
     assert _numbers(resumed.history) == _numbers(whole.history)
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_the_default_learning_rate_drop_comes_where_a_delayed_switch_starts_facto(monkeypatch):
+    """Facto waits one epoch past frt_epochs (the verdict stubbed); the rate each step ran at,
+    read from the optimizer, drops with the switch, not at frt_epochs."""
+    import facto_fx.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "near_chance", lambda history, classes: "waiting" if len(history) < 2 else None)
+    config = dataclasses.replace(TINY, epochs=3, switch="auto", batch_norm="lossy")
+    trainer = Trainer(config)
+    rates = []
+    trainer.on_step = lambda step: rates.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.fit()
+    assert [r.phase for r in trainer.history] == ["full-rank", "full-rank", "facto"]
+    assert rates == pytest.approx([config.lr] * 6 + [config.lr * config.lr_gamma] * 3)
 
 
 def test_the_header_places_the_switch_against_the_papers_regime():
