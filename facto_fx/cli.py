@@ -101,7 +101,8 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="weight decay")
     parser.add_argument("--clip-grad-norm", type=float, default=defaults.clip_grad_norm,
-                        help="clip the gradients' global norm to this before each step (0: off)")
+                        help="clip the gradients' global norm to this before each step (0: off; "
+                             "default: 1.0 for models without batch-norm, off for the rest)")
     parser.add_argument("--scalar-lr", type=float, default=defaults.scalar_lr,
                         help="learning-rate factor of 1-element parameters (Fixup's scalar biases and scales)")
     parser.add_argument("--merge-every", type=int, default=None, help="steps between merges (default: an epoch)")

@@ -134,13 +134,13 @@ def test_switch_regimes_batch_statistics_train_at_the_full_learning_rate():
 
 
 @pytest.mark.slow
-def test_train_waits_for_a_model_without_batch_norm_to_learn_before_the_switch():
-    """cifar_vgg11 on digits, train's defaults: still near chance after the 3 full-rank epochs, so
-    Facto waits (measured: starts after epoch 5, 0.942 against vanilla's 0.953; 0.872 switched
-    after epoch 3 regardless)."""
-    results = _load("train_defaults").main(["--models", "cifar_vgg11", "--seeds", "0"])["cifar_vgg11"]
-    assert results["switch_epochs"][0] > 3
-    assert results["vanilla"] > 0.9 and results["vanilla"] - results["facto"] <= 0.03
+def test_train_defaults_take_a_model_without_batch_norm_off_chance():
+    """cifar_vgg11 on digits, seed 2, train's defaults: before gradient clipping, vanilla and Facto
+    both ended at chance (0.100); now the full-rank loss is below half of chance after epoch 3, so
+    Facto starts there and keeps within a point of vanilla."""
+    results = _load("train_defaults").main(["--models", "cifar_vgg11", "--seeds", "2"])["cifar_vgg11"]
+    assert results["switch_epochs"] == [3]
+    assert results["vanilla"] > 0.9 and results["vanilla"] - results["facto"] <= 0.01
 
 
 @pytest.mark.slow

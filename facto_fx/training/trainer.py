@@ -100,6 +100,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(config.seed)
         self.raw = build_model(config.model, num_classes=self.data.num_classes).to(self.device)
+        self.clip = config.clip_for(has_batch_norm=bool(batch_norms(self.raw)))
         self._build_full_rank()
 
     # -- building ---------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class Trainer:
         """Train to `config.epochs`, checkpointing each epoch, then export the dense model."""
         try:
             if self.topology.is_main:
-                print(run_header(self.config, self.device))
+                print(run_header(self.config, self.device, self.clip))
             self._restore_or_start()
             while self.position.epoch < self.config.epochs:
                 if self._switch_due():
@@ -335,14 +336,13 @@ class Trainer:
         self.save_checkpoint()
 
     def _clip_gradients(self) -> None:
-        """Clip the global gradient norm (unscaled first under fp16 loss scaling): without it, models
-        without batch-norm sat at chance for epochs on some seeds at the default rate, or fell back
-        to it (benchmarks/train_defaults.py)."""
-        if not self.config.clip_grad_norm:
+        """Clip the global gradient norm to `clip` (TrainConfig.clip_for), unscaled first under fp16
+        loss scaling."""
+        if not self.clip:
             return
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, self.clip)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -440,7 +440,7 @@ def _progress(batches, total: int, initial: int, desc: str, enabled: bool):
     return tqdm(batches, total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def run_header(config: TrainConfig, device: torch.device) -> str:
+def run_header(config: TrainConfig, device: torch.device, clip: float = 0.0) -> str:
     """The line `train` opens with: model, data, schedule, method, and where Facto starts."""
     method = method_description(config.method, config.eps, config.last, config.eb, config.sigma,
                                 config.strips, config.strip_mode)
@@ -451,7 +451,9 @@ def run_header(config: TrainConfig, device: torch.device) -> str:
         schedule = (f"{at_least}{config.frt_epochs} full-rank, then Facto (INR {config.inr}, lossy kernel "
                     f"{config.lossy_kernel}, apply ratio {config.apply_ratio}{method})")
     return (f"{config.model} on {config.dataset}, {config.epochs} epochs: {schedule}; "
-            f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}, {device}"
+            f"batch {config.batch_size}, lr {config.lr}, {config.optimizer}"
+            + (f", gradient norm clipped to {clip:g}" if clip else "")
+            + f", {device}"
             + (", autocast" if config.amp else "") + _switch_guidance(config))
 
 

@@ -143,6 +143,12 @@ def test_a_step_is_sgd_on_the_gradients_clipped_to_clip_grad_norm(clip):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_gradients_are_clipped_by_default_only_in_models_without_batch_norm():
+    assert Trainer(dataclasses.replace(TINY, model="cifar_vgg11")).clip == 1.0
+    assert Trainer(TINY).clip == 0.0  # cifar_vgg11_bn
+    assert Trainer(dataclasses.replace(TINY, clip_grad_norm=2.0)).clip == 2.0
+
+
 def test_scalar_parameters_train_at_scalar_lr_times_the_rate_in_both_phases():
     """fixup_resnet18's scalar biases and multipliers (1-element parameters), as the Fixup paper
     trains them, before and after the learning-rate drop at the switch to Facto."""
