@@ -31,9 +31,8 @@ class TrainConfig:
     in the paper (FRT ends at a learning-rate drop). clip_grad_norm clips the gradients' global
     norm before each step (`clip_for`), and 1-element parameters (Fixup's scalars) train at
     scalar_lr times the rate: without either, models without batch-norm sat at chance on some
-    seeds. merge_every
-    counts optimizer steps (default: one epoch). limit_batches caps the batches per epoch, train
-    and test, for quick checks.
+    seeds. merge_every counts optimizer steps (default: one epoch). limit_batches caps the batches
+    per epoch, train and test, for quick checks.
     batch_norm "auto" freezes statistics where Facto starts below the initial learning rate and
     trains on batch statistics ("lossy") where it does not: each what measured best there
     (benchmarks/switch_regimes.py).
