@@ -28,7 +28,8 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inr", type=float, default=0.3, help="internal node ratio, C_R = round(inr * C_I)")
     parser.add_argument("--lossy-kernel", type=int, default=2, help="mean-pool size of saved maps (1: none)")
     parser.add_argument("--apply-ratio", type=float, default=0.6, help="share of layers compressed from the input")
-    parser.add_argument("--storage-dtype", default=None, help="dtype of compressed maps: fp32, bf16, fp16")
+    parser.add_argument("--storage-dtype", default=None,
+                        help="dtype of compressed maps: fp32, bf16, fp16 (default: each map's own)")
     parser.add_argument("--batch-norm", default="auto", choices=("auto", *BATCH_NORM_MODES),
                         help="freeze: running statistics, frozen (the paper; switch with an LR drop); lossy: "
                              "batch statistics, x̂ saved pooled as frozen saves it (trains at an undropped LR); "
@@ -83,9 +84,10 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, help="a torchvision classification model or a package model")
     parser.add_argument("--dataset", default=defaults.dataset, help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument("--data-dir", default=None, help="where cifar10 / imagefolder data are (or go)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where cifar10 / imagefolder data are, or go with --download (required by those)")
     parser.add_argument("--download", action="store_true", help="download cifar10 into --data-dir")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (digits 32, imagefolder 224)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: digits 32, imagefolder 224)")
     parser.add_argument("--epochs", type=int, default=epochs, help="total epochs")
     parser.add_argument("--frt-epochs", type=int, default=frt_epochs,
                         help="full-rank epochs before Facto (the earliest switch, with --switch auto)")
@@ -95,7 +97,8 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
     parser.add_argument("--lr", type=float, default=lr, help="learning rate")
     parser.add_argument("--lr-milestones", type=int, nargs="*", default=None,
-                        help="epochs where the learning rate drops by --lr-gamma (default: --frt-epochs)")
+                        help="epochs where the learning rate drops by --lr-gamma (default: where Facto starts, "
+                             "--frt-epochs or later under --switch auto)")
     parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma, help="LR factor at each milestone")
     parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS, help="optimizer")
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
@@ -110,7 +113,8 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds weights, data order and D")
-    parser.add_argument("--limit-batches", type=int, default=None, help="at most this many batches per epoch")
+    parser.add_argument("--limit-batches", type=int, default=None,
+                        help="at most this many batches per epoch (default: all)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_facto_options(parser)
@@ -160,17 +164,28 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, unless the help already says it (an option whose default
+    is None explains in words what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facto-fx", description="Facto-CNN: train CNNs in less memory.")
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="feature-map bytes per layer, vanilla vs Facto (paper Table 3)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_DefaultsFormatter)
     report.add_argument("--model", default="vgg16", help="a torchvision classification model or a package model")
     report.add_argument("--batch-size", type=int, default=256, help="batch of the report")
     report.add_argument("--image-size", type=int, default=224, help="input height and width")
     report.add_argument("--in-channels", type=int, default=3, help="input channels")
     report.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
-    report.add_argument("--plot", default=None, help="write a per-op breakdown picture to this path (.png/.svg)")
+    report.add_argument("--plot", default=None,
+                        help="write a per-op breakdown picture to this path (.png/.svg; default: none)")
     report.add_argument("--peak", action="store_true",
                         help="also measure the peak memory of a forward + backward (allocates a real model and batch)")
     report.add_argument("--device", default="auto", help="with --peak: auto, cpu, cuda or cuda:N")
@@ -178,18 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=report_command)
 
     train = commands.add_parser("train", help="full-rank then Facto training, with checkpoints and resume",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_DefaultsFormatter)
     _add_training_options(train, epochs=TrainConfig.epochs, frt_epochs=TrainConfig.frt_epochs, lr=TrainConfig.lr,
                           switch=TrainConfig.switch)
     train.add_argument("--out", default="runs/facto", help="folder for checkpoint.pt, model_dense.pt, history.json")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
     train.add_argument("--checkpoint-every", type=int, default=None,
-                       help="also checkpoint every N optimizer steps (always at each epoch's end)")
+                       help="also checkpoint every N optimizer steps (default: only at each epoch's end)")
     train.set_defaults(run=train_command)
 
     demo = commands.add_parser("demo", help="vanilla vs Facto on scikit-learn's digits, with plots (about 2 min)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_DefaultsFormatter)
     # A side-by-side on one declared schedule: Facto starts where it says, even in a quick run.
     _add_training_options(demo, epochs=3, frt_epochs=1, lr=0.01, switch="fixed")
     demo.add_argument("--out", default="facto-demo", help="folder for the plots")

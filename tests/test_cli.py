@@ -85,6 +85,18 @@ def test_unknown_model_lists_the_valid_names(capsys):
     assert "unknown model 'vgg17'" in err and "Did you mean" in err and "fixup_resnet18" in err
 
 
+@pytest.mark.parametrize("command", ["report", "train", "demo"])
+def test_help_gives_each_default_once_and_never_as_none(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "default: None" not in text
+    for option, default in [("--lr-gamma", "0.1"), ("--merge-every", "an epoch"), ("--seed", "0")]:
+        if option in text:
+            entry = text.split(f"{option} {option[2:].upper().replace('-', '_')} ", 1)[1].split(" --", 1)[0]
+            assert entry.count("default:") == 1 and f"default: {default}" in entry, entry
+
+
 def test_invalid_option_names_the_argument(capsys):
     assert main(["report", "--model", "cifar_vgg11", "--inr", "1.5"]) == 2
     assert "inr must be a number in (0, 1]" in capsys.readouterr().err
