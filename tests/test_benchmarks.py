@@ -150,3 +150,31 @@ def test_strided_one_by_one_input_gradient_is_faster_than_torchs_on_cpu():
     rows = _load("conv_input").main(["--repeats", "5", "--device", "cpu"])
     assert sum(r["torch_ms"] for r in rows) > 1.3 * sum(r["facto_ms"] for r in rows)
     assert all(r["facto_ms"] < 1.1 * r["torch_ms"] for r in rows)
+
+
+def test_aten_calls_counts_each_kernel_launch_once_and_none_of_the_interpreters_work(monkeypatch):
+    """With the Triton kernels interpreted on the CPU, a launch counts as one call and the
+    interpreter's own tensor work (argument copies, per-program arithmetic) is not counted: a ReLU
+    network's Triton step makes as many "triton launch" calls as its launchers were called
+    (counted by spies), and no aten call of the count comes from inside a launch."""
+    import torch
+    from torch import nn
+
+    import facto_fx
+    from facto_fx.triton_ops import relu as triton_relu
+
+    aten_calls = _load("aten_calls")
+    launches = []
+    for name in ("relu_forward", "relu_backward"):
+        original = getattr(triton_relu, name)
+        monkeypatch.setattr(triton_relu, name, lambda *a, _f=original, _n=name: launches.append(_n) or _f(*a))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, kernels="triton", example_inputs=(torch.randn(1, 3, 6, 6),))
+    x, y = torch.randn(2, 3, 6, 6), torch.tensor([0, 2])
+    counts = aten_calls.count_step(fmodel, x, y)
+    step_launches = len(launches) // 2  # count_step runs two steps and counts the second
+    assert step_launches == 2 and counts[aten_calls.LAUNCH] == step_launches
+    # the relu launchers allocate their outputs (y, mask; grad_x) and call nothing else: the
+    # interpreter's copies of every argument to and from the host would show up as copy_ / to calls
+    assert counts["aten.empty_like.default"] == 2 and counts["aten.empty.memory_format"] == 1
+    assert not any("copy" in name or name.startswith("aten.to.") or "numpy" in name for name in counts)

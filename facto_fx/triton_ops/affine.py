@@ -13,6 +13,8 @@ read in memory order. The backward's partial sums are per channel of each tile; 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -26,17 +28,32 @@ MAX_BLOCK_C = 32  # channels of a channels_last tile
 
 
 @triton.jit
+def _parameter(ptr, c, C, PRESENT: tl.constexpr, STRIDE: tl.constexpr, default: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A (1, BLOCK_C) row of per-channel values in fp32: channel c's (STRIDE 0: the one value for
+    all), or `default` where the term is absent."""
+    if PRESENT:
+        value = tl.load(ptr + c * STRIDE, mask=c < C).to(tl.float32)[None, :]
+    else:
+        value = tl.full((1, BLOCK_C), default, tl.float32)
+    return value
+
+
+@triton.jit
 def _affine_fwd_kernel(
     x_ptr, mean_ptr, rstd_ptr, a_ptr, b_ptr, y_ptr, pooled_ptr, C, H, W, PH, PW,
     K: tl.constexpr, SAVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_RSTD: tl.constexpr, HAS_A: tl.constexpr, HAS_B: tl.constexpr,
+    PARAM_STRIDE: tl.constexpr,
 ):
     n = (tl.program_id(0) // tl.cdiv(C, BLOCK_C)).to(tl.int64)
     c = (tl.program_id(0) % tl.cdiv(C, BLOCK_C)) * BLOCK_C + tl.arange(0, BLOCK_C)
     pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     ph, pw = (pos // PW)[:, None], (pos % PW)[:, None]
     in_bounds = (pos < PH * PW)[:, None] & (c < C)[None, :]
-    mean, rstd = tl.load(mean_ptr + c, mask=c < C)[None, :], tl.load(rstd_ptr + c, mask=c < C)[None, :]
-    a, b = tl.load(a_ptr + c, mask=c < C)[None, :], tl.load(b_ptr + c, mask=c < C)[None, :]
+    mean = _parameter(mean_ptr, c, C, HAS_MEAN, PARAM_STRIDE, 0.0, BLOCK_C)
+    rstd = _parameter(rstd_ptr, c, C, HAS_RSTD, PARAM_STRIDE, 1.0, BLOCK_C)
+    a = _parameter(a_ptr, c, C, HAS_A, PARAM_STRIDE, 1.0, BLOCK_C)
+    b = _parameter(b_ptr, c, C, HAS_B, PARAM_STRIDE, 0.0, BLOCK_C)
     total = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     count = tl.zeros((BLOCK_P, 1), tl.float32)
     for i in tl.static_range(K):
@@ -58,14 +75,14 @@ def _affine_fwd_kernel(
 def _affine_bwd_kernel(
     grad_y_ptr, pooled_ptr, gain_ptr, grad_x_ptr, grad_a_ptr, grad_b_ptr, C, H, W, PH, PW,
     K: tl.constexpr, GRAD_X: tl.constexpr, GRAD_A: tl.constexpr, GRAD_B: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PARAM_STRIDE: tl.constexpr,
 ):
     n = (tl.program_id(0) // tl.cdiv(C, BLOCK_C)).to(tl.int64)
     c = (tl.program_id(0) % tl.cdiv(C, BLOCK_C)) * BLOCK_C + tl.arange(0, BLOCK_C)
     pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     ph, pw = (pos // PW)[:, None], (pos % PW)[:, None]
     in_bounds = (pos < PH * PW)[:, None] & (c < C)[None, :]
-    gain = tl.load(gain_ptr + c, mask=c < C)[None, :]
+    gain = _parameter(gain_ptr, c, C, True, PARAM_STRIDE, 1.0, BLOCK_C)
     window_sum = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for i in tl.static_range(K):
         for j in tl.static_range(K):
@@ -104,12 +121,23 @@ def _tiles(maps: Tensor, k: int, channels_last: bool) -> tuple[int, int, tuple[i
     return block_p, block_c, grid
 
 
-def _per_channel(values: Tensor | float | None, default: float, channels: int, maps: Tensor) -> Tensor:
-    """`channels` values (1: one for all) as one fp32 value per channel of `maps`."""
-    if values is None:
-        values = default
-    values = torch.as_tensor(values, device=maps.device).to(torch.float32).reshape(-1).expand(channels)
-    return values.expand(maps.shape[1]).contiguous()
+def _parameters(values: Sequence[Tensor | float | None], channels: int, maps: Tensor) -> tuple[list[Tensor], int]:
+    """The kernel's view of per-channel terms: each as a flat tensor of `channels` values (1: one
+    for every channel; a float becomes one), or `maps` as a placeholder for an absent term (its
+    HAS_ flag is off), and the stride between channels (0 for one value). The kernel reads any
+    float dtype and converts, so parameters are passed as they are: no call per term per step."""
+    if channels not in (1, maps.shape[1]):
+        raise ValueError(f"per-channel terms need 1 or {maps.shape[1]} values; got channels={channels}")
+    flat = []
+    for v in values:
+        if v is None:
+            flat.append(maps)
+            continue
+        v = torch.as_tensor(v, dtype=torch.float32, device=maps.device) if not isinstance(v, Tensor) else v
+        if v.numel() != channels:
+            raise ValueError(f"a per-channel term has {v.numel()} values where {channels} were expected")
+        flat.append(v if v.dim() == 1 and v.stride(0) == 1 else v.reshape(-1).contiguous())
+    return flat, int(channels != 1)
 
 
 def affine_forward(
@@ -140,12 +168,15 @@ def affine_forward(
         )
     else:
         pooled = x.new_empty(0)
-    params = [_per_channel(v, d, channels, maps) for v, d in ((mean, 0.0), (rstd, 1.0), (weight, 1.0), (bias, 0.0))]
+    terms = (mean, rstd, weight, bias)
+    params, stride = _parameters(terms, channels, maps)
     if maps.numel():
         block_p, block_c, grid = _tiles(maps, k, channels_last)
+        has_mean, has_rstd, has_a, has_b = (t is not None for t in terms)
         _affine_fwd_kernel[grid](
             maps, *params, y, pooled, map_channels, height, width, ph, pw,
             K=k, SAVE=save_pooled, CHANNELS_LAST=channels_last, BLOCK_P=block_p, BLOCK_C=block_c,
+            HAS_MEAN=has_mean, HAS_RSTD=has_rstd, HAS_A=has_a, HAS_B=has_b, PARAM_STRIDE=stride,
         )
     if x.dim() != 4:  # maps stay as they are: a view would renumber the strides of their size-1 dims
         y = y.view(x.shape)
@@ -177,11 +208,12 @@ def affine_backward(
     if maps.numel():
         if needs[1]:
             pooled = in_layout(_as_map(pooled), channels_last)
+        (gain,), stride = _parameters((gain,), channels, maps)
         _affine_bwd_kernel[grid](
-            maps, pooled, _per_channel(gain, 1.0, channels, maps), grad_x, *partials,
+            maps, pooled, gain, grad_x, *partials,
             map_channels, height, width, ph, pw,
             K=k, GRAD_X=needs[0], GRAD_A=needs[1], GRAD_B=needs[2], CHANNELS_LAST=channels_last,
-            BLOCK_P=block_p, BLOCK_C=block_c,
+            BLOCK_P=block_p, BLOCK_C=block_c, PARAM_STRIDE=stride,
         )
     sums = [None if p is None else p.view(-1, channels).sum(0) for p in partials]
     if grad_x is not None and grad_y.dim() != 4:

@@ -6,7 +6,7 @@ import torch
 from kernel_cases import DTYPES, KernelSpy, channels_last, in_layout, noncontiguous, randn, run_op, tolerance
 
 from facto_fx.ops.batch_norm import batch_norm_fwd
-from facto_fx.ops.lossy import sum_pool
+from facto_fx.ops.lossy import mean_pool, sum_pool
 from facto_fx.ops.scale import scale_fwd, spatial_kernel
 from facto_fx.triton_ops import affine
 from facto_fx.triton_ops.affine import affine_backward, affine_forward
@@ -141,3 +141,27 @@ def test_channels_last_input_matches_the_pytorch_path(op, shape, k, dtype, grad_
         expected = [window_sums.sum((0, 2, 3)), grad_y.double().sum((0, 2, 3))]
     for grad, reference in zip(param_grads, expected, strict=True):
         torch.testing.assert_close(grad.double(), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_parameters_of_any_float_dtype_and_layout_are_read_as_they_are(param_dtype):
+    """The kernel reads the statistics and γ, β in their own dtype, strided too (a model in
+    half precision, a view), and equals the reference on the same values in fp32."""
+    x = randn((2, 3, 4, 4), torch.float32)
+    mean, var, weight, bias = (t.to(param_dtype) for t in _stats(3))
+    weight = torch.stack([weight, weight], 1)[:, 0]  # every other element of its storage
+    assert not weight.is_contiguous()
+    rstd = torch.rsqrt(var + 1e-5)
+    y, pooled = affine_forward(x, 3, 2, None, True, mean, rstd, weight, bias)
+    mean, rstd, weight, bias = (t.float().view(1, 3, 1, 1) for t in (mean, rstd, weight, bias))
+    x_hat = (x - mean) * rstd
+    torch.testing.assert_close(y, x_hat * weight + bias)
+    torch.testing.assert_close(pooled, mean_pool(x_hat, 2))
+
+
+def test_a_term_with_the_wrong_number_of_values_is_refused():
+    x = randn((2, 3, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="2 values where 3 were expected"):
+        affine_forward(x, 3, 2, None, True, weight=torch.ones(2))
+    with pytest.raises(ValueError, match="need 1 or 3 values"):
+        affine_backward(x, x, torch.ones(2), 2, 2, (True, False, False))
