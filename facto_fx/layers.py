@@ -162,6 +162,12 @@ class FactoConv2d(LowRankMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.conv2d(x, *self.arguments())
 
+    def forward_padded(self, x: Tensor, padding: tuple[int, int]) -> Tensor:
+        """forward with `padding` in place of the layer's own: row strips pad the height at the
+        map's own edges themselves and run the layer on exactly the rows they need."""
+        return ops.conv2d(x, self.weight, self.M, self.D, self.bias, self.stride, padding, self.dilation,
+                          self.lossy_kernel, self.storage_dtype, self.folded)
+
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,

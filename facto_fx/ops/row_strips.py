@@ -3,9 +3,10 @@
 Pure PyTorch. A strip runs every node of a segment on the rows it needs: each op gets a slice of
 its input whose first row is a multiple of its stride, is run as it is (its own padding and
 kernels, Facto's and HOSVD's layers included), and its output is cropped to the rows its users
-need, dropping rows computed from padding that is not the map's own. Plain nn.Conv2d layers, most
-of the work, skip those rows: they run unpadded along the height on exactly the rows they read,
-zero-padded only at the map's own edges. Rows needed are
+need, dropping rows computed from padding that is not the map's own. Convolutions, most of the
+work (plain nn.Conv2d and Facto's), skip those rows: they run unpadded along the height on exactly
+the rows they read, zero-padded only at the map's own edges. A Facto conv computes whole tiles of
+the pool its saved projection uses, so M trains on the unsplit layer's gradient. Rows needed are
 found backwards from the strip's share of the segment's output, so boundaries need no other
 alignment, and the result equals the unsplit chain up to float rounding.
 
@@ -19,7 +20,7 @@ Two modes (the paper's OverL and 2PS):
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -48,6 +49,7 @@ class RowGeometry:
     padding: int = 0
     dilation: int = 1
     ceil_mode: bool = False
+    tile: int = 1  # output rows are computed in whole tiles of this many (see `tiled`)
 
     def out_rows(self, rows: int) -> int:
         """Output height for an input of `rows` rows (torch's formula, ceil_mode included)."""
@@ -63,13 +65,25 @@ class RowGeometry:
         first = lo * self.stride - self.padding
         return first, (hi - 1) * self.stride - self.padding + self.dilation * (self.kernel - 1) + 1
 
+    def tiled(self, lo: int, hi: int, out_rows: int) -> tuple[int, int]:
+        """Output rows [lo, hi) widened to whole tiles of the `out_rows`-row output.
+
+        A Facto conv saves its projection mean-pooled in k×k tiles and trains M from them: a strip
+        that computed part of a tile would pool other rows than the unsplit layer. Computing whole
+        tiles, the rows a strip does not keep get no gradient there, so the strips' shares of each
+        tile's gradient add up to the unsplit layer's.
+        """
+        t = self.tile
+        return lo - lo % t, min(out_rows, -(-hi // t) * t)
+
     def reads(self, lo: int, hi: int, rows: int) -> tuple[int, int]:
-        """The input rows [i0, i1) to give the op so that its output holds rows [lo, hi) exactly.
+        """The input rows [i0, i1) to give the op so that its output holds rows [lo, hi) exactly
+        (whole tiles of them, `tiled`).
 
         i0 is a multiple of the stride (or 0), so the op run on the slice alone computes global row
         i0 / s + j as its row j; rows it padded that are not padding of the whole map are cropped.
         """
-        start, end = self.window(lo, hi)
+        start, end = self.window(*self.tiled(lo, hi, self.out_rows(rows)))
         start = max(0, start)
         return start - start % self.stride, min(rows, end)
 
@@ -251,19 +265,35 @@ def _rows(t: Tensor, start: int, lo: int, hi: int) -> Tensor:
     return t[:, :, lo - start: hi - start]
 
 
-def _conv_rows(conv: nn.Conv2d, g: RowGeometry, x: Tensor, start: int, rows: int, c0: int, c1: int) -> Tensor:
-    """Output rows [c0, c1) of `conv` on a map of `rows` rows, of which `x` holds rows from `start`.
+def _conv_rows(conv: Callable[[Tensor], Tensor], g: RowGeometry, x: Tensor, start: int, rows: int, c0: int,
+               c1: int) -> Tensor:
+    """Output rows [c0, c1) of a conv on a map of `rows` rows, of which `x` holds rows from `start`;
+    `conv` runs it with no padding along the height (`_height_unpadded`).
 
-    The conv reads input rows c0·s − p … (c1 − 1)·s − p + d·(k − 1); those outside the map are its
-    zero padding, added here, and it runs unpadded along the height. Run on a slice with its own
-    padding it would also compute the rows its padding makes at both ends of the slice, which a
-    strip crops: a third more rows than needed for resnet50's 3×3 convs at 8 strips.
+    The conv reads input rows w0·s − p … (w1 − 1)·s − p + d·(k − 1) for its rows [w0, w1) (whole
+    tiles, `RowGeometry.tiled`, around [c0, c1)); those outside the map are its zero padding, added
+    here. Run on a slice with its own padding it would also compute rows from padding that is not
+    the map's at both ends of the slice: a third more rows than needed for resnet50's 3×3 convs at
+    8 strips, and, in a Facto conv, rows its pooled projection would mix into real ones.
     """
-    lo, hi = g.window(c0, c1)
+    w0, w1 = g.tiled(c0, c1, g.out_rows(rows))
+    lo, hi = g.window(w0, w1)
     inside = _rows(x, start, max(lo, 0), min(hi, rows))
     if lo < 0 or hi > rows:
         inside = F.pad(inside, (0, 0, max(-lo, 0), max(hi - rows, 0)))
-    return F.conv2d(inside, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups)
+    return _rows(conv(inside), w0, c0, c1)
+
+
+def _height_unpadded(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """`module` run with no padding along the height, if it is a convolution that can: a plain
+    nn.Conv2d padding with zeros, or a layer offering `forward_padded(x, padding)` (Facto's)."""
+    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+        return lambda x: F.conv2d(x, module.weight, module.bias, module.stride, (0, module.padding[1]),
+                                  module.dilation, module.groups)
+    forward_padded = getattr(module, "forward_padded", None)
+    if forward_padded is not None:
+        return lambda x: forward_padded(x, (0, module.padding[1]))
+    return None
 
 
 # Ops whose only difference from torch's is what they save (bit masks): within a checkpointed
@@ -292,14 +322,15 @@ class StripExecutor:
             target = PLAIN_IN_STRIPS.get(target, target)
         return getattr(self.interpreter, node.op)(target, args, kwargs)
 
-    def _zero_padded_conv(self, node: fx.Node) -> nn.Conv2d | None:
-        """The node's module if it is a plain nn.Conv2d that pads its height with zeros: strips run
-        it on exactly the rows they need (`_conv_rows`) instead of on a slice it pads again."""
+    def _unpadded_conv(self, node: fx.Node) -> Callable[[Tensor], Tensor] | None:
+        """The node's conv run unpadded along the height, where it pads the height or computes in
+        tiles: strips run it on exactly the rows they need (`_conv_rows`) instead of on a slice it
+        pads again."""
         if node.op != "call_module":
             return None
-        module = self.interpreter.fetch_attr(node.target)
-        plain = type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
-        return module if plain and module.padding[0] > 0 else None
+        if self.geometry[node].padding == 0 and self.geometry[node].tile == 1:
+            return None
+        return _height_unpadded(self.interpreter.fetch_attr(node.target))
 
     def run_whole(self, segment: Segment, x: Tensor) -> Tensor:
         env = {segment.start: x}
@@ -318,7 +349,7 @@ class StripExecutor:
                     work[node] = received[node], plan.tails_in[node][0]
                 continue
             c0, c1 = plan.compute[node]
-            conv = self._zero_padded_conv(node)
+            conv = self._unpadded_conv(node)
             if conv is not None:
                 (source,) = node.all_input_nodes
                 computed = _conv_rows(conv, self.geometry[node], *work[source], segment.rows[source], c0, c1)

@@ -11,6 +11,7 @@ the points inside it where a single value is live (where a strip segment may end
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,10 +57,16 @@ def _conv_module(m: nn.Module) -> RowGeometry | str:
     return _conv_geometry(getattr(m, "kernel_size", None) or tuple(m.weight.shape[2:]), m.stride, m.padding, m.dilation)
 
 
+def _facto_conv_module(m: layers.FactoConv2d) -> RowGeometry | str:
+    """A Facto conv's rows, computed in whole tiles of its lossy kernel (the saved projection's pool)."""
+    geometry = _conv_module(m)
+    return geometry if isinstance(geometry, str) else dataclasses.replace(geometry, tile=m.lossy_kernel)
+
+
 # Modules by class: the forward must be the class's own (a subclass may pad or pool in forward).
 _MODULES: dict[type[nn.Module], Callable[[nn.Module], RowGeometry | str]] = {
     nn.Conv2d: _conv_module,
-    layers.FactoConv2d: _conv_module,
+    layers.FactoConv2d: _facto_conv_module,
     layers.HOSVDConv2d: _conv_module,
     nn.MaxPool2d: lambda m: "return_indices=True" if m.return_indices else _pool_geometry(
         m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode),

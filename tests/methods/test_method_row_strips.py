@@ -93,6 +93,50 @@ def test_facto_inside_strips_trains_merges_and_exports():
     torch.testing.assert_close(dense(x), fmodel.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+class Dilated(nn.Module):
+    """Facto convs of stride 2 and dilation 2, an odd kernel's padding, and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.c3 = nn.Conv2d(8, 12, 5, stride=2, padding=2)
+        self.c4 = nn.Conv2d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x)) + x
+        x = F.relu(self.c3(x))
+        x = F.relu(self.c4(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("lossy_kernel", [2, 3])
+@pytest.mark.parametrize(("rows", "strips", "mode"), [
+    (40, 2, "two_phase"), (41, 3, "two_phase"), (37, 3, "overlap"), (40, 4, "overlap"), (23, 5, "two_phase"),
+])
+def test_facto_inside_strips_trains_on_the_unsplit_layers_gradients(rows, strips, mode, lossy_kernel):
+    """A Facto conv pools its saved projection in k×k tiles; strips compute whole tiles on the
+    rows the layer reads (no rows from a slice's own padding), so M's gradient, and every other,
+    is the unsplit Facto model's whatever the strip boundaries (float64, to rounding)."""
+    torch.manual_seed(0)
+    model = Dilated().double()
+    x = torch.randn(2, 3, rows, 19, dtype=torch.float64)
+    options = {"apply_ratio": 1.0, "lossy_kernel": lossy_kernel, "example_inputs": (x,)}
+    whole = facto_fx.compile(copy.deepcopy(model), **options)
+    split = facto_fx.compile(copy.deepcopy(model), row_strips=RowStrips(strips, mode, max_overhead=4.0), **options)
+    split.load_state_dict(whole.state_dict())
+    assert {"c2", "c3", "c4"} <= set(split.row_strips.geometry)
+    torch.testing.assert_close(split(x), whole(x), rtol=1e-10, atol=1e-12)
+    whole(x).square().sum().backward()
+    split(x).square().sum().backward()
+    grads = {name: p.grad for name, p in whole.named_parameters() if p.grad is not None}
+    assert {"c2.M", "c3.M", "c4.M"} <= set(grads)
+    for name, p in split.named_parameters():
+        torch.testing.assert_close(p.grad, grads.get(name), rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_report_labels_the_region_and_its_layers():
     torch.manual_seed(0)
     fmodel = facto_fx.compile(Net(batch_norm=False), apply_ratio=0.0, row_strips=RowStrips(2))

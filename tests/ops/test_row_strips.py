@@ -123,14 +123,16 @@ def test_facto_layers_inside_strips_train_as_without_strips():
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 40), kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
-    padding=st.integers(0, 3), ceil_mode=st.booleans(), data=st.data(),
+    padding=st.integers(0, 3), ceil_mode=st.booleans(), tile=st.integers(1, 3), data=st.data(),
 )
-def test_an_op_run_on_the_rows_it_reads_gives_those_rows(rows, kernel, stride, dilation, padding, ceil_mode, data):
+def test_an_op_run_on_the_rows_it_reads_gives_those_rows(rows, kernel, stride, dilation, padding, ceil_mode, tile,
+                                                        data):
     """RowGeometry against torch itself: the output height, and that the slice `reads` names
-    yields exactly the wanted output rows at the row index it promises."""
+    yields exactly the wanted output rows, widened to the whole tiles that hold them, at the row
+    index it promises."""
     if padding > kernel // 2 or rows + 2 * padding < dilation * (kernel - 1) + 1:
         return  # torch refuses these
-    g = RowGeometry(kernel, stride, padding, dilation, ceil_mode)
+    g = RowGeometry(kernel, stride, padding, dilation, ceil_mode, tile)
     x = torch.randn(1, 1, rows, 3, dtype=torch.float64)
 
     def pool(t):
@@ -143,7 +145,10 @@ def test_an_op_run_on_the_rows_it_reads_gives_those_rows(rows, kernel, stride, d
     i0, i1 = g.reads(lo, hi, rows)
     part = pool(x[:, :, i0:i1])
     first = i0 // stride
-    assert torch.equal(part[:, :, lo - first: hi - first], full[:, :, lo:hi])
+    w0, w1 = g.tiled(lo, hi, full.shape[2])
+    tiles = {r // tile for r in range(lo, hi)}  # the tiles holding the wanted rows, and all their rows
+    assert list(range(w0, w1)) == [r for r in range(full.shape[2]) if r // tile in tiles]
+    assert torch.equal(part[:, :, w0 - first: w1 - first], full[:, :, w0:w1])
 
 
 def test_two_phase_computes_every_row_once_and_overlap_covers_every_row():
