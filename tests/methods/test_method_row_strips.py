@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import facto_fx
@@ -274,3 +275,18 @@ def test_batch_statistics_with_pooled_maps_end_the_chain():
     split = facto_fx.compile(Net(), apply_ratio=1.0, batch_norm="lossy", row_strips=RowStrips(4))
     assert "c3" in split.row_strips.geometry and "bn" not in split.row_strips.geometry
     assert split.bn.batch_statistics
+
+
+def test_facto_tiles_do_not_cut_segments_shorter():
+    """Whole tiles add halo rows; segments are still cut where strips without them would be, so a
+    Facto model holds no more whole maps at cuts than the same model split without Facto."""
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 96, 96)
+    ends = {}
+    for ratio in (0.0, 1.0):
+        with pytest.warns(UserWarning, match="never estimated"):
+            fmodel = facto_fx.compile(copy.deepcopy(model), apply_ratio=ratio, row_strips=RowStrips(4),
+                                      example_inputs=(x,))
+        ends[ratio] = [(s.end.name, len(s.strips)) for s in fmodel.row_strips.segments(x)]
+    assert any(isinstance(m, facto_fx.layers.FactoConv2d) and m.lossy_kernel == 2 for m in fmodel.modules())
+    assert ends[1.0] == ends[0.0] and sum(n > 0 for _, n in ends[1.0]) >= 2
