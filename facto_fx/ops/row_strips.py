@@ -5,8 +5,9 @@ its input whose first row is a multiple of its stride, is run as it is (its own 
 kernels, Facto's and HOSVD's layers included), and its output is cropped to the rows its users
 need, dropping rows computed from padding that is not the map's own. Convolutions, most of the
 work (plain nn.Conv2d and Facto's), skip those rows: they run unpadded along the height on exactly
-the rows they read, zero-padded only at the map's own edges. A Facto conv computes whole tiles of
-the pool its saved projection uses, so M trains on the unsplit layer's gradient. Rows needed are
+the rows they read, zero-padded only at the map's own edges. Every op that saves its map mean-pooled
+(Facto's conv, scale and frozen batch-norm) computes whole tiles of that pool, so M, s and γ train
+on the unsplit layer's gradient. Rows needed are
 found backwards from the strip's share of the segment's output, so boundaries need no other
 alignment, and the result equals the unsplit chain up to float rounding.
 
@@ -69,8 +70,9 @@ class RowGeometry:
     def tiled(self, lo: int, hi: int, out_rows: int) -> tuple[int, int]:
         """Output rows [lo, hi) widened to whole tiles of the `out_rows`-row output.
 
-        A Facto conv saves its projection mean-pooled in k×k tiles and trains M from them: a strip
-        that computed part of a tile would pool other rows than the unsplit layer. Computing whole
+        Facto's ops save their map mean-pooled in k×k tiles (a conv's projection, a scale's or
+        frozen batch-norm's input) and train M, s or γ from them: a strip that computed part of a
+        tile would pool other rows than the unsplit layer. Computing whole
         tiles, the rows a strip does not keep get no gradient there, so the strips' shares of each
         tile's gradient add up to the unsplit layer's.
         """

@@ -57,22 +57,28 @@ def _conv_module(m: nn.Module) -> RowGeometry | str:
     return _conv_geometry(getattr(m, "kernel_size", None) or tuple(m.weight.shape[2:]), m.stride, m.padding, m.dilation)
 
 
-def _facto_conv_module(m: layers.FactoConv2d) -> RowGeometry | str:
-    """A Facto conv's rows, computed in whole tiles of its lossy kernel (the saved projection's pool)."""
-    geometry = _conv_module(m)
-    return geometry if isinstance(geometry, str) else dataclasses.replace(geometry, tile=m.lossy_kernel)
+def _pooled(geometry: RowGeometry | str, lossy_kernel: int) -> RowGeometry | str:
+    """The rows of an op that saves its map mean-pooled in k×k tiles (Facto's conv, scale and
+    frozen batch-norm), computed in whole tiles: a strip that pooled part of a tile would train on
+    another map than the unsplit op (`RowGeometry.tiled`)."""
+    return geometry if isinstance(geometry, str) else dataclasses.replace(geometry, tile=lossy_kernel)
+
+
+def _facto_batch_norm_module(m: layers.FactoBatchNorm) -> RowGeometry | str:
+    if m.batch_statistics:
+        return "batch statistics: each strip would see its own"
+    return _pooled(POINTWISE, m.lossy_kernel)
 
 
 # Modules by class: the forward must be the class's own (a subclass may pad or pool in forward).
 _MODULES: dict[type[nn.Module], Callable[[nn.Module], RowGeometry | str]] = {
     nn.Conv2d: _conv_module,
-    layers.FactoConv2d: _facto_conv_module,
+    layers.FactoConv2d: lambda m: _pooled(_conv_module(m), m.lossy_kernel),
     layers.HOSVDConv2d: _conv_module,
     nn.MaxPool2d: lambda m: "return_indices=True" if m.return_indices else _pool_geometry(
         m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode),
     nn.AvgPool2d: lambda m: _pool_geometry(m.kernel_size, m.stride, m.padding, 1, m.ceil_mode),
-    layers.FactoBatchNorm: lambda m: "batch statistics: each strip would see its own" if m.batch_statistics
-    else POINTWISE,
+    layers.FactoBatchNorm: _facto_batch_norm_module,
     **{cls: (lambda m: POINTWISE) for cls in (
         nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
         nn.LeakyReLU, nn.ELU, nn.Identity,
@@ -81,8 +87,9 @@ _MODULES: dict[type[nn.Module], Callable[[nn.Module], RowGeometry | str]] = {
 _RANDOM_MODULES = (nn.Dropout, nn.Dropout2d, layers.FactoDropout)
 
 _POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, ops.max_pool2d, F.avg_pool2d, torch._C._nn.avg_pool2d}
+_POOLED_FUNCTIONS = {ops.scale, ops.batch_norm}  # pointwise, saving the map pooled by their lossy_kernel
 _POINTWISE_FUNCTIONS = {
-    ops.relu, ops.scale, ops.batch_norm, F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
+    ops.relu, F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
     torch.sigmoid, F.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish,
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
     torch.add, torch.mul, torch.sub,
@@ -103,6 +110,9 @@ def _function_geometry(node: fx.Node, fn: Callable, args: tuple) -> RowGeometry 
         return "random: a recomputed strip would draw another mask"
     if fn in _POINTWISE_FUNCTIONS:
         return POINTWISE
+    if fn in _POOLED_FUNCTIONS:
+        bound = _arguments(node, fn, args)
+        return bound if isinstance(bound, str) else _pooled(POINTWISE, bound["lossy_kernel"])
     if fn in _POOL_FUNCTIONS:
         bound = _arguments(node, fn, args)
         if isinstance(bound, str) or bound.get("return_indices"):
@@ -171,7 +181,7 @@ def row_geometry(gm: fx.GraphModule, node: fx.Node) -> RowGeometry | str:
     geometry = _function_geometry(node, fn, args)
     if geometry is None:
         return f"{getattr(fn, '__name__', fn)} is not known to be local along the height"
-    if geometry is POINTWISE:
+    if isinstance(geometry, RowGeometry) and geometry.kernel == 1 and geometry.stride == 1:
         return _constant_maps(gm, node) or geometry
     return geometry
 

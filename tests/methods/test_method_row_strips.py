@@ -138,6 +138,64 @@ def test_facto_inside_strips_trains_on_the_unsplit_layers_gradients(rows, strips
         torch.testing.assert_close(p.grad, grads.get(name), rtol=1e-10, atol=1e-12, msg=name)
 
 
+class Pooled(nn.Module):
+    """Every op that saves a map mean-pooled by the lossy kernel: Facto convs (stride 2, dilation 2,
+    5×5), frozen batch-norm as modules and as a functional call, and a scale, with a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.BatchNorm2d(8)
+        self.s = nn.Parameter(torch.tensor(1.5))
+        self.c3 = nn.Conv2d(8, 12, 5, stride=2, padding=2)
+        self.gamma, self.beta = nn.Parameter(torch.rand(12) + 0.5), nn.Parameter(torch.randn(12))
+        self.register_buffer("mean", torch.randn(12))
+        self.register_buffer("var", torch.rand(12) + 0.5)
+        self.c4, self.b4 = nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 4)
+        for bn in (self.b1, self.b2, self.b4):  # statistics and affine terms away from the identity
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.normal_(bn.bias)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x))) + x * self.s
+        x = F.relu(F.batch_norm(self.c3(x), self.mean, self.var, self.gamma, self.beta, False))
+        x = F.max_pool2d(x, 3, 1, 1)
+        x = F.relu(self.b4(self.c4(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize(("rows", "width", "strips", "mode", "lossy_kernel"), [
+    (41, 19, 2, "two_phase", 2), (40, 17, 3, "overlap", 2), (37, 21, 4, "two_phase", 3),
+    (45, 16, 5, "overlap", 3), (23, 9, 3, "two_phase", 2),
+])
+def test_every_op_saving_a_pooled_map_trains_on_the_unsplit_gradient(rows, width, strips, mode, lossy_kernel):
+    """Frozen batch-norm (its γ) and scale (its s) train from their input mean-pooled in k×k tiles,
+    as a Facto conv's M does: strips compute whole tiles of each, so every gradient is the unsplit
+    Facto model's (float64, to rounding), with M away from zero."""
+    torch.manual_seed(0)
+    model = Pooled().double()
+    x = torch.randn(2, 3, rows, width, dtype=torch.float64)
+    options = {"apply_ratio": 1.0, "lossy_kernel": lossy_kernel, "example_inputs": (x,)}
+    whole = facto_fx.compile(copy.deepcopy(model), **options)
+    split = facto_fx.compile(copy.deepcopy(model), row_strips=RowStrips(strips, mode, max_overhead=4.0), **options)
+    with torch.no_grad():
+        for name, p in whole.named_parameters():
+            if name.endswith(".M"):
+                p.normal_(std=1e-2)
+    split.load_state_dict(whole.state_dict())
+    pooled = {n for n, g in split.row_strips.geometry.items() if g.tile == lossy_kernel}
+    assert {"b1", "c2", "b2", "mul", "c3", "batch_norm", "c4", "b4"} <= pooled
+    torch.testing.assert_close(split(x), whole(x), rtol=1e-10, atol=1e-12)
+    whole(x).square().sum().backward()
+    split(x).square().sum().backward()
+    grads = {name: p.grad for name, p in whole.named_parameters() if p.grad is not None}
+    assert {"b1.weight", "b2.weight", "s", "gamma", "b4.weight", "c2.M"} <= set(grads)
+    for name, p in split.named_parameters():
+        torch.testing.assert_close(p.grad, grads.get(name), rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_report_labels_the_region_and_its_layers():
     torch.manual_seed(0)
     fmodel = facto_fx.compile(Net(batch_norm=False), apply_ratio=0.0, row_strips=RowStrips(2))
