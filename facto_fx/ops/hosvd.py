@@ -15,11 +15,26 @@ Decomposition", shared/papers/hosvd-activation-compression.txt).
   [core (K_R×K_F), U_R, U_F]; "svd" the rows mode only, [U_R, R (K_R×in)].
 
 **Ranks.** Each factor U_n holds the leading eigenvectors of the mode's Gram matrix
-G_n = X_(n)·X_(n)ᵀ (I_n×I_n, torch.linalg.eigh in fp32, fp64 for fp64 inputs); no SVD of an unfolding
-and no right factor V is ever formed. The rank K_n is the smallest K with
+G_n = X_(n)·X_(n)ᵀ (I_n×I_n, torch.linalg.eigh in fp32, fp64 for fp64 inputs; a dual mode, below,
+gets the same vectors from the smaller dual Gram); no SVD of an unfolding is formed. The rank K_n is
+the smallest K with
 
     Σ_{i≤K} λ_i  ≥  ε · Σ_i λ_i,      λ_1 ≥ λ_2 ≥ ... the eigenvalues of G_n (= σ_i², σ the singular
                                        values of the unfolding X_(n)), clamped at 0.
+
+**Dual modes.** A mode longer than the product P_n of the others (8×512×1×1: C = 512 > 8) has rank at
+most P_n, and its I_n×I_n Gram at least I_n − P_n zero eigenvalues; fp32 eigh fails on such Grams
+(raises, or returns NaN without raising, e.g. with one thread). Such a mode solves the dual Gram
+X_(n)ᵀ·X_(n) (P_n×P_n, the same nonzero λ) instead: its eigenvectors V give U_n = X_(n)·V·Σ⁻¹, formed as
+the QR factor of X_(n)·V, which is X_(n)·V·Σ⁻¹ with columns normalised where σ > 0, orthonormal columns
+where σ = 0 or at rounding level (no division by σ), so K_n ≤ min(I_n, P_n). SVD's batch mode follows
+the same rule (B > C·H·W: the C·H·W-sized dual).
+
+**Range and fallback.** The Grams are formed from X divided by a power of two near max|X| (fp32
+Grams of X itself would overflow above ~1e19 and keep no digits below ~1e-19), and the core (or R)
+is scaled back; ranks and factors do not depend on the scale. A mode whose fp32 eigh raises, or
+whose eigenvalues or factor columns are not finite, is solved again in fp64, so finite input never
+gives non-finite factors.
 
 The energy is thus the squared Frobenius norm (Σ_i λ_i = ‖X‖_F² for every mode), uncentered: no mean
 is subtracted. The paper speaks of "the desired amount of information to retain (ε)" without a
@@ -44,18 +59,19 @@ facto::hosvd_conv2d_weight_grad: its work has the ranks in its shapes (a filter 
 which the convolution meta kernel cannot trace with unbacked sizes, while its result has the
 weight's static shape.
 
-**Cost.** The forward forms one Gram matrix per mode (B², C², H², W² entries; X is read once per
-mode, from an fp32 copy for 16-bit inputs) and runs eigh on each, so the forward costs more than a
-plain conv's; the backward's weight-gradient correlation runs on K_B (not B) samples of K_C (not C)
-channels.
+**Cost.** The forward copies X once, scaled (in fp32 for 16-bit inputs), forms one Gram matrix
+per mode (at most min(B, C·H·W)², min(C, B·H·W)², ... entries; X is read once per mode) and runs eigh
+on each, so the forward costs more than a plain conv's; the backward's weight-gradient correlation
+runs on K_B (not B) samples of K_C (not C) channels.
 
-**Host syncs** in a training forward: one `.tolist()` per op, of all the modes' ranks at once (the
-ranks are found on the device with cumsum / searchsorted). On CUDA, torch.linalg.eigh also checks
-the solver's status on the host, once per call; modes of equal size (H = W, the usual square map)
-share one batched call, so a square conv map costs at most 3 such checks for HOSVD, 1 for SVD. The
-backward has no host sync. Under torch.compile the fake kernel gives every rank an unbacked size
-(`new_dynamic_size`, bounded by the mode's size), so the graph traces with data-dependent ranks;
-the fake is the op's own computation on fake tensors with those ranks.
+**Host syncs** in a training forward: one `.tolist()` per op, of all the modes' ranks and of flags
+saying whether their spectra are finite (the ranks are found on the device with cumsum /
+searchsorted); a mode solved again in fp64 costs one more. On CUDA, torch.linalg.eigh also checks
+the solver's status on the host, once per call; modes whose Grams have equal size (H = W, the usual
+square map) share one batched call, so a square conv map costs at most 3 such checks for HOSVD, 1
+for SVD. The backward has no host sync. Under torch.compile the fake kernel gives every rank an
+unbacked size (`new_dynamic_size`, bounded by min(I_n, P_n)), so the graph traces with
+data-dependent ranks; the fake is the op's own computation on fake tensors with those ranks.
 
 **Autocast** (ops/autocast.py): like F.conv2d / F.linear, x is cast to the autocast dtype; the op
 runs in x's dtype (weight and bias cast to it), so y and the codes take x's dtype; grad_W and
@@ -78,6 +94,7 @@ from facto_fx.ops.lossy import cast
 from facto_fx.shapes import pair
 
 MODES = ("hosvd", "svd")
+Spectrum = tuple[Tensor, Tensor]  # a mode's eigenvalues, descending; its factor's candidate columns in that order
 
 
 class ModeRank(NamedTuple):
@@ -122,6 +139,47 @@ def _gram(t: Tensor, dim: int) -> Tensor:
     return torch.einsum("piq,pjq->ij", v, v)
 
 
+def _is_dual(t: Tensor, dim: int) -> bool:
+    """Whether mode `dim` is longer than the product of the others: its rank is at most that product, so
+    the dual Gram is the smaller one and has no forced zero eigenvalues (module docstring)."""
+    p, i, q = _as_3d(t, dim)
+    return i > p * q
+
+
+def _dual_gram(t: Tensor, dim: int) -> Tensor:
+    """X_(dim)ᵀ·X_(dim) of a contiguous tensor: the (P·Q)×(P·Q) Gram of the other modes' indices."""
+    p, i, q = _as_3d(t, dim)
+    v = t.view(p, i, q)
+    return torch.einsum("aic,bid->acbd", v, v).reshape(p * q, p * q)
+
+
+def _dual_factor(t: Tensor, dim: int, vectors: Tensor) -> Tensor:
+    """U = X_(dim)·V·Σ⁻¹ for the dual Gram's eigenvectors V (descending), as the QR factor of X_(dim)·V: its
+    columns normalised, and orthonormal where σ is 0 or at rounding level rather than divided by it."""
+    p, i, q = _as_3d(t, dim)
+    projected = torch.einsum("aic,acj->ij", t.view(p, i, q), vectors.view(p, q, -1))
+    return torch.linalg.qr(projected).Q
+
+
+def _mode_gram(t: Tensor, dim: int) -> Tensor:
+    """The Gram whose eigenvectors give mode `dim`'s factor: X_(dim)·X_(dim)ᵀ, or the dual one."""
+    return _dual_gram(t, dim) if _is_dual(t, dim) else _gram(t, dim)
+
+
+def _mode_spectrum(t: Tensor, dim: int, values: Tensor, vectors: Tensor) -> Spectrum:
+    """From eigh of _mode_gram: the eigenvalues descending, clamped at 0, and the factor's columns in that order."""
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(-1)
+    return values, (_dual_factor(t, dim, vectors) if _is_dual(t, dim) else vectors)
+
+
+def _spectrum_fp64(t: Tensor, dim: int) -> Spectrum:
+    """Mode `dim`'s spectrum solved in fp64, in t's dtype: the fallback where fp32 eigh fails on a
+    rank-deficient Gram (raises, or returns NaN without raising)."""
+    t64 = t.to(torch.float64)
+    values, vectors = _mode_spectrum(t64, dim, *torch.linalg.eigh(_mode_gram(t64, dim)))
+    return values.to(t.dtype), vectors.to(t.dtype)
+
+
 def _mode_product(t: Tensor, m: Tensor, dim: int) -> Tensor:
     """t ×_dim m: contracts dim of contiguous t (size I) with the columns of m (K×I); contiguous result."""
     p, i, q = _as_3d(t, dim)
@@ -133,21 +191,25 @@ def _mode_product(t: Tensor, m: Tensor, dim: int) -> Tensor:
     return torch.matmul(m, t.view(p, i, q)).view(shape)
 
 
-def _spectra(t: Tensor, dims: list[int]) -> list[tuple[Tensor, Tensor]]:
-    """Per dim: (eigenvalues, descending and clamped at 0; eigenvectors in that order) of its Gram.
+def _spectra(t: Tensor, dims: list[int]) -> list[Spectrum]:
+    """Per dim: its spectrum (_mode_spectrum).
 
-    Grams of equal size share one batched eigh call (one solver status check on CUDA).
+    Grams of equal size share one batched eigh call (one solver status check on CUDA); a call whose
+    solver gives up (it raises) is solved again in fp64, mode by mode.
     """
-    grams = {d: _gram(t, d) for d in dims}
+    grams = {d: _mode_gram(t, d) for d in dims}
     by_size: dict[object, list[int]] = {}
     for d in dims:
-        size = t.shape[d]
+        size = grams[d].shape[0]
         by_size.setdefault(size if isinstance(size, int) else ("dim", d), []).append(d)
     out = {}
     for group in by_size.values():
-        values, vectors = torch.linalg.eigh(torch.stack([grams[d] for d in group]))
-        for j, d in enumerate(group):
-            out[d] = (values[j].flip(0).clamp(min=0), vectors[j].flip(-1))
+        try:
+            values, vectors = torch.linalg.eigh(torch.stack([grams[d] for d in group]))
+        except torch.linalg.LinAlgError:
+            out.update({d: _spectrum_fp64(t, d) for d in group})
+            continue
+        out.update({d: _mode_spectrum(t, d, values[j], vectors[j]) for j, d in enumerate(group)})
     return [out[d] for d in dims]
 
 
@@ -160,24 +222,51 @@ def _rank_and_kept(values: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return k + 1, kept
 
 
-def _measured_ranks(spectra: list[tuple[Tensor, Tensor]], eps: float) -> list[int]:
-    """The ranks of every mode, with one host sync for all of them."""
-    ks = [_rank_and_kept(values, eps)[0] for values, _ in spectra]
-    return torch.cat(ks).tolist()
+def _read(spectra: list[Spectrum], eps: float) -> list[list[float]]:
+    """Per spectrum [rank, fraction kept, 1 if its values and columns are all finite else 0], one host sync."""
+    rows = []
+    for values, vectors in spectra:
+        k, kept = _rank_and_kept(values, eps)
+        finite = (torch.isfinite(values).all() & torch.isfinite(vectors).all()).view(1)
+        rows.append(torch.cat([k.to(torch.float64), kept.to(torch.float64), finite.to(torch.float64)]))
+    return torch.stack(rows).tolist()
 
 
-def _unbacked_ranks(spectra: list[tuple[Tensor, Tensor]], eps: float) -> list[int | torch.SymInt]:
-    """The fake kernel's ranks: data-dependent sizes in [1, I_n] (a size-1 mode has rank 1)."""
+def _measured(t: Tensor, dims: list[int], spectra: list[Spectrum], eps: float
+              ) -> tuple[list[Spectrum], list[int], list[float]]:
+    """The spectra, every mode's rank and the fraction it keeps, read with one host sync together with
+    whether each spectrum is finite: a mode whose spectrum is not is solved again in fp64 and read again
+    (one more sync, only then)."""
+    read = _read(spectra, eps)
+    bad = [j for j, (_, _, finite) in enumerate(read) if not finite]
+    if bad:
+        spectra = [_spectrum_fp64(t, d) if j in bad else s for j, (d, s) in enumerate(zip(dims, spectra, strict=True))]
+        for j, row in zip(bad, _read([spectra[j] for j in bad], eps), strict=True):
+            read[j] = row
+    return spectra, [int(k) for k, _, _ in read], [kept for _, kept, _ in read]
+
+
+def _measured_ranks(t: Tensor, dims: list[int], spectra: list[Spectrum], eps: float
+                    ) -> tuple[list[Spectrum], list[int]]:
+    """The op's ranks, measured (_measured); non-finite spectra come back solved in fp64."""
+    spectra, ranks, _ = _measured(t, dims, spectra, eps)
+    return spectra, ranks
+
+
+def _unbacked_ranks(t: Tensor, dims: list[int], spectra: list[Spectrum], eps: float
+                    ) -> tuple[list[Spectrum], list[int | torch.SymInt]]:
+    """The fake kernel's ranks: data-dependent sizes in [1, min(I_n, P_n)], the factor's candidate columns
+    (a mode with one column has rank 1); the spectra as they are (the fp64 fallback keeps their shapes)."""
     ranks = []
-    for values, _ in spectra:
-        size = values.shape[0]
+    for _, vectors in spectra:
+        size = vectors.shape[1]
         if isinstance(size, int) and size == 1:
             ranks.append(1)
             continue
         k = torch.library.get_ctx().new_dynamic_size(min=1, max=size if isinstance(size, int) else None)
         torch._check(k <= size)
         ranks.append(k)
-    return ranks
+    return spectra, ranks
 
 
 def _contraction_order(sizes: list, ranks: list) -> list[int]:
@@ -188,27 +277,31 @@ def _contraction_order(sizes: list, ranks: list) -> list[int]:
     return order
 
 
-def _in_memory_order(x: Tensor, mode: str) -> tuple[Tensor, list[int], list[int], list[tuple[Tensor, Tensor]]]:
-    """x in its working dtype with its dims in memory order (no copy for fp32 / fp64 inputs that are
-    dense in some dim order), the permutation back, each decomposed mode's position there, and the
-    modes' spectra."""
+def _in_memory_order(x: Tensor, mode: str) -> tuple[Tensor, Tensor, list[int], list[int]]:
+    """A contiguous copy of x in its working dtype with its dims in memory order, divided by a power of two
+    near max|x| (exact; the Grams square x's range, so fp32 would overflow above ~1e19 and keep no digits
+    below ~1e-19; ranks and factors do not depend on the scale); that scale (1 for an all-zero x); the
+    permutation back; and each decomposed mode's position there."""
     order = _memory_order(x)
     inverse = [order.index(d) for d in range(x.dim())]
-    xp = x.permute(order).to(_work_dtype(x.dtype)).contiguous()
+    xp = x.permute(order).to(_work_dtype(x.dtype), memory_format=torch.contiguous_format, copy=True)
+    top = torch.linalg.vector_norm(xp, float("inf"))
+    scale = torch.where(top > 0, torch.exp2(torch.floor(torch.log2(top))), torch.ones_like(top))
     positions = [inverse[d] for d in (range(x.dim()) if mode == "hosvd" else [0])]
-    return xp, inverse, positions, _spectra(xp, positions)
+    return xp.div_(scale), scale, inverse, positions
 
 
 def _decompose(x: Tensor, eps: float, mode: str, rank_fn) -> list[Tensor]:
     """The codes of x (see the module docstring), with ranks from `rank_fn` (measured, or unbacked)."""
     dtype = x.dtype
-    xp, inverse, positions, spectra = _in_memory_order(x, mode)
-    ranks = rank_fn(spectra, eps)
+    xp, scale, inverse, positions = _in_memory_order(x, mode)
+    spectra, ranks = rank_fn(xp, positions, _spectra(xp, positions), eps)
     factors = [vectors[:, :k] for (_, vectors), k in zip(spectra, ranks, strict=True)]
     rest = xp
     sizes = [xp.shape[p] for p in positions]
     for j in _contraction_order(sizes, ranks):
         rest = _mode_product(rest, factors[j].T, positions[j])
+    rest = rest.mul_(scale)  # a new tensor: every mode product makes one
     stored = [f.to(dtype).clone(memory_format=torch.contiguous_format) for f in factors]
     if mode == "hosvd":
         core = rest.permute(inverse).contiguous().to(dtype)
@@ -253,11 +346,10 @@ def rank_report(x: Tensor, eps: float = 0.8, mode: str = "hosvd") -> list[ModeRa
     if x.dim() < 2:
         raise ValueError(f"rank_report needs a tensor of 2 or more dims; got shape {tuple(x.shape)}")
     with torch.no_grad():
-        spectra = _in_memory_order(x.detach(), mode)[3]
-        found = [_rank_and_kept(values, float(eps)) for values, _ in spectra]
-        flat = torch.cat([torch.cat([k.to(torch.float64), kept.to(torch.float64)]) for k, kept in found]).tolist()
+        xp, _, _, positions = _in_memory_order(x.detach(), mode)
+        _, ranks, kept = _measured(xp, positions, _spectra(xp, positions), float(eps))
     dims = range(x.dim()) if mode == "hosvd" else [0]
-    return [ModeRank(d, x.shape[d], int(flat[2 * j]), flat[2 * j + 1]) for j, d in enumerate(dims)]
+    return [ModeRank(d, x.shape[d], ranks[j], kept[j]) for j, d in enumerate(dims)]
 
 
 # ---------------------------------------------------------------------------------------------

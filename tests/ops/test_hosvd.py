@@ -551,3 +551,177 @@ def test_decompose_reconstruct_and_rank_report(mode, layout):
     for r, u in zip(report, factors, strict=True):
         assert r.kept >= 0.9
         assert r.kept == pytest.approx(_kept(x, u, r.dim), abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Rank-deficient fp32 inputs: finite codes and correct gradients, at 1 and 2 threads
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sparse_relu(b, c, seed):
+    """A post-ReLU b×c×1×1 map with most channels dead: rank ≤ b, hundreds of zero channels. With one thread
+    fp32 eigh of its c×c channel Gram returns NaN without raising for seed 4 and raises for seed 2 (2 threads:
+    raises for seed 2)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, 1, 1, generator=g) - 1.5).relu()
+
+
+def _spatially_constant(b, c, size, seed):
+    """_sparse_relu(b, c) repeated over a size × size map, so that b·size² = c: the c×c channel Gram is the one
+    solved (no dual), of rank ≤ b. Here fp32 eigh raises on it for (4, 64, 4, seed=2) and returns NaN without
+    raising for (8, 128, 4, seed=2) with one thread: the fp64 fallback is what keeps these finite."""
+    return _sparse_relu(b, c, seed).expand(b, c, size, size).contiguous()
+
+
+def _randn(*shape, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(12)) * scale
+
+
+RANK_DEFICIENT = {  # fp32 inputs; "dual": a mode longer than the product of the others
+    "issue-8x512x1x1-nan": lambda: _sparse_relu(8, 512, seed=4),
+    "issue-8x512x1x1-raises": lambda: _sparse_relu(8, 512, seed=2),
+    "batch-below-channels-1x1": lambda: _randn(4, 64, 1, 1),
+    "batch-above-chw": lambda: _randn(16, 3, 1, 1),  # SVD's batch mode is dual
+    "tall-map": lambda: _randn(1, 2, 40, 3),  # H = 40 > 1·2·3
+    "spatially-constant-raises": lambda: _spatially_constant(4, 64, 4, seed=2),
+    "spatially-constant-nan": lambda: _spatially_constant(8, 128, 4, seed=2),
+    "constant": lambda: torch.full((3, 8, 5, 5), 0.7),
+    "zero": lambda: torch.zeros(2, 16, 3, 3),
+    "huge": lambda: _randn(2, 6, 5, 5, scale=1e20),  # x² overflows fp32
+    "tiny": lambda: _randn(2, 6, 5, 5, scale=1e-25),  # x² underflows fp32
+}
+
+
+def _rel_error(a, b):
+    return ((a.to(F64) - b).norm() / b.norm()).item()
+
+
+def _check_rank_deficient_conv(x, mode):
+    """Codes finite; at ε = 1 grad_W is float64 dense autograd's (fp32 rounding), at ε = 0.8 that of X̂
+    rebuilt from the codes; an all-zero map gives a zero grad_W."""
+    weight = torch.randn(4, x.shape[1], 3, 3, generator=torch.Generator().manual_seed(13))
+    grad_y = torch.randn(x.shape[0], 4, *x.shape[2:], generator=torch.Generator().manual_seed(14))
+    for eps in (1.0, 0.8):
+        fw = leaf(weight)
+        y, codes = torch.ops.facto.hosvd_conv2d(x, fw, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, eps, mode)
+        assert all(torch.isfinite(c).all() for c in codes)
+        (gw,) = torch.autograd.grad(y, [fw], grad_y)
+        assert torch.isfinite(gw).all()
+        if not x.any():
+            assert torch.equal(gw, torch.zeros_like(gw))
+            continue
+        x_hat = _rebuilt([c.to(F64) for c in codes], mode, "conv")
+        rw = leaf(weight.to(F64))
+        (ref,) = torch.autograd.grad(F.conv2d(x.to(F64) if eps == 1.0 else x_hat, rw, padding=1), [rw], grad_y.to(F64))
+        assert _rel_error(gw, ref) < 1e-5
+        if eps == 1.0:
+            assert _rel_error(x_hat, x.to(F64)) < 1e-5
+        else:
+            _check_energy(x, codes, mode, eps - 1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", RANK_DEFICIENT)
+def test_rank_deficient_inputs_give_finite_codes_and_exact_grads(name, mode, threads):
+    """The issue: fp32 eigh of the 512×512 channel Gram of an 8×512×1×1 map (rank ≤ 8) returned NaN without
+    raising, so the codes and grad_W were NaN. Low-rank maps, constant and all-zero maps, and scales whose
+    squares leave fp32's range keep every code finite and grad_W exact at ε = 1."""
+    with _threads(threads):
+        _check_rank_deficient_conv(RANK_DEFICIENT[name](), mode)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_rank_deficient_rows(mode, threads):
+    """A linear layer's 8 × 512 rows (the issue's map, flattened): its feature mode takes the 8×8 dual Gram."""
+    x = _sparse_relu(8, 512, seed=4).flatten(1)
+    weight = torch.randn(5, 512, generator=torch.Generator().manual_seed(15))
+    grad_y = torch.randn(8, 5, generator=torch.Generator().manual_seed(16))
+    with _threads(threads):
+        fw = leaf(weight)
+        y, codes = torch.ops.facto.hosvd_linear(x, fw, None, 1.0, mode)
+        (gw,) = torch.autograd.grad(y, [fw], grad_y)
+    assert all(torch.isfinite(c).all() for c in codes)
+    assert _rel_error(gw, grad_y.to(F64).T @ x.to(F64)) < 1e-5
+    _check_energy(x, codes, mode, 1.0 - 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dual_modes_keep_the_rank_bound_and_orthonormal_factors(mode):
+    """A mode longer than the product of the others gets at most that many orthonormal columns."""
+    x = _randn(3, 50, 2, 1)  # C = 50 > 3·2·1
+    for eps in (1.0, 0.9):
+        codes = facto.decompose(x, eps, mode)
+        for dim, u in zip(_factor_dims(mode, 4), _factors(codes, mode), strict=True):
+            assert u.shape[1] <= x.numel() // x.shape[dim]
+        _check_energy(x, codes, mode, eps - 1e-5)
+    assert _rel_error(facto.reconstruct(facto.decompose(x, 1.0, mode)), x.to(F64)) < 1e-5
+
+
+def _failing_fp32_eigh(monkeypatch, how):
+    """torch.linalg.eigh failing on fp32 Grams as the solver does (NaN without raising, or raising); the
+    fp64 calls it lets through are counted."""
+    real, calls = torch.linalg.eigh, []
+
+    def eigh(a, *args, **kwargs):
+        calls.append(a.dtype)
+        values, vectors = real(a, *args, **kwargs)
+        if a.dtype != torch.float32:
+            return values, vectors
+        if how == "raises":
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (error code: 7).")
+        return torch.full_like(values, float("nan")), torch.full_like(vectors, float("nan"))
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["nan", "raises"])
+@pytest.mark.parametrize("mode", MODES)
+def test_failed_fp32_eigh_is_solved_again_in_fp64(monkeypatch, how, mode):
+    """A mode whose fp32 spectrum is not finite (or whose solver raises) is solved in fp64: finite codes, the
+    same ranks as an fp32 solve that worked, lossless at ε = 1 (primal and dual modes)."""
+    x = _randn(2, 30, 3, 3)  # C = 30 > 2·3·3: dual; B, H, W: primal
+    want = [r.rank for r in facto.rank_report(x, 0.9, mode)]
+    calls = _failing_fp32_eigh(monkeypatch, how)
+    assert [r.rank for r in facto.rank_report(x, 0.9, mode)] == want
+    codes = facto.decompose(x, 1.0, mode)
+    assert torch.float64 in calls and all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in codes)
+    assert _rel_error(facto.reconstruct(codes), x.to(F64)) < 1e-5
+    _check_rank_deficient_conv(x, mode)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_real_fp32_eigh_failures_are_solved_in_fp64(monkeypatch, threads):
+    """The spatially constant maps above, with eigh only watched: wherever fp32 eigh really failed (raised, or
+    returned non-finite values), an fp64 solve followed, and the codes are finite and lossless at ε = 1."""
+    real, outcomes = torch.linalg.eigh, []
+
+    def eigh(a, *args, **kwargs):
+        try:
+            values, vectors = real(a, *args, **kwargs)
+        except torch.linalg.LinAlgError:
+            outcomes.append((a.dtype, False))
+            raise
+        outcomes.append((a.dtype, bool(torch.isfinite(values).all() and torch.isfinite(vectors).all())))
+        return values, vectors
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    for x in (_spatially_constant(4, 64, 4, seed=2), _spatially_constant(8, 128, 4, seed=2)):
+        outcomes.clear()
+        with _threads(threads):
+            codes = facto.decompose(x, 1.0, "hosvd")
+        assert all(torch.isfinite(c).all() for c in codes)
+        assert _rel_error(_rebuilt([c.to(F64) for c in codes], "hosvd", "conv"), x.to(F64)) < 1e-5
+        if (torch.float32, False) in outcomes:
+            assert (torch.float64, True) in outcomes
