@@ -6,10 +6,12 @@
 For each model (num_classes=10, random weights, batch 2): `facto_fx.compile(model, inr=0.3,
 lossy_kernel=2, apply_ratio=1.0)`, then, independently of compile's own check, the output of the
 Facto model against the original's, both in eval mode with gradients on, at M = 0; one training
-step (forward + backward) of the Facto model; and saved-for-backward bytes, vanilla vs Facto, from
-`facto_fx.report`. A model is "exact" at relative error <= 1e-5, "refused" when compile raises a
-FactoTraceError / FactoVerificationError (the reason is listed), and "FAILED" otherwise: a failure
-is a bug in facto_fx. Writes a Markdown table (docs/compatibility.md by default).
+step (forward + backward) of the Facto model; saved-for-backward bytes, vanilla vs Facto, from
+`facto_fx.report`; and every method's gradients against an independent reference
+(benchmarks/gradient_check.py). A model is "exact" at relative error <= 1e-5 with every gradient
+check passed, "refused" when compile raises a FactoTraceError / FactoVerificationError (the reason
+is listed), and "FAILED" otherwise: a failure is a bug in facto_fx. Writes a Markdown table
+(docs/compatibility.md by default).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torchvision
+from gradient_check import METHODS, check_gradients
+from gradient_check import summary as gradient_summary
 from torch import nn
 from tqdm import tqdm
 
@@ -56,6 +60,7 @@ class Row:
     vanilla_mib: float | None = None
     facto_mib: float | None = None
     trains: str = "-"
+    gradient: str = "-"
     seconds: float = 0.0
     note: str = ""
 
@@ -74,6 +79,11 @@ def build(spec: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=10)
 
 
+def _seeded_build(spec: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build(spec)
+
+
 def image_size(spec: str, default: int) -> int:
     name = spec.rpartition(":")[2]
     return next((size for prefix, size in FIXED_SIZE.items() if name.startswith(prefix)), default)
@@ -83,8 +93,9 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
 
 
-def check(spec: str, size: int, batch: int = 2) -> Row:
-    """One model through compile, the M = 0 comparison, a training step and the memory report."""
+def check(spec: str, size: int, batch: int = 2, gradient_methods: Sequence[str] = METHODS) -> Row:
+    """One model through compile, the M = 0 comparison, a training step, the memory report and each
+    method's gradient check (benchmarks/gradient_check.py)."""
     start = time.perf_counter()
     torch.manual_seed(0)
     model = build(spec)
@@ -125,6 +136,12 @@ def check(spec: str, size: int, batch: int = 2) -> Row:
         row.vanilla_mib, row.facto_mib = report.vanilla_bytes / 2**20, report.facto_bytes / 2**20
     except Exception as error:
         row.status, row.note = "FAILED", f"after compile: {_first_line(error)}"
+    if gradient_methods:
+        gradients = check_gradients(lambda: _seeded_build(spec), x, gradient_methods)
+        row.gradient = gradient_summary(gradients)
+        problems = [g.problem for g in gradients if not g.ok]
+        if problems:
+            row.status, row.note = "FAILED", "; ".join([row.note, *problems] if row.note else problems)
     row.seconds = time.perf_counter() - start
     return row
 
@@ -150,17 +167,24 @@ def to_markdown(rows: Sequence[Row], size: int) -> str:
         "sub-modules kept as one opaque call (untraceable, hooked, or mode-dependent code).",
         "- **saved**: bytes autograd keeps for backward in one training forward (docs/design.md §5), vanilla "
         "eager training every weight vs Facto.",
+        "- **gradients**: each method's largest relative gradient error against an independent reference, in "
+        "float64, eval mode with gradients on (`benchmarks/gradient_check.py`): *facto* (lossy kernel 1, M ≠ 0) "
+        "against plain autograd of a dense copy holding Ω = W + M·D (grad_M = grad_Ω·Dᵀ, every other parameter "
+        "equal); *strips* (3 row strips) against the same Facto model unsplit; *hosvd* (eps = 1 on every conv "
+        "and linear) against the dense model; *eb* (ErrorBounded on every op it takes, relative bound 1e-6) "
+        "within 1e-3. Lossless checks pass at 1e-6; *-*: the method takes no layer of the model. A wrong or "
+        "non-finite gradient makes the model FAILED.",
         "",
         "| model | status | error at M = 0 | facto | frozen | dense | opaque | vanilla MiB | facto MiB "
-        "| facto % | trains | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| facto % | trains | gradients | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = _fmt(100 * r.facto_mib / r.vanilla_mib if r.vanilla_mib else None, ".1f")
         lines.append(
             f"| {r.model} | {r.status} | {_fmt(r.error, '.1e')} | {r.rewritten} | {r.frozen} | {r.dense} "
             f"| {r.opaque} | {_fmt(r.vanilla_mib, '.2f')} | {_fmt(r.facto_mib, '.2f')} | {share} | {r.trains} "
-            f"| {r.note.replace('|', '/')} |"
+            f"| {r.gradient} | {r.note.replace('|', '/')} |"
         )
     counts = {s: sum(r.status == s for r in rows) for s in ("exact", "refused", "FAILED")}
     summary = f"{len(rows)} models: {counts['exact']} exact, {counts['refused']} refused, {counts['FAILED']} failed."
@@ -181,13 +205,15 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--models", nargs="*", help="torchvision:NAME or timm:NAME (default: all)")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--out", default="docs/compatibility.md", help="Markdown file, or - for stdout")
+    parser.add_argument("--gradient-methods", nargs="*", choices=METHODS, default=list(METHODS),
+                        help="methods whose gradients each model checks (none: skip the gradient check)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     specs = [m if ":" in m else f"torchvision:{m}" for m in args.models] if args.models else default_models()
     rows = []
     for spec in (bar := tqdm(specs, desc="models", file=sys.stderr)):
         bar.set_postfix_str(spec)
-        rows.append(check(spec, args.image_size))
+        rows.append(check(spec, args.image_size, gradient_methods=args.gradient_methods))
         gc.collect()
     text = to_markdown(rows, args.image_size)
     if args.out == "-":

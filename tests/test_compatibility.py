@@ -1,4 +1,5 @@
-"""Real models from timm and torchvision: exact at M = 0 and trainable after compile, or refused.
+"""Real models from timm and torchvision: exact at M = 0, trainable after compile and with every
+method's gradients right, or refused.
 
 A sample of the families whose sub-classed layers once made `compile` silently change the model
 (batch-norm + activation modules, "same" padding computed in forward, mixed and standardised
@@ -6,6 +7,8 @@ convs, drop-path, stochastic depth). `python benchmarks/compatibility.py` runs e
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ import facto_fx
 from facto_fx.passes.verify import relative_error
 
 compatibility = _load("compatibility")
+gradient_check = _load("gradient_check")
 
 SAMPLE = [
     "timm:efficientnet_b0",  # BatchNormAct2d, squeeze-excite
@@ -32,10 +36,46 @@ SAMPLE = [
 def test_real_model_is_exact_at_m0_and_trains(spec):
     if spec.startswith("timm:"):
         pytest.importorskip("timm")
-    row = compatibility.check(spec, size=32)
+    row = compatibility.check(spec, size=32, gradient_methods=())  # gradients: below, on fewer models
     assert row.status == "exact", row
     assert row.error <= compatibility.EXACT and row.trains == "yes"
     assert row.facto_mib < row.vanilla_mib
+
+
+@pytest.mark.parametrize("spec", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
+def test_every_methods_gradients_match_their_reference(spec):
+    """Facto against dense autograd of the merged weight, strips against unsplit Facto, HOSVD at
+    eps = 1 against dense, ErrorBounded within its bound: the benchmark's gradient column."""
+    row = compatibility.check(spec, size=32)
+    assert row.status == "exact", row
+    assert all(f"{method} -" not in row.gradient for method in ("facto", "strips", "hosvd", "eb")), row.gradient
+
+
+def _corrupting(monkeypatch, corrupt):
+    """gradient_check's compile, with `corrupt` applied to the gradient of the first Facto layer's M."""
+    compile_ = gradient_check.facto_fx.compile
+
+    def compile_and_corrupt(*args, **kwargs):
+        fmodel = compile_(*args, **kwargs)
+        layer = next(m for m in fmodel.modules() if isinstance(m, gradient_check.FactoConv2d))
+        layer.M.register_hook(corrupt)
+        return fmodel
+
+    monkeypatch.setattr(gradient_check.facto_fx, "compile", compile_and_corrupt)
+
+
+@pytest.mark.parametrize(("corrupt", "problem"), [
+    (lambda g: g * 1.001, "facto: .* off by 1.0e-03"),
+    (lambda g: g * float("nan"), "facto: non-finite gradient"),
+])
+def test_a_wrong_gradient_fails_the_check(monkeypatch, corrupt, problem):
+    import torchvision
+
+    _corrupting(monkeypatch, corrupt)
+    torch.manual_seed(0)
+    (result,) = gradient_check.check_gradients(lambda: torchvision.models.resnet18(num_classes=10),
+                                               torch.randn(2, 3, 32, 32), ["facto"])
+    assert not result.ok and re.search(problem, result.problem), result
 
 
 def test_drop_path_follows_the_mode_in_training():
