@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows = []
     for spec in (bar := tqdm(specs, desc="models", file=sys.stderr)):
         bar.set_postfix_str(spec)
-        rows.append(check(spec, args.image_size, gradient_methods=args.gradient_methods))
+        rows.append(row := check(spec, args.image_size, gradient_methods=args.gradient_methods))
+        bar.write(f"{spec}: {row.status}, gradients {row.gradient}, {row.seconds:.0f} s {row.note}", file=sys.stderr)
         gc.collect()
     text = to_markdown(rows, args.image_size)
     if args.out == "-":
