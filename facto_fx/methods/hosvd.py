@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from facto_fx import ops
 from facto_fx.layers import HOSVDConv2d, HOSVDLinear
 from facto_fx.methods.base import Last, Method, MethodConfig, PlanContext, RewriteSite, register_method
+from facto_fx.ops.hosvd import SCALE_DTYPE
 from facto_fx.passes.match import CONV, LINEAR, Match, call_args
 
 
@@ -45,7 +46,8 @@ class SVD(HOSVD):
 
 
 def _worst_case_elements(shape: tuple[int, ...], mode: str, conv: bool) -> int:
-    """Elements of the codes at full rank: what the analytic report can promise before data exist."""
+    """Elements of the codes in x's dtype at full rank (all but the scale): what the analytic report can promise
+    before data exist."""
     dims = list(shape) if conv else [math.prod(shape[:-1]), shape[-1]]
     if mode == "svd":
         return dims[0] * dims[0] + math.prod(dims)
@@ -89,9 +91,9 @@ class _Decomposed(Method):
         return f"{layer.mode} eps {layer.eps}: ranks {ranks} of {'x'.join(map(str, x.shape))}"
 
     def saved_bytes(self, method: HOSVD, node: fx.Node, args: tuple, kwargs: dict) -> int | None:
-        """The full-rank worst case (ranks depend on the data; real runs report what was kept)."""
+        """The full-rank worst case (ranks depend on the data; real runs report what was kept), and the scale."""
         x = args[0]
-        return _worst_case_elements(tuple(x.shape), method.mode, x.dim() == 4) * x.element_size()
+        return _worst_case_elements(tuple(x.shape), method.mode, x.dim() == 4) * x.element_size() + SCALE_DTYPE.itemsize
 
 
 register_method(HOSVD)(_Decomposed)

@@ -5,14 +5,16 @@ needs X; instead of X the op saves a truncated decomposition of it, and grad_W i
 decomposition without rebuilding X (paper: "Activation Map Compression through Tensor
 Decomposition", shared/papers/hosvd-activation-compression.txt).
 
-**Codes** (the op's second output, in this order, each in x's dtype):
+**Codes** (the op's second output, in this order; all but the last in x's dtype):
 
-- conv, mode="hosvd": [core (K_B×K_C×K_H×K_W), U_B (B×K_B), U_C (C×K_C), U_H (H×K_H), U_W (W×K_W)],
-  X ≈ core ×_B U_B ×_C U_C ×_H U_H ×_W U_W.
-- conv, mode="svd": [U_B (B×K_B), R (K_B×C×H×W, x's memory format)], X_(B) ≈ U_B·R with R = U_Bᵀ·X_(B)
+- conv, mode="hosvd": [core (K_B×K_C×K_H×K_W), U_B (B×K_B), U_C (C×K_C), U_H (H×K_H), U_W (W×K_W), s],
+  X ≈ s · core ×_B U_B ×_C U_C ×_H U_H ×_W U_W.
+- conv, mode="svd": [U_B (B×K_B), R (K_B×C×H×W, x's memory format), s], X_(B) ≈ s · U_B·R with s·R = U_Bᵀ·X_(B)
   the K_B×(C·H·W) right part S·Vᵀ, kept in the map's 4-D shape.
 - linear (x of shape (..., in) taken as the rows × in matrix X): "hosvd" is 2 modes,
-  [core (K_R×K_F), U_R, U_F]; "svd" the rows mode only, [U_R, R (K_R×in)].
+  [core (K_R×K_F), U_R, U_F, s]; "svd" the rows mode only, [U_R, R (K_R×in), s].
+- s, the scale: a 0-d fp32 tensor (`SCALE_DTYPE`), a power of two, 1 unless the core (or R) would leave
+  x's dtype's range (below).
 
 **Ranks.** Each factor U_n holds the leading eigenvectors of the mode's Gram matrix
 G_n = X_(n)·X_(n)ᵀ (I_n×I_n, torch.linalg.eigh in fp32, fp64 for fp64 inputs; a dual mode, below,
@@ -32,9 +34,15 @@ the same rule (B > C·H·W: the C·H·W-sized dual).
 
 **Range and fallback.** The Grams are formed from X divided by a power of two near max|X| (fp32
 Grams of X itself would overflow above ~1e19 and keep no digits below ~1e-19), and the core (or R)
-is scaled back; ranks and factors do not depend on the scale. A mode whose fp32 eigh raises, or
-whose eigenvalues or factor columns are not finite, is solved again in fp64, so finite input never
-gives non-finite factors.
+is scaled back; ranks and factors do not depend on the scale. The core concentrates X's energy (its
+top entry is about ‖X‖_F, past fp16's 65504 on maps of modest entries: 8×64×16×16 of values up to
+400), and R's entries reach σ_1. So the core (or R) is stored divided by s, the smallest power of two
+≥ 1 that brings its Frobenius norm (a bound on each of its entries and on those of every partial
+product formed from it) to at most the largest power of two of x's dtype: 2^15 for fp16, 2^127 for
+bf16 and fp32. Other maps get s = 1, codes as if unscaled; s stays below 4·√numel(X), which fp32
+holds for every input dtype. Its consumers (the weight gradients, `reconstruct`) multiply by s in
+fp32 (fp64 for fp64). A mode whose fp32 eigh raises, or whose eigenvalues or factor columns
+are not finite, is solved again in fp64, so finite input never gives non-finite codes.
 
 The energy is thus the squared Frobenius norm (Σ_i λ_i = ‖X‖_F² for every mode), uncentered: no mean
 is subtracted. The paper speaks of "the desired amount of information to retain (ε)" without a
@@ -54,7 +62,9 @@ back to channels; a grouped conv projects each group's output channels with that
 U_C. Where K_C exceeds a group's channel count (depthwise, most grouped convs) the core is expanded
 with U_C first and the grouped correlation runs on the K_B×C map instead, the cheaper order there.
 SVD: the same correlation on U_Bᵀ·grad_Y and the K_B rows R. Linear: grad_W = (U_Rᵀ·G)ᵀ·core·U_Fᵀ,
-or (U_Rᵀ·G)ᵀ·R, G = grad_y as rows × out. The conv's grad_W is its own op,
+or (U_Rᵀ·G)ᵀ·R, G = grad_y as rows × out. Each runs in grad_Y's dtype on the codes as stored (s = 1:
+exactly the unscaled arithmetic) and is then multiplied by s in fp32 (fp64 for fp64), which holds
+the product where 16 bits may not, before the cast to the weight's dtype. The conv's grad_W is its own op,
 facto::hosvd_conv2d_weight_grad: its work has the ranks in its shapes (a filter of K_C channels),
 which the convolution meta kernel cannot trace with unbacked sizes, while its result has the
 weight's static shape.
@@ -74,7 +84,7 @@ unbacked size (`new_dynamic_size`, bounded by min(I_n, P_n)), so the graph trace
 data-dependent ranks; the fake is the op's own computation on fake tensors with those ranks.
 
 **Autocast** (ops/autocast.py): like F.conv2d / F.linear, x is cast to the autocast dtype; the op
-runs in x's dtype (weight and bias cast to it), so y and the codes take x's dtype; grad_W and
+runs in x's dtype (weight and bias cast to it), so y and the codes (s aside) take x's dtype; grad_W and
 grad_bias come back in the parameters' dtype.
 """
 
@@ -94,6 +104,7 @@ from facto_fx.ops.lossy import cast
 from facto_fx.shapes import pair
 
 MODES = ("hosvd", "svd")
+SCALE_DTYPE = torch.float32  # the codes' last entry, s: a power of two in [1, 4·√numel(x)) (module docstring)
 Spectrum = tuple[Tensor, Tensor]  # a mode's eigenvalues, descending; its factor's candidate columns in that order
 
 
@@ -291,6 +302,22 @@ def _in_memory_order(x: Tensor, mode: str) -> tuple[Tensor, Tensor, list[int], l
     return xp.div_(scale), scale, inverse, positions
 
 
+def _in_storage_range(rest: Tensor, scale: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """rest·scale (the core or R of x, formed from x / scale) divided by s, and s: the smallest power of two
+    ≥ 1 that keeps its Frobenius norm, which bounds every entry, within `dtype`'s largest power of two (an
+    fp16 core's top entry is about ‖X‖_F: past 65504 on maps of modest entries). Exact: powers of two."""
+    limit = math.floor(math.log2(torch.finfo(dtype).max))
+    log_norm = torch.log2(scale) + torch.log2(torch.linalg.vector_norm(rest))  # -inf for a zero rest: s = 1
+    s = torch.exp2(torch.ceil(log_norm - limit).clamp(min=0))
+    return rest.mul_(scale / s), s.to(SCALE_DTYPE)
+
+
+def _unscaled(t: Tensor, s: Tensor) -> Tensor:
+    """t·s in t's working precision (fp32 at least): a product the codes' own 16-bit dtype may not hold."""
+    work = _work_dtype(t.dtype)
+    return cast(t, work) * cast(s, work)
+
+
 def _decompose(x: Tensor, eps: float, mode: str, rank_fn) -> list[Tensor]:
     """The codes of x (see the module docstring), with ranks from `rank_fn` (measured, or unbacked)."""
     dtype = x.dtype
@@ -301,12 +328,12 @@ def _decompose(x: Tensor, eps: float, mode: str, rank_fn) -> list[Tensor]:
     sizes = [xp.shape[p] for p in positions]
     for j in _contraction_order(sizes, ranks):
         rest = _mode_product(rest, factors[j].T, positions[j])
-    rest = rest.mul_(scale)  # a new tensor: every mode product makes one
+    rest, s = _in_storage_range(rest, scale, dtype)  # rest is a new tensor: every mode product makes one
     stored = [f.to(dtype).clone(memory_format=torch.contiguous_format) for f in factors]
     if mode == "hosvd":
         core = rest.permute(inverse).contiguous().to(dtype)
-        return [core, *stored]
-    return [*stored, rest.permute(inverse).to(dtype)]  # R keeps x's memory order (channels_last: channels_last)
+        return [core, *stored, s]
+    return [*stored, rest.permute(inverse).to(dtype), s]  # R keeps x's memory order (channels_last: channels_last)
 
 
 def _check(eps: float, mode: str) -> None:
@@ -329,15 +356,20 @@ def decompose(x: Tensor, eps: float = 0.8, mode: str = "hosvd") -> list[Tensor]:
 
 
 def reconstruct(codes: list[Tensor]) -> Tensor:
-    """X̂ from `decompose`'s (or an op's) codes: U·R for SVD codes, core ×_n U_n for HOSVD codes."""
-    if len(codes) == 2:
-        u, r = codes
-        return (u @ r.reshape(r.shape[0], -1)).view(u.shape[0], *r.shape[1:])
-    core, *factors = codes
-    out = core.contiguous()
-    for d, u in enumerate(factors):
-        out = _mode_product(out, u, d)
-    return out
+    """X̂ in x's dtype from `decompose`'s (or an op's) codes: s·U·R for SVD codes, s·core ×_n U_n for HOSVD
+    codes, formed in the working precision (fp32 at least: 16-bit s·core may not be representable)."""
+    *parts, s = codes
+    dtype = parts[0].dtype
+    parts = [cast(p, _work_dtype(dtype)) for p in parts]
+    if len(parts) == 2:
+        u, r = parts
+        out = (u @ r.reshape(r.shape[0], -1)).view(u.shape[0], *r.shape[1:])
+    else:
+        core, *factors = parts
+        out = core.contiguous()
+        for d, u in enumerate(factors):
+            out = _mode_product(out, u, d)
+    return _unscaled(out, s).to(dtype)
 
 
 def rank_report(x: Tensor, eps: float = 0.8, mode: str = "hosvd") -> list[ModeRank]:
@@ -485,19 +517,21 @@ def conv2d_weight_grad(
     groups: int,
     mode: str,
 ) -> Tensor:
-    """grad_W (contiguous, grad_y's dtype) from the saved codes: the backward's one opaque step.
+    """grad_W (contiguous, in grad_y's working precision: fp32, fp64 for fp64) from the saved codes: the
+    backward's one opaque step. It runs in grad_y's dtype on the codes as stored, then multiplies by s.
 
     An op of its own because its work has the data-dependent ranks in its shapes (the correlation
     in K_C space has a filter of K_C channels), which torch.compile's convolution meta cannot trace
     with unbacked sizes; its result has the weight's static shape, which the fake gives alone.
     """
     weight_grad = _hosvd_weight_grad if mode == "hosvd" else _svd_weight_grad
-    return weight_grad(grad_y, codes, weight_shape, stride, padding, dilation, groups).contiguous()
+    *parts, s = codes
+    return _unscaled(weight_grad(grad_y, parts, weight_shape, stride, padding, dilation, groups), s).contiguous()
 
 
 @conv2d_weight_grad.register_fake
 def _conv2d_weight_grad_fake(grad_y, codes, weight_shape, stride, padding, dilation, groups, mode):
-    return grad_y.new_empty(weight_shape)
+    return grad_y.new_empty(weight_shape, dtype=_work_dtype(grad_y.dtype))
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -594,14 +628,15 @@ def _linear_backward(ctx, grad_y, _grad_codes):
     if ctx.needs_input_grad[0]:
         grad_x = grad_y @ cast(weight, grad_y.dtype)
     if ctx.needs_input_grad[1]:
-        codes = [cast(c, grad_y.dtype) for c in codes]
+        *parts, s = codes
+        parts = [cast(c, grad_y.dtype) for c in parts]
         if ctx.mode == "hosvd":
-            core, u_r, u_f = codes
+            core, u_r, u_f = parts
             grad_w = ((u_r.T @ rows).T @ core) @ u_f.T
         else:
-            u_r, r = codes
+            u_r, r = parts
             grad_w = (u_r.T @ rows).T @ r
-        grad_w = cast(grad_w, weight.dtype)
+        grad_w = cast(_unscaled(grad_w, s), weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = cast(rows.sum(0), ctx.bias_dtype)
     return grad_x, grad_w, grad_bias, None, None

@@ -40,15 +40,16 @@ def _dense_conv(x, w, b, stride, padding, dilation, groups):
 
 
 def _rebuilt(codes, mode, kind):
-    """X̂ from the saved codes with plain tensor products."""
+    """X̂ from the saved codes with plain tensor products, times the scale (the last code)."""
+    *parts, scale = codes
     if kind == "conv" and mode == "hosvd":
-        core, ub, uc, uh, uw = codes
-        return torch.einsum("ijkl,bi,cj,hk,wl->bchw", core, ub, uc, uh, uw)
+        core, ub, uc, uh, uw = parts
+        return torch.einsum("ijkl,bi,cj,hk,wl->bchw", core, ub, uc, uh, uw) * scale
     if kind == "linear" and mode == "hosvd":
-        core, ur, uf = codes
-        return torch.einsum("ij,ri,fj->rf", core, ur, uf)
-    ub, r = codes
-    return torch.einsum("bi,i...->b...", ub, r)
+        core, ur, uf = parts
+        return torch.einsum("ij,ri,fj->rf", core, ur, uf) * scale
+    ub, r = parts
+    return torch.einsum("bi,i...->b...", ub, r) * scale
 
 
 def _kept(x, u, dim):
@@ -62,7 +63,7 @@ def _factor_dims(mode, ndim):
 
 
 def _factors(codes, mode):
-    return codes[1:] if mode == "hosvd" else codes[:1]
+    return codes[1:-1] if mode == "hosvd" else codes[:1]
 
 
 def _check_energy(x, codes, mode, eps):
@@ -374,7 +375,8 @@ def test_conv_low_precision_and_autocast(mode, layout, dtype, autocast):
     with _autocast(autocast):
         y, codes = torch.ops.facto.hosvd_conv2d(fx, fw, fb, [1, 2], pads, [1, 1], 2, 0.8, mode)
     run_dtype = autocast or dtype
-    assert y.dtype == run_dtype and all(c.dtype == run_dtype for c in codes)
+    assert y.dtype == run_dtype and all(c.dtype == run_dtype for c in codes[:-1])
+    assert codes[-1].dtype == torch.float32 and codes[-1].item() == 1  # the scale: 1 where the core fits
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn_like(y)
@@ -406,7 +408,8 @@ def test_linear_low_precision_and_autocast(mode, dtype, autocast):
     with _autocast(autocast):
         y, codes = torch.ops.facto.hosvd_linear(fx, fw, fb, 0.8, mode)
     run_dtype = autocast or dtype
-    assert y.dtype == run_dtype and all(c.dtype == run_dtype for c in codes)
+    assert y.dtype == run_dtype and all(c.dtype == run_dtype for c in codes[:-1])
+    assert codes[-1].dtype == torch.float32 and codes[-1].item() == 1  # the scale: 1 where the core fits
     grad_y = torch.randn_like(y)
     gx, gw, gb = torch.autograd.grad(y, [fx, fw, fb], grad_y)
     assert (gx.dtype, gw.dtype, gb.dtype) == (dtype, torch.float32, torch.float32)
@@ -725,3 +728,66 @@ def test_real_fp32_eigh_failures_are_solved_in_fp64(monkeypatch, threads):
         assert _rel_error(_rebuilt([c.to(F64) for c in codes], "hosvd", "conv"), x.to(F64)) < 1e-5
         if (torch.float32, False) in outcomes:
             assert (torch.float64, True) in outcomes
+
+
+# --------------------------------------------------------------------------------------------
+# 16-bit maps whose norm leaves fp16's range: the core (or R) must still fit the storage dtype
+
+
+def _uniform_400():
+    """Modest, finite fp16 values (≤ 400) whose Frobenius norm, about 8.4e4, exceeds fp16's 65504: the HOSVD
+    core concentrates the energy, its top entry is about ‖X‖_F."""
+    return torch.rand(8, 64, 16, 16, generator=torch.Generator().manual_seed(17)) * 400
+
+
+def _outlier_channel():
+    """_uniform_400 with one position of one channel at 3e4 in every sample: σ_1 ≈ 3e4·√8 ≈ 8.5e4, so SVD's R,
+    whose entries reach σ_1, leaves fp16's range too."""
+    x = _uniform_400()
+    x[:, 0, 0, 0] = 3e4
+    return x
+
+
+WIDE_NORM = {"uniform-400": _uniform_400, "outlier-channel": _outlier_channel}
+WIDE_NORM_DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+
+
+def _check_wide_norm(op, x, weight, grad_y, args, ref_grad_w):
+    """Codes, y, grad_X and grad_W finite; grad_W within 16-bit rounding of float64 dense autograd at ε = 1, and
+    so is X̂ rebuilt by `reconstruct`. Only fp16 needs a scale (bf16 has fp32's range)."""
+    fx, fw = leaf(x), leaf(weight)
+    y, codes = op(fx, fw, None, *args)
+    assert all(torch.isfinite(c).all() for c in codes)
+    assert (codes[-1].item() > 1) == (x.dtype == torch.float16)
+    assert torch.isfinite(y).all()
+    gx, gw = torch.autograd.grad(y, [fx, fw], grad_y)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert _rel(gw, ref_grad_w) < TOLERANCE[x.dtype]
+    assert _rel(facto.reconstruct(codes).reshape(x.shape), x) < TOLERANCE[x.dtype]
+
+
+@WIDE_NORM_DTYPES
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", WIDE_NORM)
+def test_conv_norm_beyond_fp16_range_keeps_codes_finite(name, mode, dtype):
+    """The issue: an fp16 map with ‖X‖_F > 65504 gave an inf core, so inf codes and an inf / NaN grad_W. bf16
+    (fp32's range) is checked alongside."""
+    x = WIDE_NORM[name]().to(dtype)
+    weight = torch.randn(4, 64, 3, 3, generator=torch.Generator().manual_seed(18)) / 24  # fp32, std 1/√fan_in
+    grad_y = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(19)).to(dtype)
+    rw = leaf(weight.to(F64))
+    (ref,) = torch.autograd.grad(F.conv2d(x.to(F64), rw, padding=1), [rw], grad_y.to(F64))
+    _check_wide_norm(torch.ops.facto.hosvd_conv2d, x, weight, grad_y, ([1, 1], [1, 1, 1, 1], [1, 1], 1, 1.0, mode),
+                     ref)
+
+
+@WIDE_NORM_DTYPES
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", WIDE_NORM)
+def test_linear_norm_beyond_fp16_range_keeps_codes_finite(name, mode, dtype):
+    """The same maps channels-last as a linear layer's 2048 rows × 64 features."""
+    x = WIDE_NORM[name]().permute(0, 2, 3, 1).to(dtype)
+    weight = torch.randn(5, 64, generator=torch.Generator().manual_seed(20)) / 8
+    grad_y = torch.randn(8, 16, 16, 5, generator=torch.Generator().manual_seed(21)).to(dtype)
+    ref = grad_y.to(F64).reshape(-1, 5).T @ x.to(F64).reshape(-1, 64)
+    _check_wide_norm(torch.ops.facto.hosvd_linear, x, weight, grad_y, (1.0, mode), ref)
