@@ -2,6 +2,7 @@
 
     python benchmarks/compatibility.py                   # every torchvision classifier + timm CNN families
     python benchmarks/compatibility.py --models timm:resnet18 resnet18 --out -   # a few, to stdout
+    python benchmarks/compatibility.py --jobs 2            # two models at once (one thread each)
 
 For each model (num_classes=10, random weights, batch 2): `facto_fx.compile(model, inr=0.3,
 lossy_kernel=2, apply_ratio=1.0)`, then, independently of compile's own check, the output of the
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import platform
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +203,33 @@ def _timm_version() -> str:
     return timm.__version__
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run(specs: Sequence[str], size: int, gradient_methods: Sequence[str], jobs: int) -> list[Row]:
+    """Every model's row, in `specs`' order, `jobs` at a time; a line per model as it finishes."""
+    bar = tqdm(total=len(specs), desc="models", file=sys.stderr)
+
+    def done(row: Row) -> Row:
+        bar.update()
+        line = f"{row.model}: {row.status}, gradients {row.gradient}, {row.seconds:.0f} s {row.note}"
+        bar.write(line, file=sys.stderr)
+        return row
+
+    if jobs <= 1:
+        rows = []
+        for spec in specs:
+            rows.append(done(check(spec, size, gradient_methods=gradient_methods)))
+            gc.collect()
+        return rows
+    context = multiprocessing.get_context("spawn")  # a fresh torch per worker: fork after OpenMP can hang
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
+        futures = {pool.submit(check, spec, size, gradient_methods=gradient_methods): spec for spec in specs}
+        by_spec = {futures[f]: done(f.result()) for f in as_completed(futures)}
+    return [by_spec[spec] for spec in specs]
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="torchvision:NAME or timm:NAME (default: all)")
@@ -207,15 +237,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--out", default="docs/compatibility.md", help="Markdown file, or - for stdout")
     parser.add_argument("--gradient-methods", nargs="*", choices=METHODS, default=list(METHODS),
                         help="methods whose gradients each model checks (none: skip the gradient check)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models checked at once, one process and one thread each (default: 1, all threads)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     specs = [m if ":" in m else f"torchvision:{m}" for m in args.models] if args.models else default_models()
-    rows = []
-    for spec in (bar := tqdm(specs, desc="models", file=sys.stderr)):
-        bar.set_postfix_str(spec)
-        rows.append(row := check(spec, args.image_size, gradient_methods=args.gradient_methods))
-        bar.write(f"{spec}: {row.status}, gradients {row.gradient}, {row.seconds:.0f} s {row.note}", file=sys.stderr)
-        gc.collect()
+    rows = _run(specs, args.image_size, args.gradient_methods, args.jobs)
     text = to_markdown(rows, args.image_size)
     if args.out == "-":
         print(text)
