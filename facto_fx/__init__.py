@@ -2,6 +2,7 @@
 
 from facto_fx import dynamo_backend, methods, ops
 from facto_fx.api import (
+    FactoSavesLittleWarning,
     FactoState,
     attach,
     compile,
@@ -55,6 +56,7 @@ __all__ = [
     "MethodConfig",
     "PackedMasks",
     "FactoHooks",
+    "FactoSavesLittleWarning",
     "FactoState",
     "FactoTraceError",
     "FactoVerificationError",

@@ -21,12 +21,23 @@ from facto_fx.passes.match import find_matches
 from facto_fx.passes.rewrite import ModuleSite, rewrite, rewrite_regions
 from facto_fx.passes.schedule import Decision, schedule
 from facto_fx.passes.trace import OPAQUE_META, propagate_shapes, trace
+from facto_fx.passes.verify import check_inputs
 from facto_fx.passes.verify import example_inputs as verification_inputs
 from facto_fx.passes.verify import verify as check
 from facto_fx.report import MemoryReport, build_report
 from facto_fx.triton_ops.dispatch import KernelScope
 
-__all__ = ["FactoState", "attach", "compile", "decisions", "export_dense", "report", "FactoHooks"]
+__all__ = [
+    "FactoState", "FactoSavesLittleWarning", "attach", "compile", "decisions", "export_dense", "report", "FactoHooks",
+]
+
+# compile warns where the Facto model still saves more than this fraction of vanilla's bytes.
+LITTLE_COMPRESSED = 0.9
+
+
+class FactoSavesLittleWarning(UserWarning):
+    """compile compressed less than a tenth of what the model saves for backward: training the Facto
+    model costs about the memory of training the original (a transformer, an LSTM)."""
 
 
 @dataclass
@@ -43,9 +54,9 @@ def compile(
     model: nn.Module,
     config: FactoConfig | None = None,
     *,
-    example_inputs: tuple[Tensor, ...] | None = None,
+    example_inputs: tuple[Tensor, ...] | Tensor | None = None,
     verify: bool = True,
-    calibration_data: Iterable | None = None,
+    calibration_data: Iterable | Tensor | None = None,
     **options,
 ) -> fx.GraphModule:
     """Trace `model` and rewrite it for Facto low-rank training with compressed feature maps.
@@ -55,16 +66,32 @@ def compile(
     batch shaped for the first layer) in eval mode: at M = 0 both must compute the same output, or
     FactoVerificationError names the first diverging node. verify=False skips that check. With
     `example_inputs`, every node also records its output shape and dtype in
-    node.meta["tensor_meta"]. The result shares parameters with `model`: its frozen weights W are
-    the model's own, so merges update them in place.
+    node.meta["tensor_meta"]; a single tensor is taken as the one input. The result shares
+    parameters and buffers with `model`, not copies: its frozen weights W are the model's own, so
+    merges update them in place (compile `copy.deepcopy(model)` to keep the original as it is).
 
-    `calibration_data` (a few batches, a DataLoader) re-estimates `model`'s own batch-norm
-    statistics on its current weights first (facto_fx.recalibrate_batch_norm): what frozen
-    statistics (batch_norm="freeze") train on, and what eval uses in every mode. Without it,
-    statistics about to be frozen that were never estimated get a warning naming them.
+    `calibration_data` (a few batches, a DataLoader; a single tensor is one batch) re-estimates
+    `model`'s own batch-norm statistics, in place, on its current weights first
+    (facto_fx.recalibrate_batch_norm): what frozen statistics (batch_norm="freeze") train on, and
+    what eval uses in every mode. They are the Facto model's statistics too, shared like the
+    weights. Without it, statistics about to be frozen that were never estimated get a warning
+    naming them.
+
+    Where less than a tenth of what the model saves for backward is compressed (layers no method
+    covers: attention, recurrent layers), FactoSavesLittleWarning names the largest layers left as
+    they are and why. It is measured on `example_inputs` or the verification batch (on meta
+    tensors, as report(..., analytic=True)); with verify=False and no `example_inputs` there is no
+    input to measure on, and no warning.
     """
+    if config is not None and not isinstance(config, FactoConfig):
+        raise TypeError(
+            f"config must be a FactoConfig, got {type(config).__name__} ({config!r}): pass options as keywords, "
+            "e.g. compile(model, inr=0.3), or compile(model, FactoConfig(inr=0.3))"
+        )
     if config is not None and options:
         raise ValueError("pass either a FactoConfig or keyword options, not both")
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
     config = config or FactoConfig(**options)
     if isinstance(model, fx.GraphModule) and "facto" in model.meta:
         raise ValueError("this model is already a Facto model; compile the original model instead")
@@ -72,6 +99,8 @@ def compile(
         raise ValueError("a model on the meta device cannot be verified: pass verify=False (nothing can run on it)")
     _prepare_statistics(model, calibration_data, frozen=config.batch_norm == "freeze")
     gm = _trace(model, config)
+    if example_inputs is not None:
+        check_inputs(gm, example_inputs, "example_inputs")
     inputs = example_inputs
     if verify and inputs is None:
         inputs = verification_inputs(model, gm)  # read from the plain trace's first layer
@@ -84,7 +113,10 @@ def compile(
     if config.kernels != "auto":
         KernelScope(config.kernels).attach(gm)
     if verify:
-        check(model, gm, inputs, plan, lambda: _trace(model, config, gm))
+        frozen = config.batch_norm == "freeze"
+        check(model, gm, inputs, plan, lambda: _trace(model, config, gm), freeze_batch_norm=frozen)
+    if inputs is not None:
+        _warn_if_little_compressed(gm, inputs)
     if example_inputs is not None:
         propagate_shapes(gm, *example_inputs)
     return gm
@@ -114,6 +146,37 @@ def _prepare_statistics(model: nn.Module, calibration_data: Iterable | None, fro
             "batches) first, or batch_norm='lossy' to train on batch statistics",
             stacklevel=3,
         )
+
+
+def _warn_if_little_compressed(fmodel: fx.GraphModule, inputs: tuple[Tensor, ...]) -> None:
+    """FactoSavesLittleWarning where the Facto model saves more than LITTLE_COMPRESSED of vanilla's
+    bytes, naming the largest layers left as they are and why (their decisions' reasons)."""
+    try:
+        table = report(fmodel, *inputs, analytic=True)
+    except RuntimeError:  # code that reads values (an opaque module's data-dependent branch) cannot run on meta
+        if any(x.is_meta for x in inputs):
+            return  # no values to run it on either
+        with torch.random.fork_rng(devices=[x.device for x in inputs if x.is_cuda]):  # dropout draws
+            table = report(fmodel, *inputs)
+    if not table.vanilla_bytes or table.facto_bytes <= LITTLE_COMPRESSED * table.vanilla_bytes:
+        return
+    state = _state(fmodel)
+    reasons = {d.layer: d.reason for d in state.decisions}
+    kept = sorted((r for r in table.rows if r.facto_bytes >= r.vanilla_bytes > 0), key=lambda r: -r.vanilla_bytes)
+    largest = "; ".join(
+        f"'{r.layer}' ({r.op}, {100 * r.vanilla_bytes / table.vanilla_bytes:.0f} %): "
+        f"{reasons.get(r.layer, 'an operation no method rewrites')}" for r in kept[:3]
+    )
+    shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+    warnings.warn(
+        f"facto_fx.compile compresses little of what {type(state.source).__name__} saves for backward: "
+        f"the Facto model saves {100 * table.ratio:.1f} % of vanilla's bytes on an input of shape {shapes}, so "
+        f"training it takes about the memory of training the original. Largest left as they are: {largest}. "
+        "The pass compresses conv2d, linear, batch-norm, ReLU, max-pool and dropout layers; "
+        "facto_fx.report(fmodel, x) lists every layer and why",
+        FactoSavesLittleWarning,
+        stacklevel=3,
+    )
 
 
 def facto_model(model: nn.Module) -> fx.GraphModule:
@@ -157,6 +220,7 @@ def report(
     fmodel = facto_model(fmodel)
     state = _state(fmodel)
     vanilla_gm = _trace(state.source, state.config, fmodel)
+    check_inputs(vanilla_gm, example_inputs, "input")
     inputs: dict[str, int] = {}
     vanilla = saved_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic, train_all=True, input_bytes=inputs)
     nodes = {node.name: node for node in fmodel.graph.nodes} if analytic else {}

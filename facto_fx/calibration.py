@@ -31,19 +31,23 @@ def _inputs(batch: object) -> Tensor:
 
 
 @torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, batches: Iterable, *, device: torch.device | str | None = None,
-                           progress: bool = True) -> int:
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable | Tensor, *, device: torch.device | str | None = None,
+                           progress: bool = False) -> int:
     """Re-estimate every batch-norm's running statistics on `batches` with the current weights.
 
     Each statistic becomes the plain average over the batches (momentum None while it runs), as
     `torch.nn.BatchNorm2d` defines it; the layers' momenta and the model's training mode are
-    restored afterwards. Only the statistics change: the forward passes take no gradient.
-    `batches`: tensors or (inputs, targets) pairs, such as a DataLoader (a few dozen are plenty).
+    restored afterwards. Only the statistics change, in place: the forward passes take no gradient.
+    `batches`: tensors or (inputs, targets) pairs, such as a DataLoader (a few dozen are plenty); a
+    single tensor is one batch (iterating it would give single samples). progress=True shows a
+    progress bar (the trainer's); a library call stays quiet by default.
     Returns the number of batches used; ValueError if there were none.
     """
     norms = [m for _, m in batch_norms(model)]
     if not norms:
         return 0
+    if isinstance(batches, Tensor):
+        batches = [batches]
     momenta = [m.momentum for m in norms]
     was_training = model.training
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]

@@ -134,9 +134,9 @@ def inspect(fmodel: fx.GraphModule, *example_inputs: Tensor, analytic: bool = Tr
     by_node = {d.node: d for d in decisions(fmodel)}
     vanilla, facto = {}, {}
     if example_inputs:
+        table = report(fmodel, *example_inputs, analytic=analytic)  # first: it refuses inputs the model cannot take
         if not any(x.is_meta for x in example_inputs):
             propagate_shapes(fmodel, *example_inputs)
-        table = report(fmodel, *example_inputs, analytic=analytic)
         vanilla, facto = table.vanilla_by_node, table.facto_by_node
     nodes = []
     for node, region in graph_nodes(fmodel):

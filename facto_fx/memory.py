@@ -8,6 +8,10 @@ figures come out for batch 256 at 224² without allocating them.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -144,6 +148,32 @@ def saved_bytes_by_node(
     return dict(counts)
 
 
+# A line kineto, the profiler's C++ side, logs: "USDT:2026-01-01 10:00:00 12:12 File.cpp:39] ...".
+_KINETO_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextmanager
+def _kineto_quiet() -> Iterator[None]:
+    """Drop the lines kineto writes to stderr inside the block (its start and stop, and on a machine
+    without a GPU a failed device count), passing on anything else written there.
+
+    Kineto writes to file descriptor 2 from C++ and reads KINETO_LOG_LEVEL only when the process
+    starts, so the descriptor itself is held in a temporary file while the block runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not _KINETO_LINE.match(line)))
+
+
 def peak_step_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """The most memory held at once while `step()` runs, beyond what was live before it.
 
@@ -159,12 +189,13 @@ def peak_step_bytes(step: Callable[[], object], device: torch.device | str = "cp
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    )
+    with _kineto_quiet():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes

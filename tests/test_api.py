@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models import GoogLeNetOutputs, InceptionOutputs
 
 import facto_fx
 from facto_fx.layers import LOW_RANK_LAYERS
@@ -148,3 +152,192 @@ def test_example_inputs_leave_the_models_statistics_and_mode_alone(batch_norm):
     assert fmodel.training and all(m.training for m in model.modules())
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def _small() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16))
+
+
+def test_a_single_tensor_is_taken_as_the_example_input():
+    fmodel = facto_fx.compile(_small(), example_inputs=torch.randn(2, 3, 16, 16), batch_norm="lossy")
+    assert tuple(next(n for n in fmodel.graph.nodes if n.name == "_0").meta["tensor_meta"].shape) == (2, 8, 14, 14)
+
+
+def test_a_config_that_is_not_a_factoconfig_says_to_pass_keywords():
+    with pytest.raises(TypeError, match=r"config must be a FactoConfig, got float.*compile\(model, inr=0.3\)"):
+        facto_fx.compile(_small(), 0.3)
+
+
+def test_an_unbatched_input_is_named_with_its_fix():
+    x = torch.randn(3, 16, 16)
+    fix = r"shape \(3, 16, 16\) looks unbatched \(C, H, W\): layer '0' \(Conv2d\).*x.unsqueeze\(0\)"
+    with pytest.raises(ValueError, match=f"example_inputs of {fix}"):
+        facto_fx.compile(_small(), example_inputs=(x,), batch_norm="lossy")
+    with pytest.raises(ValueError, match=f"input of {fix}"):
+        facto_fx.report(facto_fx.compile(_small(), batch_norm="lossy"), x)
+
+
+def test_a_wrong_channel_count_names_the_layer_and_the_shape_it_expects():
+    fmodel = facto_fx.compile(_small(), batch_norm="lossy")
+    x = torch.randn(2, 4, 16, 16)
+    expected = r"layer '0' \(Conv2d\) expects 3 input channels; got input of shape \(2, 4, 16, 16\)"
+    with pytest.raises(ValueError, match=expected):
+        facto_fx.report(fmodel, x)
+    with pytest.raises(ValueError, match=expected.replace("got input", "got example_inputs")):
+        facto_fx.compile(_small(), example_inputs=(x,))
+    linear = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear\) expects 16 input features; got input of shape \(2, 15"):
+        facto_fx.report(facto_fx.compile(linear), torch.randn(2, 15))
+
+
+class _Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(("model", "layer"), [(_Transformer, "encoder"), (_Recurrent, "lstm")])
+def test_a_model_the_pass_cannot_compress_is_warned_about(model, layer):
+    torch.manual_seed(0)
+    kept = type(getattr(model(), layer)).__name__
+    expected = rf"saves \d+\.\d % of vanilla's bytes.*'{layer}' \(opaque, \d+ %\): {kept} is a torch.nn module"
+    with pytest.warns(facto_fx.FactoSavesLittleWarning, match=expected):
+        facto_fx.compile(model(), example_inputs=torch.randn(2, 8, 16))
+
+
+@pytest.mark.parametrize("model", [
+    lambda: cifar_vgg11(batch_norm=True), lambda: torchvision.models.resnet18(num_classes=10),
+])
+def test_a_model_the_pass_compresses_is_not_warned_about(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", facto_fx.FactoSavesLittleWarning)
+        facto_fx.compile(model(), batch_norm="lossy", example_inputs=torch.randn(2, 3, 32, 32))
+
+
+def test_without_an_input_there_is_nothing_to_measure():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", facto_fx.FactoSavesLittleWarning)
+        facto_fx.compile(_Recurrent(), verify=False)
+
+
+def test_the_check_measures_models_that_cannot_run_on_meta_tensors_for_real():
+    """An opaque module with a data-dependent branch cannot run on meta tensors: the check then
+    runs the example input itself, leaving the global random state as it was."""
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), Gate(), nn.LSTM(16, 16, batch_first=True))
+    x = torch.randn(2, 8, 16)
+    state = torch.get_rng_state()
+    with pytest.warns(facto_fx.FactoSavesLittleWarning, match="'3' \\(opaque"):
+        facto_fx.compile(model, example_inputs=x)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def _googlenet(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """torchvision's googlenet with its auxiliary heads (run in training only), dropout off."""
+    torch.manual_seed(0)
+    return torchvision.models.googlenet(
+        num_classes=5, aux_logits=True, init_weights=False, dropout=0.0, dropout_aux=0.0
+    ).to(dtype)
+
+
+def _frozen_statistics(model: nn.Module) -> nn.Module:
+    """`model` in train mode with its batch-norms in eval: what batch_norm="freeze" trains."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+def test_googlenet_with_aux_logits_trains_like_the_original_with_every_layer_dense():
+    """apply_ratio=0 leaves every layer dense (maps saved losslessly): train mode returns the
+    original's namedtuple, auxiliary logits included, with the original's gradients; eval a tensor."""
+    model = _googlenet(torch.float64)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, batch_norm="train", example_inputs=(x,))
+    out, expected = fmodel(x), reference(x)
+    assert type(out) is type(expected) is GoogLeNetOutputs
+    torch.testing.assert_close(tuple(out), tuple(expected), rtol=1e-10, atol=1e-12)
+    sum(o.square().sum() for o in out).backward()
+    sum(o.square().sum() for o in expected).backward()
+    grads = {name: p.grad for name, p in fmodel.named_parameters()}
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    fmodel.eval(), reference.eval()
+    torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-10, atol=1e-12)  # statistics updated alike
+
+
+def test_googlenet_facto_layers_serve_both_modes():
+    """Each layer is rewritten once: the aux heads' layers train with M, the main path's Facto
+    layers run in both modes, and report / export_dense see one model."""
+    model = _googlenet()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    fmodel = facto_fx.compile(model, apply_ratio=1.0, lossy_kernel=1, example_inputs=(x,))
+    layers = {name: m for name, m in fmodel.named_modules() if isinstance(m, LOW_RANK_LAYERS)}
+    assert "aux1.fc2" in layers and "inception4a.branch1.conv" in layers
+    assert len({d.layer for d in facto_fx.decisions(fmodel)}) == len(facto_fx.decisions(fmodel))
+    calls = []
+    layers["inception4a.branch1.conv"].register_forward_hook(lambda *_: calls.append(1))
+    out, expected = fmodel(x), _frozen_statistics(reference)(x)
+    assert type(out) is GoogLeNetOutputs and calls == [1]
+    torch.testing.assert_close(tuple(out), tuple(expected), rtol=1e-4, atol=1e-5)  # M = 0
+    sum(o.square().sum() for o in out).backward()
+    assert all(torch.isfinite(m.M.grad).all() for m in layers.values())
+    fmodel.eval(), reference.eval()
+    with torch.no_grad():
+        assert isinstance(fmodel(x), torch.Tensor) and calls == [1, 1]
+        torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert any(row.layer.startswith("aux2.") for row in facto_fx.report(fmodel, x, analytic=True).rows)
+    _check_export(fmodel, torchvision.models.googlenet(num_classes=5, aux_logits=True, init_weights=False), x)
+
+
+def test_inception_v3_on_an_image_its_aux_head_cannot_take_is_refused_naming_train_mode():
+    """75² is inception_v3's smallest input in eval; its auxiliary head, run in training, needs 299²."""
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(num_classes=5, aux_logits=True, init_weights=False)
+    with pytest.raises(facto_fx.FactoVerificationError, match=r"Inception3 itself fails in train mode.*2, 3, 75, 75"):
+        facto_fx.compile(model, example_inputs=(torch.randn(2, 3, 75, 75),))
+
+
+def test_inception_v3_with_aux_logits_trains_like_the_original():
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(
+        num_classes=5, aux_logits=True, init_weights=False, dropout=0.0, transform_input=True
+    )
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 299, 299)
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, batch_norm="train", example_inputs=(x,))
+    out, expected = fmodel(x), reference(x)
+    assert type(out) is type(expected) is InceptionOutputs
+    torch.testing.assert_close(tuple(out), tuple(expected))
+    sum(o.square().sum() for o in out).backward()
+    sum(o.square().sum() for o in expected).backward()
+    grads = {name: p.grad for name, p in fmodel.named_parameters()}
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    fmodel.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fmodel(x), reference(x))
+    _check_export(fmodel, torchvision.models.inception_v3(num_classes=5, aux_logits=True, init_weights=False), x)

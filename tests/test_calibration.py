@@ -76,3 +76,20 @@ def test_compile_warns_about_statistics_never_estimated():
         warnings.simplefilter("error")
         facto_fx.compile(net(), batch_norm="train")  # nothing is frozen
         facto_fx.compile(net().to("meta"), verify=False)  # no values to judge
+
+
+def test_a_single_tensor_is_one_calibration_batch():
+    x = batches(n=1)[0][0]
+    model = net()
+    expected = expected_statistics(model, [(x, None)])
+    facto_fx.compile(model, calibration_data=x)
+    torch.testing.assert_close(model[1].running_mean, expected[0][0])
+    torch.testing.assert_close(model[1].running_var, expected[0][1])
+
+
+def test_calibration_shows_no_progress_bar_unless_asked(capfd):
+    facto_fx.compile(net(), calibration_data=batches())
+    facto_fx.recalibrate_batch_norm(net(), batches())
+    assert capfd.readouterr().err == ""
+    facto_fx.recalibrate_batch_norm(net(), batches(), progress=True)
+    assert "recalibrating batch-norm" in capfd.readouterr().err

@@ -69,3 +69,11 @@ def test_svg_without_graphviz_says_what_to_install(resnet18_view, monkeypatch):
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed")
 def test_svg_renders(resnet18_view):
     assert "<svg" in resnet18_view[2].select("layer1.0").to_svg()
+
+
+def test_a_wrong_input_names_the_layer_before_anything_runs(resnet18_view, capfd):
+    fmodel, _, _ = resnet18_view
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=r"layer 'conv1' \(Conv2d\) expects 3 input channels; got input of shape"):
+        facto_fx.inspect(fmodel, torch.randn(2, 4, 32, 32))
+    assert capfd.readouterr().err == ""  # no ShapeProp traceback first

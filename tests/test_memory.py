@@ -157,3 +157,13 @@ def test_report_peak_is_at_least_what_is_saved_and_leaves_no_gradients():
     assert all(p.grad is None for p in fmodel.parameters()) and all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="analytic"):
         facto_fx.report(fmodel, x, analytic=True, peak=True)
+
+
+def test_peak_on_the_cpu_prints_nothing(capfd):
+    """The profiler's C++ side logs its start and stop (and a failed GPU count) to stderr; a
+    library call must not."""
+    fmodel = facto_fx.compile(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)))
+    capfd.readouterr()
+    report = facto_fx.report(fmodel, torch.randn(2, 3, 16, 16), peak=True)
+    assert report.facto_peak > 0
+    assert capfd.readouterr().err == ""

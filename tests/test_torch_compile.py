@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 import torch._dynamo
@@ -175,3 +177,43 @@ def test_real_models_compile_under_autocast_and_channels_last(name, setting):
 @pytest.mark.parametrize("name", ["resnet18", "vgg11"])
 def test_real_models_compile_with_inductor(name, setting):
     _compiled_matches_eager(name, setting, "inductor")
+
+
+AuxOutputs = namedtuple("AuxOutputs", "logits aux")
+
+
+class AuxTinyNet(nn.Module):
+    """googlenet's shape in a few layers: an auxiliary head run, and returned, in training only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.aux = nn.Linear(8, 5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        aux = self.aux(x.mean((2, 3))) if self.training else None
+        x = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return AuxOutputs(x, aux) if self.training else x
+
+
+def test_a_model_whose_modes_run_other_graphs_compiles_one_graph_per_mode():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fmodel = facto_fx.compile(AuxTinyNet(), apply_ratio=1.0)
+    compiled = torch.compile(fmodel, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    eager, out = fmodel(x), compiled(x)
+    assert type(out) is type(eager) is AuxOutputs
+    torch.testing.assert_close(out, eager)
+    sum(o.square().sum() for o in out).backward()
+    trained = [p for p in fmodel.aux.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    fmodel.eval()
+    eager, out = fmodel(x), compiled(x)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, eager)
+    explanation = torch._dynamo.explain(fmodel)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

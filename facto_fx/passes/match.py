@@ -230,6 +230,10 @@ def _match_module(gm: fx.GraphModule, node: fx.Node) -> Match | None:
         for cls, reason in _UNSUPPORTED_MODULES.items():
             if type(module) is cls:
                 return Match(node, type(module).__name__, layer, module, reason)
+        if kind is None and any(True for _ in module.parameters()):
+            # A leaf torch.fx chose (torch.nn's own modules): its layers are never seen, so never rewritten.
+            why = f"{type(module).__name__} is a torch.nn module torch.fx calls whole; no method rewrites what it saves"
+            return Match(node, OPAQUE, layer, module, why)
         return None if kind is None else Match(node, kind, layer, module, problem)
     if kind == RELU:
         problem = inplace_aliasing(node) if module.inplace else None

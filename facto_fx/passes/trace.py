@@ -6,10 +6,12 @@ the graph; it also stops at the first sub-module it cannot follow. This tracer:
 - keeps as opaque calls (leaves) the sub-modules it must not enter: those the user names, those
   carrying hooks or parametrizations (which only run when the module is called whole), those
   torch.fx cannot trace, and those whose code takes a different path in train and eval mode;
-- traces the model in train and in eval mode and compares the two graphs: a flag that is True in
-  one and False in the other (`F.batch_norm(..., training=...)`, `stochastic_depth(..., training)`)
-  becomes a read of the owning module's `training` attribute at run time, and any other difference
-  makes the owning sub-module a leaf;
+- traces the model in train and in eval mode and pairs the nodes of the two graphs: a flag that is
+  True in one and False in the other (`F.batch_norm(..., training=...)`, `stochastic_depth(...,
+  training)`) becomes a read of the owning module's `training` attribute at run time; any other
+  difference makes the owning sub-module a leaf, or, where the root's own forward differs (an
+  auxiliary head run only in training), the two graphs are merged into one whose forward runs the
+  nodes of the mode it is in (passes/mode_graph.py);
 - with `freeze_batch_norm`, traces batch-norm modules in eval mode, the form the pass freezes them
   into, so subclasses such as timm's BatchNormAct2d yield matchable `F.batch_norm` calls;
 - otherwise lifts the batch counter out of the batch-norm forwards it traces into: their in-place
@@ -23,6 +25,7 @@ Every leaf the tracer chose is recorded, with its reason, in `gm.meta["opaque_mo
 
 from __future__ import annotations
 
+import difflib
 import os
 import traceback
 from collections.abc import Iterator, Sequence
@@ -33,6 +36,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
+
+from facto_fx.passes.mode_graph import merge_modes, same_mode
 
 OPAQUE_META = "opaque_modules"
 
@@ -48,12 +53,14 @@ class FactoTracer(fx.Tracer):
         super().__init__()
         self.user_leaves = set(leaf_modules)
         self.failed_in: str | None = None
+        self.called: set[str] = set()  # every module the forward called, leaf or not
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.user_leaves or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         try:
+            self.called.add(self.path_of_module(m))
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             # The innermost module sees the error first; outer modules keep its name.
@@ -160,7 +167,7 @@ def _count_batches(gm: fx.GraphModule, modules: dict[str, nn.modules.batchnorm._
             container.register_buffer("num_batches_tracked", modules[owner].num_batches_tracked)
         with gm.graph.inserting_before(node):
             counter = gm.graph.get_attr(f"{owner}.num_batches_tracked")
-            gm.graph.call_function(count_batch, (counter, training))
+            same_mode(node, counter, gm.graph.call_function(count_batch, (counter, training)))
     gm.recompile()
 
 
@@ -186,10 +193,11 @@ class _Untraceable(Exception):
         self.module, self.error = module, error
 
 
-def _trace_once(model: nn.Module, leaves: Sequence[str]) -> fx.Graph:
+def _trace_once(model: nn.Module, leaves: Sequence[str]) -> tuple[fx.Graph, set[str]]:
+    """The graph, and the modules the forward called."""
     tracer = FactoTracer(leaves)
     try:
-        return tracer.trace(model)
+        return tracer.trace(model), tracer.called
     except Exception as error:
         raise _Untraceable(tracer.failed_in, error) from error
 
@@ -204,51 +212,83 @@ def owner_module(node: fx.Node) -> str:
     return next(iter(_stack(node)), "")
 
 
-def _same(a: object, b: object) -> bool:
+def _same(a: object, b: object, pairs: dict[fx.Node, fx.Node]) -> bool:
+    """Whether argument `a` of a train node is argument `b` of an eval node (nodes by `pairs`)."""
     if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-        return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name
+        return isinstance(b, fx.Node) and pairs.get(b) is a
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y, pairs) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) or isinstance(b, dict):
-        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k], pairs) for k in a)
     return type(a) is type(b) and a == b
-
-
-def _signature(node: fx.Node) -> tuple:
-    return node.op, node.target, node.name, len(node.args), tuple(node.kwargs)
 
 
 FlagSite = tuple[fx.Node, int | str]  # a node of the train graph and the arg index / kwarg name
 
 
-def _compare_modes(train: fx.Graph, evaluation: fx.Graph) -> tuple[list[FlagSite], list[fx.Node]]:
-    """Arguments that are True in the train graph and False in the eval graph (mode flags), and
-    the first nodes where the graphs differ in any other way (empty if they do not)."""
+def _flags(t: fx.Node, e: fx.Node, pairs: dict[fx.Node, fx.Node]) -> list[FlagSite] | None:
+    """The arguments True in train node `t` and False in eval node `e`, or None if the two differ
+    in any other way."""
+    if len(t.args) != len(e.args) or t.kwargs.keys() != e.kwargs.keys():
+        return None
     flags: list[FlagSite] = []
-    train_nodes, eval_nodes = list(train.nodes), list(evaluation.nodes)
-    for t, e in zip(train_nodes, eval_nodes, strict=False):
-        if _signature(t) != _signature(e):
-            return flags, [t, e]
-        pairs = [*enumerate(zip(t.args, e.args, strict=True)), *((k, (t.kwargs[k], e.kwargs[k])) for k in t.kwargs)]
-        for where, (a, b) in pairs:
-            if _same(a, b):
-                continue
-            if a is True and b is False:
-                flags.append((t, where))
-            else:
-                return flags, [t, e]
-    longer = train_nodes[len(eval_nodes):] or eval_nodes[len(train_nodes):]
-    return flags, longer[:1]
+    arguments = [*zip(range(len(t.args)), t.args, e.args, strict=True),
+                 *((k, t.kwargs[k], e.kwargs[k]) for k in t.kwargs)]
+    for where, a, b in arguments:
+        if _same(a, b, pairs):
+            continue
+        if a is not True or b is not False:
+            return None
+        flags.append((t, where))
+    return flags
+
+
+def _key(node: fx.Node) -> tuple:
+    return node.op, node.target, owner_module(node)
+
+
+def _align(train: fx.Graph, evaluation: fx.Graph) -> tuple[dict[fx.Node, fx.Node], list[FlagSite]]:
+    """Pair each eval node with the train node that computes the same: the same call, in the same
+    module, in the same order (difflib's longest matching runs), on paired inputs, mode flags
+    aside; return the pairs (eval node -> train node) and the mode flags."""
+    train_nodes = [n for n in train.nodes if n.op != "output"]
+    eval_nodes = [n for n in evaluation.nodes if n.op != "output"]
+    runs = difflib.SequenceMatcher(None, list(map(_key, train_nodes)), list(map(_key, eval_nodes)), autojunk=False)
+    pairs: dict[fx.Node, fx.Node] = {}
+    flags: list[FlagSite] = []
+    for run in runs.get_matching_blocks():
+        for t, e in zip(train_nodes[run.a : run.a + run.size], eval_nodes[run.b : run.b + run.size], strict=True):
+            found = _flags(t, e, pairs)
+            if found is not None:
+                pairs[e] = t
+                flags += found
+    return pairs, flags
+
+
+def _unpaired(train: fx.Graph, evaluation: fx.Graph, pairs: dict[fx.Node, fx.Node]) -> list[fx.Node]:
+    """The first node of each graph left unpaired, or the outputs if only they differ (empty: the
+    graphs are the same, mode flags aside)."""
+    paired = set(pairs.values())
+    first = [
+        next((n for n in graph.nodes if n.op != "output" and n not in done), None)
+        for graph, done in ((train, paired), (evaluation, pairs))
+    ]
+    outputs = [train.output_node(), evaluation.output_node()]
+    if not _same(outputs[0].args, outputs[1].args, pairs):
+        first += outputs
+    return [n for n in first if n is not None]
 
 
 def _owned(graph: fx.Graph, module: str) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes if module in _stack(n)]
 
 
-def _mode_culprit(train: fx.Graph, evaluation: fx.Graph, diverging: list[fx.Node], skip: dict[str, str]) -> str:
-    """The innermost module, not in `skip`, whose own nodes differ between the two graphs ("" for
-    the root)."""
-    candidates = [m for node in diverging for m in _stack(node) if m not in skip]
+def _mode_culprit(
+    train: fx.Graph, evaluation: fx.Graph, called: set[str], diverging: list[fx.Node], skip: dict[str, str]
+) -> str:
+    """The innermost module, not in `skip`, that both modes call and whose own nodes differ
+    between the two graphs ("" for the root: a module one mode does not call differs in its caller)."""
+    candidates = [m for node in diverging for m in _stack(node) if m not in skip and m in called]
     for module in candidates:
         if _owned(train, module) != _owned(evaluation, module):
             return module
@@ -256,21 +296,30 @@ def _mode_culprit(train: fx.Graph, evaluation: fx.Graph, diverging: list[fx.Node
 
 
 @contextmanager
-def _buffer_guard(model: nn.Module) -> Iterator[dict[str, str]]:
-    """Yield the sub-modules whose buffers change while tracing (an in-place update that the
-    graph cannot repeat, such as BatchNormAct2d's `num_batches_tracked.add_(1)`); restore them."""
+def buffers_restored(model: nn.Module) -> Iterator[list[str]]:
+    """Put every buffer of `model` back as it was before the block (batch-norm's own update of its
+    running statistics leaves no trace in the version counter, so all are restored); the list
+    yielded gets, on exit, the names of those an in-place tensor op wrote (version changed)."""
     before = {name: (b, b._version, b.clone()) for name, b in model.named_buffers()}
-    changed: dict[str, str] = {}
+    changed: list[str] = []
     try:
         yield changed
     finally:
         with torch.no_grad():
             for name, (buffer, version, value) in before.items():
                 if buffer._version != version:
-                    buffer.copy_(value)
-                    owner, _, attr = name.rpartition(".")
-                    why = f"updates its buffer '{attr}' in place, which a traced graph would not repeat"
-                    changed.setdefault(owner, why)
+                    changed.append(name)
+                buffer.copy_(value)
+
+
+def _updated_in_place(buffers: Sequence[str]) -> dict[str, str]:
+    """The sub-modules owning buffers a trace changed (an in-place update that the graph cannot
+    repeat, such as BatchNormAct2d's `num_batches_tracked.add_(1)`), each with the reason."""
+    owners: dict[str, str] = {}
+    for name in buffers:
+        owner, _, attr = name.rpartition(".")
+        owners.setdefault(owner, f"updates its buffer '{attr}' in place, which a traced graph would not repeat")
+    return owners
 
 
 def _read_mode_flags(gm: fx.GraphModule, model: nn.Module, flags: list[FlagSite]) -> None:
@@ -310,16 +359,6 @@ def _trace_error(model: nn.Module, failure: _Untraceable, strict: bool) -> Facto
     )
 
 
-def _mode_error(model: nn.Module, node: fx.Node) -> FactoTraceError:
-    return FactoTraceError(
-        f"{type(model).__name__}.forward computes differently in train and eval mode (first at node "
-        f"'{node.name}'), and a traced graph records only one of the two\n"
-        "  fix: move the mode-dependent code into a sub-module of its own; it is then kept as one call. If the "
-        "difference is an auxiliary output used only in training, build the model without it (torchvision's "
-        "inception_v3 / googlenet: aux_logits=False)"
-    )
-
-
 def trace(
     model: nn.Module, leaf_modules: Sequence[str] = (), *, freeze_batch_norm: bool = False, strict: bool = False
 ) -> fx.GraphModule:
@@ -327,7 +366,8 @@ def trace(
 
     Untraceable and mode-dependent sub-modules become opaque leaves, listed with their reasons in
     `gm.meta["opaque_modules"]`; with strict=True an untraceable sub-module raises FactoTraceError
-    instead. The root's own forward must trace (FactoTraceError otherwise).
+    instead. The root's own forward must trace (FactoTraceError otherwise); where it computes
+    differently in train and eval mode, the graph holds both modes (passes/mode_graph.py).
     """
     names = {name for name, _ in model.named_modules()}
     unknown = sorted(set(leaf_modules) - names)
@@ -338,11 +378,11 @@ def trace(
     counted = {} if freeze_batch_norm else _counted(model)
     while True:
         try:
-            with _buffer_guard(model) as mutated, _counters_hidden(counted):
+            with buffers_restored(model) as changed, _counters_hidden(counted):
                 with modes(model, True, freeze_batch_norm):
-                    train = _trace_once(model, list(opaque))
+                    train, in_train = _trace_once(model, list(opaque))
                 with modes(model, False, freeze_batch_norm):
-                    evaluation = _trace_once(model, list(opaque))
+                    evaluation, in_eval = _trace_once(model, list(opaque))
         except _Untraceable as failure:
             if strict or not failure.module or failure.module in opaque:
                 raise _trace_error(model, failure, strict) from failure.error
@@ -352,6 +392,7 @@ def trace(
                 f"at {_user_frame(error)}); kept as one call"
             )
             continue
+        mutated = _updated_in_place(changed)
         if mutated:
             if "" in mutated or set(mutated) <= set(opaque):
                 raise FactoTraceError(
@@ -361,13 +402,14 @@ def trace(
             opaque.update({k: f"{v}{_why_counted(model.get_submodule(k))}; kept as one call"
                            for k, v in mutated.items() if k not in opaque})
             continue
-        flags, diverging = _compare_modes(train, evaluation)
-        if not diverging:
-            break
-        owner = _mode_culprit(train, evaluation, diverging, opaque)
+        pairs, flags = _align(train, evaluation)
+        diverging = _unpaired(train, evaluation, pairs)
+        owner = _mode_culprit(train, evaluation, in_train & in_eval, diverging, opaque) if diverging else ""
         if not owner:
-            raise _mode_error(model, diverging[0])
+            break
         opaque[owner] = "computes differently in train and eval mode; kept as one call so its mode is read at run time"
+    if diverging:
+        merge_modes(train, evaluation, pairs)
     gm = fx.GraphModule(model, train, type(model).__name__)
     if flags:
         _read_mode_flags(gm, model, flags)

@@ -361,3 +361,29 @@ def test_functional_conv_on_a_module_with_other_state_is_left_dense():
     fmodel = facto_fx.compile(model, apply_ratio=1.0)
     decision = {d.layer: d for d in facto_fx.decisions(fmodel)}["1"]
     assert "also used by" in decision.reason and not decision.rewritten
+
+
+def test_a_torch_module_kept_whole_is_listed_with_why():
+    """torch.fx calls torch.nn modules such as nn.LSTM or nn.TransformerEncoder whole: the pass
+    never sees their layers, and the decisions and the report say so."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+            self.flat = nn.Flatten()
+            self.fc = nn.Linear(8 * 4, 2)
+
+        def forward(self, x):
+            return self.fc(self.flat(self.lstm(self.embed(x))[0]))
+
+    x = torch.randint(0, 10, (2, 4))
+    with pytest.warns(facto_fx.FactoSavesLittleWarning):
+        fmodel = facto_fx.compile(Recurrent(), example_inputs=(x,))
+    by_layer = {d.layer: d for d in facto_fx.decisions(fmodel)}
+    assert "flat" not in by_layer  # a torch module without weights is an op like any other
+    for layer, cls in (("embed", "Embedding"), ("lstm", "LSTM")):
+        assert by_layer[layer].kind == "opaque" and by_layer[layer].unsupported and not by_layer[layer].rewritten
+        assert by_layer[layer].reason.startswith(f"{cls} is a torch.nn module torch.fx calls whole")
+    assert "lstm (opaque): LSTM is a torch.nn module" in str(facto_fx.report(fmodel, x))

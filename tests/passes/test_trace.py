@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections import namedtuple
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import facto_fx
+from facto_fx.passes.mode_graph import ONLY, two_modes
 from facto_fx.passes.trace import OPAQUE_META, trace
 
 
@@ -135,7 +137,7 @@ def test_graph_follows_the_mode_whatever_the_mode_at_compile(mode_at_compile):
     assert (expected == 0).any()
 
 
-def test_mode_dependent_code_in_the_root_forward_raises():
+def test_a_root_forward_that_differs_by_mode_runs_the_nodes_of_its_mode():
     class RootMode(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -145,8 +147,90 @@ def test_mode_dependent_code_in_the_root_forward_raises():
             x = self.conv(x)
             return x * 2 if self.training else x
 
-    with pytest.raises(facto_fx.FactoTraceError, match="train and eval mode"):
-        trace(RootMode())
+    torch.manual_seed(0)
+    model = RootMode()
+    gm = trace(model)
+    assert two_modes(gm.graph) and gm.meta[OPAQUE_META] == {}
+    x = torch.randn(2, 3, 4, 4)
+    for training in (True, False):
+        model.train(training), gm.train(training)
+        torch.testing.assert_close(gm(x), model(x))
+
+
+Outputs = namedtuple("Outputs", "logits aux")
+
+
+class AuxNet(nn.Module):
+    """googlenet in miniature: an auxiliary head run only in training, whose logits the forward
+    returns in a namedtuple only then (torchvision's `GoogLeNetOutputs`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = nn.Sequential(nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                                 nn.Linear(4, 3))
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        aux = self.aux(x) if self.training else None
+        x = self.head(F.dropout(torch.relu(self.body(x)).mean((2, 3)), 0.5, self.training))
+        return Outputs(x, aux) if self.training else x
+
+
+def test_an_auxiliary_head_runs_in_training_only_and_the_rest_is_traced_once():
+    torch.manual_seed(0)
+    model = AuxNet()
+    gm = trace(model)
+    assert gm.meta[OPAQUE_META] == {}  # nothing kept whole: the aux head is traced, in the train graph
+    assert sum(n.target == "body" for n in gm.graph.nodes) == 1
+    calls = []
+    model.aux[0].register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 8, 8)
+    gm.eval(), model.eval()
+    torch.testing.assert_close(gm(x), model(x))
+    assert not calls  # eval runs none of the head
+    gm.train(), model.train()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    out = gm(x)
+    assert type(out) is Outputs and len(calls) == 1
+    torch.manual_seed(1)
+    expected = reference(x)
+    torch.testing.assert_close(out, expected)  # dropout on the same draws; statistics updated alike
+    torch.testing.assert_close(model.stem[1].running_mean, reference.stem[1].running_mean)
+
+
+class Distilled(nn.Module):
+    """timm's distilled heads: two logits in training, their mean (nodes of its own) in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 2)
+        self.head_dist = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x).mean((2, 3))
+        a, b = self.head(x), self.head_dist(x)
+        return (a, b) if self.training else (a + b) / 2
+
+
+def test_nodes_of_the_eval_mode_only_are_kept_for_it():
+    torch.manual_seed(0)
+    model = Distilled()
+    gm = trace(model)
+    only = {n.name: n.meta[ONLY] for n in gm.graph.nodes if ONLY in n.meta}
+    assert set(only.values()) == {False}  # the mean, and the eval result
+    x = torch.randn(2, 3, 6, 6)
+    for training in (True, False):
+        model.train(training), gm.train(training)
+        torch.testing.assert_close(gm(x), model(x))
+    gm_copy = copy.deepcopy(gm)
+    torch.testing.assert_close(gm_copy(x), model(x))
+    gm_copy.train()
+    assert isinstance(gm_copy(x), tuple)
 
 
 def test_tracing_leaves_modes_and_buffers_as_they_were():

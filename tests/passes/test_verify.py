@@ -10,7 +10,8 @@ from torch import nn
 import facto_fx
 from facto_fx import FactoVerificationError
 from facto_fx.passes import match
-from facto_fx.passes.verify import relative_error
+from facto_fx.passes.trace import trace
+from facto_fx.passes.verify import example_inputs, relative_error
 
 
 class BatchNormThenReLU(nn.BatchNorm2d):
@@ -111,3 +112,67 @@ def test_relative_error():
     assert relative_error(torch.tensor([1.0, -4.0, 0.0, float("inf")]), ref) == float("inf")
     assert relative_error(torch.tensor([1.0, -4.0, float("nan"), -float("inf")]), ref) == float("inf")
     assert relative_error(ref[:2], ref) == float("inf")
+
+
+class AuxBatchNorm(nn.Module):
+    """The bug above in a head run only in training: only a check in train mode can see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.aux_bn = BatchNormThenReLU(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        y = self.conv2(x)
+        return (y, self.aux_bn(x).mean()) if self.training else y
+
+
+def test_a_wrong_rewrite_in_train_mode_only_is_refused(swap_by_isinstance):
+    torch.manual_seed(0)
+    with pytest.raises(FactoVerificationError) as info:
+        facto_fx.compile(AuxBatchNorm(), apply_ratio=1.0, leaf_modules=["aux_bn"])
+    message = str(info.value)
+    assert "train-mode output differs" in message and "first diverging node: 'aux_bn'" in message
+
+
+def test_the_example_input_runs_in_train_mode_too():
+    """An auxiliary head run only in training may need a larger image than the rest (inception_v3)."""
+
+    class BigAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.aux = nn.MaxPool2d(65)
+
+        def forward(self, x):
+            x = self.conv(x)
+            return (x, self.aux(x)) if self.training else x
+
+    model = BigAux()
+    assert example_inputs(model, trace(model))[0].shape == (2, 3, 224, 224)  # 64 and 32 are too small
+
+
+class Declared(nn.Sequential):
+    """Takes one size only, and not one the guess tries; says which, as timm models do."""
+
+    pretrained_cfg = {"input_size": (3, 40, 40)}
+
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 38 * 38, 2))
+
+
+def test_the_input_size_a_model_declares_is_tried_first():
+    model = Declared()
+    assert example_inputs(model, trace(model))[0].shape == (2, 3, 40, 40)
+    facto_fx.compile(model)
+
+
+def test_a_timm_model_whose_first_layer_cannot_be_read_is_verified_at_its_declared_size():
+    """nf_regnet_b0's stem standardises its weight in forward: the guess would read a later layer."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("nf_regnet_b0", pretrained=False, num_classes=5)
+    assert example_inputs(model, trace(model))[0].shape == (2, *model.pretrained_cfg["input_size"])
+    facto_fx.compile(model)
