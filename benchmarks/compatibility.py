@@ -24,7 +24,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +160,7 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def to_markdown(rows: Sequence[Row], size: int) -> str:
+def to_markdown(rows: Sequence[Row], size: int, not_run: Sequence[str] = ()) -> str:
     lines = [
         "# Model compatibility",
         "",
@@ -201,6 +201,8 @@ def to_markdown(rows: Sequence[Row], size: int) -> str:
         )
     counts = {s: sum(r.status == s for r in rows) for s in ("exact", "refused", "FAILED")}
     summary = f"{len(rows)} models: {counts['exact']} exact, {counts['refused']} refused, {counts['FAILED']} failed."
+    if not_run:
+        summary += f" Not run yet ({len(not_run)}): {', '.join(not_run)}."
     lines += ["", summary]
     return "\n".join(lines) + "\n"
 
@@ -217,26 +219,30 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run(specs: Sequence[str], size: int, gradient_methods: Sequence[str], jobs: int) -> list[Row]:
-    """Every model's row, in `specs`' order, `jobs` at a time; a line per model as it finishes."""
+def _run(specs: Sequence[str], size: int, gradient_methods: Sequence[str], jobs: int,
+         finished: Callable[[list[Row]], None]) -> list[Row]:
+    """Every model's row, in `specs`' order, `jobs` at a time; a line per model as it finishes, and
+    `finished` called with the rows so far (in `specs`' order)."""
     bar = tqdm(total=len(specs), desc="models", file=sys.stderr)
+    by_spec: dict[str, Row] = {}
 
-    def done(row: Row) -> Row:
+    def done(spec: str, row: Row) -> None:
+        by_spec[spec] = row
         bar.update()
-        line = f"{row.model}: {row.status}, gradients {row.gradient}, {row.seconds:.0f} s {row.note}"
-        bar.write(line, file=sys.stderr)
-        return row
+        bar.write(f"{row.model}: {row.status}, gradients {row.gradient}, {row.seconds:.0f} s {row.note}",
+                  file=sys.stderr)
+        finished([by_spec[s] for s in specs if s in by_spec])
 
     if jobs <= 1:
-        rows = []
         for spec in specs:
-            rows.append(done(check(spec, size, gradient_methods=gradient_methods)))
+            done(spec, check(spec, size, gradient_methods=gradient_methods))
             gc.collect()
-        return rows
-    context = multiprocessing.get_context("spawn")  # a fresh torch per worker: fork after OpenMP can hang
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
-        futures = {pool.submit(check, spec, size, gradient_methods=gradient_methods): spec for spec in specs}
-        by_spec = {futures[f]: done(f.result()) for f in as_completed(futures)}
+    else:
+        context = multiprocessing.get_context("spawn")  # a fresh torch per worker: fork after OpenMP can hang
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
+            futures = {pool.submit(check, spec, size, gradient_methods=gradient_methods): spec for spec in specs}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
     return [by_spec[spec] for spec in specs]
 
 
@@ -251,13 +257,19 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                         help="models checked at once, one process and one thread each (default: 1, all threads)")
     args = parser.parse_args(argv)
     specs = [m if ":" in m else f"torchvision:{m}" for m in args.models] if args.models else default_models()
-    rows = _run(specs, args.image_size, args.gradient_methods, args.jobs)
-    text = to_markdown(rows, args.image_size)
-    if args.out == "-":
-        print(text)
-    else:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}: {text.strip().splitlines()[-1]}")
+
+    def write(rows: list[Row]) -> None:
+        """The table of the rows so far: a sweep takes hours, and an interrupted one keeps its rows."""
+        left = [spec for spec in specs if spec not in {r.model for r in rows}]
+        text = to_markdown(rows, args.image_size, left)
+        if args.out != "-":
+            Path(args.out).write_text(text)
+        elif not left:
+            print(text)
+
+    rows = _run(specs, args.image_size, args.gradient_methods, args.jobs, write)
+    if args.out != "-":
+        print(f"wrote {args.out}: {Path(args.out).read_text().strip().splitlines()[-1]}")
     return rows
 
 
