@@ -32,6 +32,7 @@ against the model's mean gradient norm instead).
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -247,6 +248,7 @@ def check_gradients(build: Callable[[], nn.Module], x: Tensor,
     x = x.double()
     results = []
     for method in methods:
+        gc.collect()  # the last check's models: a float64 copy of a large model is gigabytes
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
