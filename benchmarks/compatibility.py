@@ -162,8 +162,9 @@ def check(spec: str, size: int, batch: int = 2, gradient_methods: Sequence[str] 
         row.vanilla_mib, row.facto_mib = report.vanilla_bytes / 2**20, report.facto_bytes / 2**20
     except Exception as error:
         row.status, row.note = "FAILED", f"after compile: {_first_line(error)}"
-    if gradient_methods and parameters(spec) > GRADIENT_LIMIT:
-        row.gradient = f"not checked: {parameters(spec) / 1e6:.0f} M parameters"
+    count = parameters(spec) if gradient_methods else 0
+    if count > GRADIENT_LIMIT:
+        row.gradient = f"not checked: {count / 1e6:.0f} M parameters"
     elif gradient_methods:
         gradients = check_gradients(lambda: _seeded_build(spec), x, gradient_methods)
         row.gradient = gradient_summary(gradients)

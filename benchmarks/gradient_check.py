@@ -123,17 +123,26 @@ def _compare_by_identity(fmodel: nn.Module, names: dict[int, str], reference: nn
     return {name: _error(g, r, scale) for name, g, r in pairs}
 
 
+def _perturbed_low_rank(fmodel: nn.Module) -> list[nn.Module]:
+    """The Facto layers of `fmodel`, their M set to a fixed draw away from 0 (at M = 0, grad_M
+    would not see a wrong D or a wrong merge)."""
+    layers = [m for m in fmodel.modules() if isinstance(m, (FactoConv2d, FactoLinear))]
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in layers:
+            layer.M.copy_(torch.randn(layer.M.shape, generator=generator, dtype=layer.M.dtype) * 1e-2)
+    return layers
+
+
 def check_facto(build: Callable[[], nn.Module], x: Tensor) -> GradientCheck:
     """grad_M against the dense model's gradient of the merged weight, projected by D."""
     model = build().double()
     names = {id(p): n for n, p in model.named_parameters()}
     reference = copy.deepcopy(model)
     fmodel = facto_fx.compile(model, apply_ratio=1.0, lossy_kernel=1, example_inputs=(x,))
-    layers = [m for m in fmodel.modules() if isinstance(m, (FactoConv2d, FactoLinear))]
-    generator = torch.Generator().manual_seed(2)
+    layers = _perturbed_low_rank(fmodel)
     with torch.no_grad():
         for layer in layers:
-            layer.M.copy_(torch.randn(layer.M.shape, generator=generator, dtype=layer.M.dtype) * 1e-2)
             weight = reference.get_parameter(names[id(layer.weight)])
             weight.copy_(layer.weight + (layer.M @ layer.D).reshape(layer.weight.shape))
     _gradients(fmodel, x)
@@ -155,11 +164,7 @@ def check_strips(build: Callable[[], nn.Module], x: Tensor) -> GradientCheck:
     if not any(d.region for d in facto_fx.decisions(split)):
         return GradientCheck("strips")
     whole = facto_fx.compile(model, **options)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in whole.named_parameters():
-            if name.endswith(".M"):
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 1e-2)
+    _perturbed_low_rank(whole)
     split.load_state_dict(whole.state_dict())
     _gradients(whole, x)
     _gradients(split, x)

@@ -269,6 +269,16 @@ def _frozen_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
+def _assert_same_gradients(fmodel, out, reference, expected, rtol, atol):
+    """Backward of the squared outputs (a namedtuple of logits and aux logits) through both models:
+    every parameter's gradient equals the original's."""
+    sum(o.square().sum() for o in out).backward()
+    sum(o.square().sum() for o in expected).backward()
+    grads = {name: p.grad for name, p in fmodel.named_parameters()}
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=rtol, atol=atol, msg=name)
+
+
 def test_googlenet_with_aux_logits_trains_like_the_original_with_every_layer_dense():
     """apply_ratio=0 leaves every layer dense (maps saved losslessly): train mode returns the
     original's namedtuple, auxiliary logits included, with the original's gradients; eval a tensor."""
@@ -279,11 +289,7 @@ def test_googlenet_with_aux_logits_trains_like_the_original_with_every_layer_den
     out, expected = fmodel(x), reference(x)
     assert type(out) is type(expected) is GoogLeNetOutputs
     torch.testing.assert_close(tuple(out), tuple(expected), rtol=1e-10, atol=1e-12)
-    sum(o.square().sum() for o in out).backward()
-    sum(o.square().sum() for o in expected).backward()
-    grads = {name: p.grad for name, p in fmodel.named_parameters()}
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    _assert_same_gradients(fmodel, out, reference, expected, rtol=1e-10, atol=1e-12)
     fmodel.eval(), reference.eval()
     torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-10, atol=1e-12)  # statistics updated alike
 
@@ -332,11 +338,7 @@ def test_inception_v3_with_aux_logits_trains_like_the_original():
     out, expected = fmodel(x), reference(x)
     assert type(out) is type(expected) is InceptionOutputs
     torch.testing.assert_close(tuple(out), tuple(expected))
-    sum(o.square().sum() for o in out).backward()
-    sum(o.square().sum() for o in expected).backward()
-    grads = {name: p.grad for name, p in fmodel.named_parameters()}
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_gradients(fmodel, out, reference, expected, rtol=1e-4, atol=1e-6)
     fmodel.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(fmodel(x), reference(x))
