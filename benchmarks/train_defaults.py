@@ -3,6 +3,7 @@
     python benchmarks/train_defaults.py                          # the defaults, five models, digits
     python benchmarks/train_defaults.py --epochs 3 --frt-epochs 1 --lr 0.01
     python benchmarks/train_defaults.py --models cifar_vgg11 resnet18 --seeds 0 1 2
+    python benchmarks/train_defaults.py --models resnet18 --seeds 0 1 2 --dataset mnist5k
 
 Each model trains twice on the same seed and learning rates: Facto after at least `frt_epochs`
 full-rank epochs (`--switch auto`, the default, waits while the full-rank loss is above half of
@@ -51,11 +52,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--frt-epochs", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--switch", choices=["auto", "fixed"], default=None)
+    parser.add_argument("--dataset", default=None, help="digits (the default) or mnist5k")
     args = parser.parse_args(argv)
     options = {k: v for k, v in {"epochs": args.epochs, "frt_epochs": args.frt_epochs, "lr": args.lr,
-                                 "switch": args.switch}.items() if v is not None}
+                                 "switch": args.switch, "dataset": args.dataset}.items() if v is not None}
     defaults = TrainConfig(**options)
-    print(f"digits, {defaults.epochs} epochs, {defaults.frt_epochs} full-rank (switch {defaults.switch}), "
+    print(f"{defaults.dataset}, {defaults.epochs} epochs, {defaults.frt_epochs} full-rank (switch {defaults.switch}), "
           f"lr {defaults.lr} (x{defaults.lr_gamma} at {list(defaults.milestones)}, or where Facto starts), "
           f"seeds {args.seeds}")
     results = {}

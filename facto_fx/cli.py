@@ -16,6 +16,7 @@ import torch
 
 import facto_fx
 from facto_fx.config import BATCH_NORM_MODES
+from facto_fx.methods.facto import DIRECTIONS, SCALES
 from facto_fx.model_zoo import build_model, check_model_name
 from facto_fx.presets import METHOD_CHOICES, method_description, method_options
 from facto_fx.training import TrainConfig
@@ -31,10 +32,10 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-dtype", default=None,
                         help="dtype of compressed maps: fp32, bf16, fp16 (default: each map's own)")
     parser.add_argument("--batch-norm", default="auto", choices=("auto", *BATCH_NORM_MODES),
-                        help="freeze: running statistics, frozen (the paper; switch with an LR drop); lossy: "
-                             "batch statistics, x̂ saved pooled as frozen saves it (trains at an undropped LR); "
-                             "train: torch's batch-norm left as it is (its input saved whole); auto: freeze "
-                             "where Facto starts below the initial LR, else lossy (report: freeze)")
+                        help="lossy: batch statistics, as the model trains them, x̂ saved pooled (keeps accuracy); "
+                             "freeze: running statistics, frozen (the paper; faster on the CPU, lost 1.5-3 points "
+                             "in benchmarks/accuracy.py); train: torch's batch-norm left as it is (its input saved "
+                             "whole); auto: compile's default (lossy)")
     parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
                         help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
                              "eb: error-bounded compression of every layer Facto leaves; rowstrips: the local "
@@ -62,7 +63,7 @@ def report_command(args: argparse.Namespace) -> int:
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
         storage_dtype=args.storage_dtype, verify=args.peak,
-        batch_norm="freeze" if args.batch_norm == "auto" else args.batch_norm,  # no schedule: the paper's
+        **({} if args.batch_norm == "auto" else {"batch_norm": args.batch_norm}),  # auto: compile's default
         **method_options(args.method, args.eps, args.last, args.eb, args.sigma, args.strips, args.strip_mode),
     )
     shape = (args.batch_size, args.in_channels, args.image_size, args.image_size)
@@ -109,6 +110,15 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int, frt_epoc
     parser.add_argument("--scalar-lr", type=float, default=defaults.scalar_lr,
                         help="learning-rate factor of 1-element parameters (Fixup's scalar biases and scales)")
     parser.add_argument("--merge-every", type=int, default=None, help="steps between merges (default: an epoch)")
+    parser.add_argument("--low-rank-lr", type=float, default=defaults.low_rank_lr,
+                        help="learning-rate factor of Facto's M (it starts at zero after every merge)")
+    parser.add_argument("--scale", default=defaults.scale, choices=SCALES,
+                        help="norm of D's rows: unbiased (an SGD step on M is in expectation the full-rank step) "
+                             "or paper (eq. 13: sqrt(R/I) of it)")
+    parser.add_argument("--direction", default=defaults.direction, choices=DIRECTIONS,
+                        help="how Facto's directions D are drawn at each merge: gaussian (the paper), orthonormal, "
+                             "or gradient (the top singular directions of each layer's weight gradient on a quarter "
+                             "of a batch: one more forward and backward per merge)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 with loss scaling on older GPUs)")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")

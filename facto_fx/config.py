@@ -22,17 +22,22 @@ class FactoConfig:
     """How `facto_fx.compile` rewrites a model.
 
     inr: internal node ratio, C_R = round(inr * C_I) (paper §3.1.1), in (0, 1].
-    direction: how Facto draws D, "gaussian" (the paper) or "orthonormal" (FactoLowRank).
+    direction: how Facto draws D, "gaussian" (the paper), "orthonormal", or "gradient" (from a weight
+        gradient at each merge; attach needs a probe) (FactoLowRank).
+    scale: the norm of drawn D's rows, "unbiased" (an SGD step on M is in expectation the full-rank
+        step) or "paper" (eq. 13) (FactoLowRank).
     lossy_kernel: k of the mean-pool that compresses saved maps (paper §3.3); 1 = no pooling.
     apply_ratio: share of conv / scale / batch-norm layers to compress, counted from the input.
     storage_dtype: dtype of compressed maps; None keeps the activation dtype.
-    batch_norm: "freeze" rewrites batch-norm into a frozen-statistics affine; "lossy" keeps batch
-        statistics (the forward and the running statistics as torch's) and saves x̂ pooled like
-        the frozen form, its backward reading x̂ from that copy; both save the same bytes, and
-        "lossy" trains where frozen statistics diverge (an early switch at an undropped learning
-        rate). Under "lossy", batch-norm beyond apply_ratio stays torch's, and so does a module the
-        trace keeps whole (a batch-norm subclass with momentum=None, whose averaging factor is its
-        batch count), with the reason in the report; the batch count of one the trace enters
+    batch_norm: "lossy" (the default) keeps batch statistics (the forward and the running
+        statistics as torch's, so the model computes what it did) and saves x̂ pooled, its
+        backward reading x̂ from that copy; "freeze" rewrites batch-norm into a frozen-statistics
+        affine (faster on the CPU, the same pooled x̂). On a task that is not saturated frozen
+        statistics cost accuracy, the more the further Facto moves the weights, and lossy did not
+        (benchmarks/accuracy.py); they also diverge at an undropped learning rate. Under "lossy",
+        batch-norm beyond apply_ratio stays torch's, and so does a module the trace keeps whole
+        (a batch-norm subclass with momentum=None, whose averaging factor is its batch count),
+        with the reason in the report; the batch count of one the trace enters
         (timm's BatchNormAct2d) is kept by the graph. "train" leaves every batch-norm as torch's,
         its input saved whole.
     include / exclude / layer_filter: force layers in or out by qualified name or by a function
@@ -61,7 +66,7 @@ class FactoConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: torch.dtype | str | None = None
-    batch_norm: Literal["freeze", "lossy", "train"] = "freeze"
+    batch_norm: Literal["freeze", "lossy", "train"] = "lossy"
     include: Sequence[str] = field(default_factory=tuple)
     exclude: Sequence[str] = field(default_factory=tuple)
     layer_filter: LayerFilter | None = None
@@ -72,11 +77,12 @@ class FactoConfig:
     kernels: Kernels = "auto"
     methods: MethodChoices = field(default_factory=dict, hash=False)
     fallback: MethodConfig | None = None
-    direction: Literal["gaussian", "orthonormal"] = "gaussian"
+    direction: Literal["gaussian", "orthonormal", "gradient"] = "gaussian"
+    scale: Literal["unbiased", "paper"] = "unbiased"
     row_strips: RowStrips | None = None
 
     def __post_init__(self) -> None:
-        low_rank = FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction)  # validates all four
+        low_rank = self.low_rank()  # validates inr, lossy_kernel, storage_dtype, direction and scale
         object.__setattr__(self, "storage_dtype", low_rank.storage_dtype)
         if isinstance(self.apply_ratio, bool) or not isinstance(self.apply_ratio, (int, float)) or not (
             0.0 <= self.apply_ratio <= 1.0
@@ -128,4 +134,4 @@ class FactoConfig:
     def low_rank(self) -> FactoLowRank:
         """The Facto method apply_ratio and include give a layer."""
         return FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction,
-                            batch_statistics=self.batch_norm == "lossy")
+                            batch_statistics=self.batch_norm == "lossy", scale=self.scale)

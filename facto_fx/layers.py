@@ -25,15 +25,26 @@ def direction_seed(base_seed: int, draws: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def direction_norm(rank: int, features: int, scale: str) -> float:
+    """α, the norm of D's rows: (I/R)^(1/4) for scale "paper" (eq. 13), (I/R)^(1/2) for "unbiased".
+
+    An SGD step on M moves Ω by −η·g·DᵀD, and E[DᵀD] = α²·R/I. The paper's α makes that
+    sqrt(R/I)·I: for a 3×3 conv at INR 0.3 (R/I = 1/30) the step descends at 18 % of full-rank
+    SGD's rate, and on a task that was not saturated Facto's layers learned less than not
+    training them at all (benchmarks/accuracy.py). "unbiased" makes E[DᵀD] = I: the step is an
+    unbiased estimate of full-rank SGD's.
+    """
+    return (features / rank) ** (0.25 if scale == "paper" else 0.5)
+
+
 def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, device: torch.device,
-                   orthonormal: bool = False) -> Tensor:
-    """D (rank × features): Gaussian rows of unit norm times α = (I/R)^(1/4) (paper eq. 13).
+                   orthonormal: bool = False, scale: str = "unbiased") -> Tensor:
+    """D (rank × features): Gaussian rows of norm α (`direction_norm`; paper eq. 13 for "paper").
 
     orthonormal=True makes the rows mutually orthogonal as well (the Q of a Gaussian matrix's QR),
     with the same norm α. Then DᵀD = α²·P, P the projection on D's row space, so an SGD step on M
-    moves Ω by −η·α²·g·P: plain SGD on Ω restricted to R random directions, scaled so its expected
-    size matches full-rank SGD (the same α); at R = features it is exactly SGD. Gaussian rows
-    instead give g·DᵀD, a random, badly conditioned preconditioner.
+    moves Ω by −η·α²·g·P: plain SGD on Ω restricted to R random directions; at R = features it is
+    exactly SGD. Gaussian rows instead give g·DᵀD, a random, badly conditioned preconditioner.
 
     Drawn on the CPU with its own generator so every device and every process gets the same D.
     On the meta device (analytic memory reports) nothing is drawn.
@@ -45,8 +56,27 @@ def draw_direction(rank: int, features: int, seed: int, dtype: torch.dtype, devi
     if orthonormal:
         q, r = torch.linalg.qr(d.T)  # features × rank, orthonormal columns
         d = (q * torch.sign(torch.diagonal(r))).T.float()  # the sign fix makes Q unique: same seed, same D
-    d *= (features / rank) ** 0.25 / d.norm(dim=1, keepdim=True)
+    d *= direction_norm(rank, features, scale) / d.norm(dim=1, keepdim=True)
     return d.to(dtype=dtype, device=device)
+
+
+def gradient_direction(gradient: Tensor, rank: int, seed: int) -> Tensor:
+    """D (rank × features) from a weight gradient (out × features): its top `rank` right singular
+    vectors, as orthonormal rows (α = 1, so an SGD step on M is the SGD step on Ω projected on
+    them, as GaLore projects). Where the gradient has fewer than `rank` directions (a layer with
+    fewer outputs than the rank), seeded Gaussian directions orthogonal to them fill the rest.
+
+    Computed in float64 on the CPU: the same gradient gives the same D on every device and process.
+    """
+    g = gradient.detach().to("cpu", torch.float64)
+    _, sigma, vh = torch.linalg.svd(g, full_matrices=False)
+    kept = vh[: min(rank, int((sigma > sigma.max() * 1e-10).sum()) if sigma.numel() else 0)]
+    if kept.shape[0] < rank:
+        filler = torch.randn(rank - kept.shape[0], g.shape[1], generator=torch.Generator().manual_seed(seed),
+                             dtype=torch.float64)
+        q, r = torch.linalg.qr(torch.cat([kept, filler]).T)
+        kept = (q * torch.sign(torch.diagonal(r))).T
+    return kept
 
 
 class LowRankMixin:
@@ -58,17 +88,25 @@ class LowRankMixin:
     draws: Tensor
     seed: int
 
-    def _init_low_rank(self, weight: nn.Parameter, rank: int, features: int, seed: int, orthonormal: bool) -> None:
-        """M = 0 and a first D for `self.weight`, which the caller has set."""
-        self.seed, self.orthonormal = seed, orthonormal
+    def _init_low_rank(self, weight: nn.Parameter, rank: int, features: int, seed: int, direction: str,
+                       scale: str) -> None:
+        """M = 0 and a first D for `self.weight`, which the caller has set. `direction` is how D is
+        drawn ("gaussian", "orthonormal") or, for "gradient", taken from a weight gradient at each
+        merge (drawn orthonormal until the first); `scale` sets a drawn D's norm (`direction_norm`)."""
+        self.seed, self.direction, self.scale = seed, direction, scale
+        orthonormal = self.orthonormal
         self.M = nn.Parameter(weight.new_zeros(weight.shape[0], rank))
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
         self.register_buffer("D", draw_direction(rank, features, direction_seed(seed, 0), weight.dtype, weight.device,
-                                                 orthonormal))
+                                                 orthonormal, scale))
 
     @property
     def rank(self) -> int:
         return self.M.shape[1]
+
+    @property
+    def orthonormal(self) -> bool:
+        return self.direction != "gaussian"
 
     def get_delta_weight(self) -> Tensor:
         """ΔW = reshape(M·D), shaped like the base weight."""
@@ -90,9 +128,21 @@ class LowRankMixin:
         self.draws += 1
         fresh = draw_direction(
             self.rank, self.D.shape[1], direction_seed(self.seed, int(self.draws)), self.D.dtype, self.D.device,
-            self.orthonormal,
+            self.orthonormal, self.scale,
         )
-        self.D.copy_(fresh)
+        self.set_direction(fresh)
+
+    @torch.no_grad()
+    def redraw_from_gradient(self, gradient: Tensor) -> None:
+        """D from a weight gradient of this layer (`gradient_direction`; call after `merge`, while M is 0)."""
+        self.draws += 1
+        fresh = gradient_direction(gradient.flatten(1), self.rank, direction_seed(self.seed, int(self.draws)))
+        self.set_direction(fresh)
+
+    @torch.no_grad()
+    def set_direction(self, d: Tensor) -> None:
+        """D ← d (rank × features), and whatever the layer derives from D."""
+        self.D.copy_(d)
 
     @torch.no_grad()
     def regularize(self, strength: float) -> None:
@@ -115,7 +165,8 @@ class FactoConv2d(LowRankMixin, nn.Module):
         storage_dtype: torch.dtype | None,
         seed: int,
         *,
-        orthonormal: bool = False,
+        direction: str = "gaussian",
+        scale: str = "unbiased",
     ) -> None:
         super().__init__()
         self.out_channels, self.in_channels = weight.shape[:2]
@@ -123,7 +174,7 @@ class FactoConv2d(LowRankMixin, nn.Module):
         self.stride, self.padding, self.dilation = tuple(pair(stride)), tuple(pair(padding)), tuple(pair(dilation))
         self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
         self.weight = weight.requires_grad_(False)
-        self._init_low_rank(weight, rank, weight[0].numel(), seed, orthonormal)
+        self._init_low_rank(weight, rank, weight[0].numel(), seed, direction, scale)
         self.bias = bias
         self.register_buffer("folded", None, persistent=False)
         self._refresh_folded()
@@ -135,19 +186,23 @@ class FactoConv2d(LowRankMixin, nn.Module):
         self.folded = ops.projection_filter(self.D, self.weight.shape, self.stride, self.dilation, self.lossy_kernel)
 
     @torch.no_grad()
-    def redraw(self) -> None:
-        super().redraw()
+    def set_direction(self, d: Tensor) -> None:
+        super().set_direction(d)
         self._refresh_folded()
+
+    def weight_gradient(self, x: Tensor, grad_y: Tensor) -> Tensor:
+        """∂loss/∂Ω from the layer's input and output gradient (the dense conv's weight gradient)."""
+        return torch.nn.grad.conv2d_weight(x, self.weight.shape, grad_y, self.stride, self.padding, self.dilation)
 
     @classmethod
     def from_conv(
         cls, conv: nn.Conv2d, rank: int, lossy_kernel: int, storage_dtype: torch.dtype | None, seed: int, *,
-        orthonormal: bool = False,
+        direction: str = "gaussian", scale: str = "unbiased",
     ) -> FactoConv2d:
         """The Facto layer for an nn.Conv2d, sharing its weight and bias."""
         return cls(
             conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, rank, lossy_kernel, storage_dtype, seed,
-            orthonormal=orthonormal,
+            direction=direction, scale=scale,
         )
 
     functional = staticmethod(ops.conv2d)
@@ -191,20 +246,20 @@ class FactoLinear(LowRankMixin, nn.Module):
 
     def __init__(
         self, weight: nn.Parameter, bias: nn.Parameter | None, rank: int, storage_dtype: torch.dtype | None, seed: int,
-        *, orthonormal: bool = False,
+        *, direction: str = "gaussian", scale: str = "unbiased",
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.storage_dtype = storage_dtype
         self.weight = weight.requires_grad_(False)
-        self._init_low_rank(weight, rank, self.in_features, seed, orthonormal)
+        self._init_low_rank(weight, rank, self.in_features, seed, direction, scale)
         self.bias = bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, storage_dtype: torch.dtype | None, seed: int, *,
-                    orthonormal: bool = False) -> FactoLinear:
+                    direction: str = "gaussian", scale: str = "unbiased") -> FactoLinear:
         """The Facto layer for an nn.Linear, sharing its weight and bias."""
-        return cls(linear.weight, linear.bias, rank, storage_dtype, seed, orthonormal=orthonormal)
+        return cls(linear.weight, linear.bias, rank, storage_dtype, seed, direction=direction, scale=scale)
 
     functional = staticmethod(ops.linear)
 
@@ -214,6 +269,10 @@ class FactoLinear(LowRankMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.linear(x, *self.arguments())
+
+    def weight_gradient(self, x: Tensor, grad_y: Tensor) -> Tensor:
+        """∂loss/∂Ω from the layer's input and output gradient."""
+        return grad_y.flatten(0, -2).T @ x.flatten(0, -2)
 
     def to_dense(self) -> nn.Linear:
         linear = nn.Linear(

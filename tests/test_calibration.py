@@ -71,11 +71,12 @@ def test_compile_recalibrates_on_calibration_data():
 
 def test_compile_warns_about_statistics_never_estimated():
     with pytest.warns(UserWarning, match=r"never estimated \(1, 4: mean 0, variance 1\).*recalibrate_batch_norm"):
-        facto_fx.compile(net())
+        facto_fx.compile(net(), batch_norm="freeze")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        facto_fx.compile(net(), batch_norm="train")  # nothing is frozen
-        facto_fx.compile(net().to("meta"), verify=False)  # no values to judge
+        facto_fx.compile(net())  # the default, batch statistics: nothing is frozen
+        facto_fx.compile(net(), batch_norm="train")
+        facto_fx.compile(net().to("meta"), verify=False, batch_norm="freeze")  # no values to judge
 
 
 def test_a_single_tensor_is_one_calibration_batch():

@@ -146,7 +146,8 @@ def test_demo_prints_the_comparison_and_writes_both_plots(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--dataset", "mnist"], "unknown dataset 'mnist'; valid names: digits, mnist5k, cifar10, imagefolder"),
+        (["--dataset", "mnist"],
+         "unknown dataset 'mnist'; valid names: digits, mnist5k, mnist5k_crops, cifar10, imagefolder"),
         (["--model", "resnet81"], "unknown model 'resnet81'. Did you mean"),
         (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
         (["--frt-epochs", "5", "--epochs", "2"], "frt_epochs (5) cannot exceed epochs (2)"),

@@ -9,11 +9,12 @@ from torch import nn
 from facto_fx.layers import FactoBatchNorm, FactoConv2d, FactoLinear, direction_seed, draw_direction
 
 
-def test_direction_rows_have_norm_alpha():
-    """Paper eq. 13: unit-norm Gaussian rows scaled by α = (I/R)^(1/4)."""
-    d = draw_direction(7, 90, seed=3, dtype=torch.float32, device=torch.device("cpu"))
+@pytest.mark.parametrize("scale, power", [("unbiased", 0.5), ("paper", 0.25)])
+def test_direction_rows_have_norm_alpha(scale, power):
+    """Unit-norm Gaussian rows scaled by α = (I/R)^(1/2), or (I/R)^(1/4) as in paper eq. 13."""
+    d = draw_direction(7, 90, seed=3, dtype=torch.float32, device=torch.device("cpu"), scale=scale)
     assert d.shape == (7, 90)
-    torch.testing.assert_close(d.norm(dim=1), torch.full((7,), (90 / 7) ** 0.25))
+    torch.testing.assert_close(d.norm(dim=1), torch.full((7,), (90 / 7) ** power))
 
 
 def test_direction_is_reproducible_and_seed_dependent():
@@ -61,7 +62,8 @@ def test_redraw_changes_d_and_counts(conv_layer):
     old = conv_layer.D.clone()
     conv_layer.redraw()
     assert int(conv_layer.draws) == 1 and not torch.equal(old, conv_layer.D)
-    torch.testing.assert_close(conv_layer.D.norm(dim=1), torch.full((2,), (36 / 2) ** 0.25))
+    # the default, unbiased scale
+    torch.testing.assert_close(conv_layer.D.norm(dim=1), torch.full((2,), (36 / 2) ** 0.5))
 
 
 def test_regularize_is_weight_decay_on_omega(conv_layer):

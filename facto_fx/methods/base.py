@@ -63,6 +63,7 @@ class StepOptions:
 
     merge_every: int
     w_decay: float = 0.0
+    probe: Callable[[], Tensor] | None = None  # a loss on a few training samples, for gradient directions
 
 
 class RewriteSite(Protocol):
@@ -116,7 +117,7 @@ class Method:
         """Run after optimizer step number `step` on this method's layers; True if it reset them."""
         return False
 
-    def reset(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    def reset(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer, options: StepOptions) -> None:
         """Restart whatever the method accumulates (Facto: merge-and-reinit); a no-op by default."""
 
     def trainable(self, layer: nn.Module) -> list[nn.Parameter]:

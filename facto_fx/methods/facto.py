@@ -7,7 +7,7 @@ their input mean-pooled. After optimizer steps, W is regularised and merged on s
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +21,9 @@ from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite
 from facto_fx.methods.frozen import rewrite_batch_norm
 from facto_fx.passes.match import BATCH_NORM, CONV, LINEAR, SCALE, Match, call_args
 
+DIRECTIONS = ("gaussian", "orthonormal", "gradient")
+SCALES = ("unbiased", "paper")
+
 
 @dataclass(frozen=True)
 class FactoLowRank(MethodConfig):
@@ -29,11 +32,17 @@ class FactoLowRank(MethodConfig):
     inr: internal node ratio, C_R = round(inr * C_I) (paper §3.1.1), in (0, 1].
     lossy_kernel: k of the mean-pool that compresses saved maps (paper §3.3); 1 = no pooling.
     storage_dtype: dtype of compressed maps; None keeps the activation dtype.
-    direction: how D is drawn: "gaussian" (the paper: unit-norm Gaussian rows times α) or
+    direction: how D is drawn: "gaussian" (the paper: unit-norm Gaussian rows times α),
         "orthonormal" (the same norms, rows orthogonal: SGD on M is SGD on Ω within D's row space;
-        layers.draw_direction).
+        layers.draw_direction), or "gradient": at every merge, the top singular directions of the
+        layer's weight gradient on a few training samples (layers.gradient_direction), which needs
+        `attach(..., probe=...)` to compute that gradient.
+    scale: the norm α of drawn D's rows: "unbiased" (α² = I/R, so an SGD step on M is in
+        expectation the full-rank SGD step on Ω) or "paper" (α⁴ = I/R, eq. 13: the expected step is
+        sqrt(R/I) of it); layers.direction_norm says why "unbiased" is the default.
     batch_statistics: a batch-norm layer trains on batch statistics, its backward reading x̂ from
-        the pooled copy (FactoConfig(batch_norm="lossy") sets it), instead of on frozen statistics.
+        the pooled copy (FactoConfig(batch_norm="lossy"), the default), or, if False, on frozen
+        statistics (FactoConfig(batch_norm="freeze")).
     """
 
     label = "facto"
@@ -41,8 +50,9 @@ class FactoLowRank(MethodConfig):
     inr: float = 0.3
     lossy_kernel: int = 2
     storage_dtype: torch.dtype | str | None = None
-    direction: Literal["gaussian", "orthonormal"] = "gaussian"
-    batch_statistics: bool = False
+    direction: Literal["gaussian", "orthonormal", "gradient"] = "gaussian"
+    batch_statistics: bool = True
+    scale: Literal["unbiased", "paper"] = "unbiased"
 
     def __post_init__(self) -> None:
         if isinstance(self.inr, bool) or not isinstance(self.inr, (int, float)) or not (
@@ -55,8 +65,10 @@ class FactoLowRank(MethodConfig):
                 f"got {self.lossy_kernel!r}"
             )
         object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype))
-        if self.direction not in ("gaussian", "orthonormal"):
-            raise ValueError(f"direction must be 'gaussian' or 'orthonormal'; got {self.direction!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got {self.direction!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(map(repr, SCALES))}; got {self.scale!r}")
         if not isinstance(self.batch_statistics, bool):
             raise ValueError(f"batch_statistics must be True or False; got {self.batch_statistics!r}")
 
@@ -88,20 +100,69 @@ def _conv_problem(match: Match) -> str | None:
 def _low_rank_layer(site: RewriteSite, match: Match, method: FactoLowRank) -> nn.Module:
     """The FactoConv2d / FactoLinear for a matched module or functional call."""
     seed, k, dtype = layer_seed(site.seed, match.layer), method.lossy_kernel, method.storage_dtype
-    orthonormal = method.direction == "orthonormal"
+    direction, scale = method.direction, method.scale
     module = match.module
     if module is not None:
         if match.kind == CONV:
             rank = method.rank(module.in_channels)
-            return FactoConv2d.from_conv(module, rank, k, dtype, seed, orthonormal=orthonormal)
-        return FactoLinear.from_linear(module, method.rank(module.in_features), dtype, seed, orthonormal=orthonormal)
+            return FactoConv2d.from_conv(module, rank, k, dtype, seed, direction=direction, scale=scale)
+        return FactoLinear.from_linear(module, method.rank(module.in_features), dtype, seed, direction=direction,
+                                       scale=scale)
     args = call_args(match.node)
     weight, bias = site.tensor(args["weight"]), site.tensor(args["bias"])
     rank = method.rank(weight.shape[1])
     if match.kind == CONV:
         return FactoConv2d(weight, bias, args["stride"], args["padding"], args["dilation"], rank, k, dtype, seed,
-                           orthonormal=orthonormal)
-    return FactoLinear(weight, bias, rank, dtype, seed, orthonormal=orthonormal)
+                           direction=direction, scale=scale)
+    return FactoLinear(weight, bias, rank, dtype, seed, direction=direction, scale=scale)
+
+
+def weight_gradients(layers: Sequence[nn.Module], probe: Callable[[], Tensor] | None) -> dict[nn.Module, Tensor]:
+    """Each layer's dense weight gradient ∂loss/∂Ω on the loss `probe()` returns, from the input
+    and output gradient it sees (so no `.grad` is touched); summed over the processes of a
+    distributed run, so that every process takes the same directions."""
+    if probe is None:
+        names = ", ".join(repr(layer) for layer in layers[:3])
+        raise ValueError(f"{len(layers)} Facto layers take D from the weight gradient (direction='gradient'; "
+                         f"{names}...): pass attach(..., probe=<a function returning the loss on a few "
+                         "training samples>)")
+    seen: dict[nn.Module, tuple[Tensor, Tensor, int]] = {}
+
+    def capture(layer: nn.Module, args: tuple, output: Tensor) -> None:
+        seen[layer] = (args[0].detach(), output, output._version)
+
+    handles = [layer.register_forward_hook(capture) for layer in layers]
+    try:
+        loss = probe()
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in layers if layer not in seen]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} Facto layers with direction='gradient' were not called as modules by the probe "
+            f"(e.g. {missing[0]!r}): gradient directions need the model facto_fx.compile built, without row "
+            "strips over those layers"
+        )
+    changed = [layer for layer in layers if seen[layer][1]._version != seen[layer][2]]
+    if changed:  # autograd would give the gradient of what overwrote it, silently
+        raise RuntimeError(
+            f"the output of {len(changed)} Facto layers with direction='gradient' was modified in place after them "
+            f"(e.g. {changed[0]!r}, by an inplace ReLU?): gradient directions need those outputs as the layers "
+            "returned them; use out-of-place ops there (binarize_activations=True rewrites ReLUs out of place)"
+        )
+    outputs = [seen[layer][1] for layer in layers]
+    grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+    result = {}
+    for layer, grad_y in zip(layers, grads, strict=True):
+        x = seen[layer][0]
+        # in float32: under autocast x and grad_y may be bf16 or of different dtypes
+        gradient = (torch.zeros_like(layer.weight, dtype=torch.float32) if grad_y is None
+                    else layer.weight_gradient(x.float(), grad_y.float()))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(gradient)
+        result[layer] = gradient
+    return result
 
 
 @register_method(FactoLowRank)
@@ -133,16 +194,24 @@ class Facto(Method):
                 layer.regularize(options.w_decay)
         if step % options.merge_every:
             return False
-        self.reset(layers, optimizer)
+        self.reset(layers, optimizer, options)
         return True
 
-    @torch.no_grad()
-    def reset(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> None:
-        """W ← W + M·D, M ← 0, a fresh D, and M's optimizer state cleared (momentum, moments, step)."""
-        for layer in layers:
-            layer.merge()
-            layer.redraw()
-            optimizer.state.pop(layer.M, None)
+    def reset(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer, options: StepOptions) -> None:
+        """W ← W + M·D, M ← 0, a fresh D (drawn, or from the weight gradient on `options.probe` for
+        direction "gradient"), and M's optimizer state cleared (momentum, moments, step)."""
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge()
+        from_gradient = [layer for layer in layers if layer.direction == "gradient"]
+        gradients = weight_gradients(from_gradient, options.probe) if from_gradient else {}
+        with torch.no_grad():
+            for layer in layers:
+                if layer in gradients:
+                    layer.redraw_from_gradient(gradients[layer])
+                else:
+                    layer.redraw()
+                optimizer.state.pop(layer.M, None)
 
     def trainable(self, layer: nn.Module) -> list[nn.Parameter]:
         return [layer.M]

@@ -7,6 +7,7 @@ They hang on the optimizer's step post-hook, so a normal training loop needs no 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ class FactoHooks:
     optimizer: torch.optim.Optimizer
     merge_every: int
     w_decay: float = 0.0
+    probe: Callable[[], torch.Tensor] | None = None
     steps: int = 0
     merges: int = 0
     _handle: object = field(default=None, repr=False)
@@ -43,7 +45,9 @@ class FactoHooks:
             raise ValueError(f"merge_every must be a positive number of optimizer steps; got {self.merge_every!r}")
         if not self.w_decay >= 0.0:
             raise ValueError(f"w_decay (λ of W ← W − λ·Ω) must be >= 0; got {self.w_decay!r}")
-        self.options = StepOptions(self.merge_every, self.w_decay)
+        if self.probe is not None and not callable(self.probe):
+            raise ValueError(f"probe must be a function returning a loss; got {self.probe!r}")
+        self.options = StepOptions(self.merge_every, self.w_decay, self.probe and self._probe_in_eval)
         self.groups = layers_by_method(self.model)
         if not self.groups:
             raise ValueError(
@@ -62,6 +66,8 @@ class FactoHooks:
                 f"hooks are already attached to this model ({earlier!r}); call .remove() on them first: two "
                 "would each merge every period and decay W twice per step"
             )
+        if any(getattr(layer, "direction", None) == "gradient" for layers in self.groups.values() for layer in layers):
+            self._restart()  # the first directions from the gradient too, not drawn
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
         _ATTACHED[self.model] = self
 
@@ -77,13 +83,26 @@ class FactoHooks:
                  for handler, layers in self.groups.items()]
         self.merges += any(reset)
 
-    @torch.no_grad()
     def merge_and_reinit(self) -> None:
         """Restart every method's accumulated state now (Facto: W ← W + M·D, M ← 0, a fresh D, and
         M's optimizer state cleared)."""
-        for handler, layers in self.groups.items():
-            handler.reset(layers, self.optimizer)
+        self._restart()
         self.merges += 1
+
+    def _restart(self) -> None:
+        for handler, layers in self.groups.items():
+            handler.reset(layers, self.optimizer, self.options)
+
+    def _probe_in_eval(self) -> torch.Tensor:
+        """The probe's loss with every module in eval mode, so it moves no running statistics and
+        drops nothing out; each module's mode is restored after."""
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            return self.probe()
+        finally:
+            for module, training in modes.items():
+                module.training = training
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "merges": self.merges}
@@ -101,8 +120,13 @@ class FactoHooks:
 
 
 def attach(
-    model: nn.Module, optimizer: torch.optim.Optimizer, merge_every: int, w_decay: float = 0.0
+    model: nn.Module, optimizer: torch.optim.Optimizer, merge_every: int, w_decay: float = 0.0,
+    probe: Callable[[], torch.Tensor] | None = None,
 ) -> FactoHooks:
     """Run each method's step action after every optimizer step (Facto: W ← W − w_decay·Ω, and
-    merge-and-reinit every `merge_every` steps)."""
-    return FactoHooks(model, optimizer, merge_every, w_decay)
+    merge-and-reinit every `merge_every` steps).
+
+    probe: a function returning the loss on a few training samples (e.g. a quarter of a batch),
+    which Facto layers with direction "gradient" take their directions from, here and at every
+    merge; it runs with the model in eval mode, one extra forward and backward per merge."""
+    return FactoHooks(model, optimizer, merge_every, w_decay, probe)

