@@ -18,7 +18,7 @@ import facto_fx
 from facto_fx.config import BATCH_NORM_MODES
 from facto_fx.methods.facto import DIRECTIONS, SCALES
 from facto_fx.model_zoo import build_model, check_model_name
-from facto_fx.presets import METHOD_CHOICES, method_description, method_options
+from facto_fx.presets import METHOD_CHOICES, auto_batch_norm, method_description, method_options
 from facto_fx.training import TrainConfig
 from facto_fx.training.config import OPTIMIZERS, SWITCHES
 from facto_fx.training.data import DATASETS
@@ -35,7 +35,7 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
                         help="lossy: batch statistics, as the model trains them, x̂ saved pooled (keeps accuracy); "
                              "freeze: running statistics, frozen (the paper; faster on the CPU, lost 1.5-3 points "
                              "in benchmarks/accuracy.py); train: torch's batch-norm left as it is (its input saved "
-                             "whole); auto: compile's default (lossy)")
+                             "whole); auto: compile's default (lossy), freeze with --method rowstrips")
     parser.add_argument("--method", default="facto", choices=METHOD_CHOICES,
                         help="hosvd / svd: that decomposition on the last --last conv layers too (Facto in front); "
                              "eb: error-bounded compression of every layer Facto leaves; rowstrips: the local "
@@ -63,7 +63,7 @@ def report_command(args: argparse.Namespace) -> int:
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
         storage_dtype=args.storage_dtype, verify=args.peak,
-        **({} if args.batch_norm == "auto" else {"batch_norm": args.batch_norm}),  # auto: compile's default
+        batch_norm=auto_batch_norm(args.method) if args.batch_norm == "auto" else args.batch_norm,
         **method_options(args.method, args.eps, args.last, args.eb, args.sigma, args.strips, args.strip_mode),
     )
     shape = (args.batch_size, args.in_channels, args.image_size, args.image_size)

@@ -19,6 +19,13 @@ def facto_error_bounded(eb: float = 0.02, sigma: float = 0.1, every: int = 100, 
     return FactoConfig(fallback=fallback, **facto)
 
 
+def auto_batch_norm(method: str) -> str:
+    """The batch-norm mode "auto" means for --method: compile's default, except frozen statistics
+    for row strips (a strip cannot normalize by the whole batch's statistics, so they would end
+    the strips at the first batch-norm)."""
+    return "freeze" if method == "rowstrips" else FactoConfig.batch_norm
+
+
 def method_options(method: str, eps: float = 0.8, last: int = 4, eb: float = 0.02, sigma: float = 0.1,
                    strips: int = 8, strip_mode: str = "two_phase") -> dict[str, dict | MethodConfig | None]:
     """FactoConfig's `methods`, `fallback` and `row_strips` for the command line's --method: "facto"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -16,7 +17,7 @@ from torch import fx
 from facto_fx.layers import FactoBatchNorm
 from facto_fx.methods.base import Method, MethodConfig, register_method
 from facto_fx.ops.row_strips import RowStripRegion
-from facto_fx.passes.regions import find_region
+from facto_fx.passes.regions import BATCH_STATISTICS_STOP, find_region
 
 MODES = ("two_phase", "overlap")
 
@@ -139,6 +140,9 @@ class RowStripsMethod(Method):
 
     def rewrite_region(self, gm: fx.GraphModule, method: RowStrips) -> tuple[list[str], str | None, str]:
         region = find_region(gm)
+        stop = region if isinstance(region, str) else region.stop
+        if BATCH_STATISTICS_STOP in stop:
+            warnings.warn(f"row strips end at a batch-norm: {stop}", stacklevel=2)
         if isinstance(region, str):
             return [], None, f"nothing to split: {region}"
         chain = _chain_module(gm, region.nodes, region.input)

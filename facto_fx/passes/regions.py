@@ -64,9 +64,14 @@ def _pooled(geometry: RowGeometry | str, lossy_kernel: int) -> RowGeometry | str
     return geometry if isinstance(geometry, str) else dataclasses.replace(geometry, tile=lossy_kernel)
 
 
+#: Why a chain ends at a batch-norm that normalizes by batch statistics, with the fix.
+BATCH_STATISTICS_STOP = ("batch statistics: each strip would see its own (compile with batch_norm='freeze' to let "
+                         "strips cross it)")
+
+
 def _facto_batch_norm_module(m: layers.FactoBatchNorm) -> RowGeometry | str:
     if m.batch_statistics:
-        return "batch statistics: each strip would see its own"
+        return BATCH_STATISTICS_STOP
     return _pooled(POINTWISE, m.lossy_kernel)
 
 

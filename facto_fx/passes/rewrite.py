@@ -46,6 +46,7 @@ class ModuleSite:
         """Swap a matched module for `layer`; a functional call gets `layer` where its weight's
         module was (the matcher made sure nothing else in the graph reads that module)."""
         node = match.node
+        layer.train(self.gm.training if match.module is None else match.module.training)  # the mode it replaces
         if match.module is not None:
             set_submodule(self.gm, node.target, layer)
             return

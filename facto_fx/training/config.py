@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from facto_fx.config import FactoConfig
-from facto_fx.presets import method_options
+from facto_fx.presets import auto_batch_norm, method_options
 from facto_fx.training.data import DATASETS
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -138,8 +138,8 @@ class TrainConfig:
 
     @property
     def facto_batch_norm(self) -> str:
-        """compile's batch_norm: batch_norm, with "auto" as compile's default."""
-        return FactoConfig.batch_norm if self.batch_norm == "auto" else self.batch_norm
+        """compile's batch_norm: batch_norm, with "auto" as presets.auto_batch_norm picks for the method."""
+        return auto_batch_norm(self.method) if self.batch_norm == "auto" else self.batch_norm
 
     def batch_norm_before_lossy_default(self) -> str:
         """What "auto" picked in checkpoints written before it meant compile's default (format 1):

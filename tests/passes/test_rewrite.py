@@ -234,6 +234,24 @@ def test_batch_norm_lossy_trains_on_batch_statistics():
     torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_rewritten_layers_keep_the_mode_of_the_modules_they_replace(training):
+    """A model compiled in eval mode computes what it did (running statistics, not the batch's),
+    and one compiled in train mode trains as it did, before anyone calls .train() / .eval()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
+    model.train(training)
+    reference = copy.deepcopy(model)
+    fmodel = facto_fx.compile(model, batch_norm="lossy", apply_ratio=1.0, verify=False)
+    assert all(m.training == training for m in fmodel.modules() if isinstance(m, (FactoBatchNorm, *LOW_RANK_LAYERS)))
+    x = torch.randn(4, 3, 9, 7)
+    torch.testing.assert_close(fmodel(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_timm_batch_norm_act_trains_on_batch_statistics_under_lossy():
     """timm's BatchNormAct2d (batch-norm, its batch counter and an activation in one forward)
     becomes Facto's batch-norm on batch statistics plus the activation's op; at lossy kernel 1 the
