@@ -47,11 +47,14 @@ class SVD(HOSVD):
 
 def _worst_case_elements(shape: tuple[int, ...], mode: str, conv: bool) -> int:
     """Elements of the codes in x's dtype at full rank (all but the scale): what the analytic report can promise
-    before data exist."""
+    before data exist. A mode's rank is at most its size and the product of the other modes' sizes (its
+    unfolding's smaller side): a batch of 2 keeps at most 2 channel directions, not 512."""
     dims = list(shape) if conv else [math.prod(shape[:-1]), shape[-1]]
+    total = math.prod(dims)
+    ranks = [min(d, total // d) for d in dims]
     if mode == "svd":
-        return dims[0] * dims[0] + math.prod(dims)
-    return math.prod(dims) + sum(d * d for d in dims)
+        return dims[0] * ranks[0] + ranks[0] * (total // dims[0])
+    return math.prod(ranks) + sum(d * r for d, r in zip(dims, ranks, strict=True))
 
 
 class _Decomposed(Method):

@@ -99,6 +99,23 @@ def test_analytic_report_gives_the_full_rank_worst_case():
     assert rows["layer4.1.conv2"].decision == "hosvd"
 
 
+@pytest.mark.parametrize("mode", ["hosvd", "svd"])
+@pytest.mark.parametrize("shape", [(2, 8, 1, 1), (3, 8, 5, 4), (1, 6, 2, 2), (4, 3, 9, 9), (2, 5, 3, 1)])
+def test_analytic_worst_case_is_what_a_full_rank_run_keeps(shape, mode):
+    """Keeping every direction of a random input (eps 1.0), a real run saves exactly the analytic
+    worst case: a mode's rank is capped by the product of the other modes' sizes (a batch of 2 of 1×1
+    maps keeps 2 channel directions, not 8), which the estimate once ignored (a false
+    FactoSavesLittleWarning for HOSVD on small maps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(shape[1], shape[1], 1), nn.Conv2d(shape[1], 2, 1))
+    method = HOSVD(1.0) if mode == "hosvd" else SVD(1.0)
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"1": method}, verify=False)
+    x = torch.randn(shape)
+    real = {r.layer: r for r in facto_fx.report(fmodel, x).rows}["1"].facto_bytes
+    analytic = {r.layer: r for r in facto_fx.report(fmodel, x.to("meta"), analytic=True).rows}["1"].facto_bytes
+    assert real == analytic
+
+
 def test_real_report_counts_the_kept_codes():
     model, _ = _pair()
     fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"c3": HOSVD(0.5)})
