@@ -93,7 +93,7 @@ def step_costs(names: Sequence[str], common: dict, batch_size: int) -> dict[str,
     for model in models.values():
         model.train()
     steps = {name: make_step(model, x, y) for name, model in models.items()}
-    times = median_step_times(steps, warmup=2, repeats=7)
+    times = median_step_times(steps, warmup=2, repeats=15)
     peaks = {name: peak_step_bytes(step) for name, step in steps.items()}
     costs = {}
     for name, model in models.items():

@@ -12,6 +12,7 @@ from torch import nn
 
 import facto_fx
 from facto_fx.methods import method_parameters
+from facto_fx.training import TrainConfig
 
 
 def small_cnn() -> nn.Sequential:
@@ -52,14 +53,16 @@ def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, count
             optimizer.step()
 
 
-def run_low_rank_epochs(fmodel: nn.Module, loader, lr: float, count: int, weight_decay: float = 5e-4) -> None:
+def run_low_rank_epochs(fmodel: nn.Module, loader, lr: float, count: int, weight_decay: float = 5e-4,
+                        low_rank_lr: float = TrainConfig.low_rank_lr) -> None:
     """`count` epochs of a Facto model as the README trains one: SGD (momentum 0.9) with weight decay
-    on everything but M, W decayed by lr·weight_decay, merge-and-reinit every epoch."""
+    on everything but M, M at low_rank_lr times the rate (TrainConfig's), W decayed by lr·weight_decay,
+    merge-and-reinit every epoch."""
     low_rank = method_parameters(fmodel)
     ids = {id(p) for p in low_rank}
     others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in ids]
-    optimizer = torch.optim.SGD([{"params": low_rank, "weight_decay": 0.0}, {"params": others}], lr=lr,
-                                momentum=0.9, weight_decay=weight_decay)
+    groups = [{"params": low_rank, "weight_decay": 0.0, "lr": lr * low_rank_lr}, {"params": others}]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     hooks = facto_fx.attach(fmodel, optimizer, merge_every=len(loader), w_decay=lr * weight_decay)
     run_epochs(fmodel, loader, optimizer, count)
     hooks.remove()

@@ -6,10 +6,11 @@ two data sets.
 
 The CIFAR-size VGG11 (with batch-norm) trains full-rank with SGD (momentum 0.9, weight decay 5e-4,
 batch 64, learning rate 0.05), then goes on either plain (vanilla) or compiled for Facto the way the
-README's "Use" section does it (INR 0.3, lossy kernel 2, apply ratio 1.0, batch-norm recalibrated on
-8 training batches and frozen, merging every epoch, W decayed by lr·weight decay); `--batch-norm
-train` leaves batch-norm as torch's, on batch statistics. Both continue from the same weights with a
-fresh optimizer on the same schedule and data order:
+README's "Use" section does it (INR 0.3, lossy kernel 2, apply ratio 1.0, batch-norm on batch
+statistics with x̂ saved pooled, compile's default, M at low_rank_lr times the rate, merging every
+epoch, W decayed by lr·weight decay); `--batch-norm freeze` recalibrates the statistics on 8
+training batches and freezes them, `--batch-norm train` leaves batch-norm as torch's. Both continue
+from the same weights with a fresh optimizer on the same schedule and data order:
 
     paper: 3 full-rank epochs of 10, learning rate x0.1 at the switch (the paper's regime)
     same:  1 full-rank epoch of 6, the same learning rate throughout
@@ -30,7 +31,10 @@ from digits_runs import accuracy, run_epochs, run_low_rank_epochs
 from torch.utils.data import DataLoader
 
 import facto_fx
+from facto_fx.config import BATCH_NORM_MODES, FactoConfig
+from facto_fx.methods.facto import SCALES
 from facto_fx.models import MODELS
+from facto_fx.training import TrainConfig
 from facto_fx.training.data import load_splits
 
 LR, WEIGHT_DECAY, BATCH = 0.05, 5e-4, 64
@@ -51,14 +55,14 @@ def continue_vanilla(model, loader, lr: float, count: int) -> None:
     run_epochs(model, loader, sgd(model.parameters(), lr), count)
 
 
-def continue_facto(model, loader, lr: float, count: int, calibration: list, batch_norm: str):
+def continue_facto(model, loader, lr: float, count: int, calibration: list, facto: argparse.Namespace):
     fmodel = facto_fx.compile(model, inr=0.3, lossy_kernel=2, apply_ratio=1.0, calibration_data=calibration,
-                              batch_norm=batch_norm)
-    run_low_rank_epochs(fmodel, loader, lr, count, WEIGHT_DECAY)
+                              batch_norm=facto.batch_norm, scale=facto.scale)
+    run_low_rank_epochs(fmodel, loader, lr, count, WEIGHT_DECAY, facto.low_rank_lr)
     return fmodel
 
 
-def one_seed(data, seed: int, regimes: list[str], batch_norm: str) -> dict[str, dict[str, float]]:
+def one_seed(data, seed: int, regimes: list[str], facto: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Each regime's final test accuracies, vanilla and facto, from one full-rank run of this seed."""
     torch.manual_seed(seed)
     model = MODELS["cifar_vgg11_bn"](num_classes=data.num_classes)
@@ -75,7 +79,7 @@ def one_seed(data, seed: int, regimes: list[str], batch_norm: str) -> dict[str, 
         continue_vanilla(vanilla, batches(data, seed + 1), lr, rest)
         calibration = list(itertools.islice(batches(data, seed + 2), 8))  # its own order: training's stays vanilla's
         fmodel = continue_facto(copy.deepcopy(snapshots[frt]), batches(data, seed + 1), lr, rest, calibration,
-                                batch_norm)
+                                facto)
         results[regime] = {"vanilla": accuracy(vanilla, data), "facto": accuracy(fmodel, data),
                            "switch": accuracy(snapshots[frt], data)}
         print(f"  seed {seed} {regime:5s}: at the switch {results[regime]['switch']:.4f}, "
@@ -88,14 +92,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
-    parser.add_argument("--batch-norm", choices=["freeze", "lossy", "train"], default="freeze",
-                        help="Facto's batch-norm (compile's batch_norm): frozen statistics, the README's path")
+    parser.add_argument("--batch-norm", choices=BATCH_NORM_MODES, default=FactoConfig.batch_norm,
+                        help="Facto's batch-norm (compile's batch_norm; its default by default)")
+    parser.add_argument("--scale", choices=SCALES, default=FactoConfig.scale, help="compile's scale of D's rows")
+    parser.add_argument("--low-rank-lr", type=float, default=TrainConfig.low_rank_lr, help="M's rate x the others'")
     args = parser.parse_args(argv)
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for name in args.data:
         print(f"{name}:", flush=True)
         data = load_splits(name)
-        runs = [one_seed(data, seed, args.regimes, args.batch_norm) for seed in args.seeds]
+        runs = [one_seed(data, seed, args.regimes, args) for seed in args.seeds]
         summary[name] = {}
         for regime in args.regimes:
             mean = {key: statistics.fmean(run[regime][key] for run in runs) for key in ("vanilla", "facto")}

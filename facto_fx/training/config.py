@@ -33,11 +33,13 @@ class TrainConfig:
     scalar_lr times the rate: without either, models without batch-norm sat at chance on some
     seeds. merge_every counts optimizer steps (default: one epoch). limit_batches caps the batches
     per epoch, train and test, for quick checks.
-    batch_norm "auto" is compile's default, batch statistics ("lossy"): on a task that was not
-    saturated, frozen statistics lost 1.5-3 points even where Facto starts at a dropped learning
-    rate (benchmarks/accuracy.py). low_rank_lr multiplies the learning rate of Facto's M: 4 closed
-    most of the rest of the gap there (M starts at zero after every merge, and with the rate
-    dropped ×0.1 at the switch it learned too slowly at 1).
+    batch_norm "auto" is compile's default, batch statistics ("lossy"), or frozen statistics for
+    method "rowstrips" (presets.auto_batch_norm): on a task that was not saturated, frozen
+    statistics lost 1.5-3 points even where Facto starts at a dropped learning rate
+    (benchmarks/accuracy.py). low_rank_lr multiplies the learning rate of Facto's M: 4 closed most
+    of the rest of the gap there (M starts at zero after every merge, and with the rate dropped ×0.1
+    at the switch it learned too slowly at 1); at the full rate it diverges with scale "unbiased"
+    (the trainer warns: trainer.large_steps_at_full_rate).
     """
 
     model: str = "cifar_vgg11_bn"

@@ -291,7 +291,8 @@ class Trainer:
     def _switch_due(self) -> bool:
         """Whether Facto starts at this epoch: from frt_epochs on, unless switch "auto" waits for
         full-rank training to leave chance (the same verdict on every process: the loss is summed
-        over them). A switch that goes ahead anyway is warned about, as is a frozen statistics one."""
+        over them). A switch that goes ahead anyway is warned about, as is one at the full learning
+        rate with frozen statistics or unbiased steps."""
         epoch, config = self.position.epoch, self.config
         if self.position.phase != FULL_RANK or epoch < config.frt_epochs:
             return False
@@ -303,7 +304,8 @@ class Trainer:
         if self.topology.is_main:
             problems = (untrained and f"low-rank training starts although {untrained}: it will lose accuracy; train "
                         "full-rank longer (--frt-epochs, or --switch auto to wait) or faster (--lr)",
-                        frozen_at_full_rate(config, epoch, len(batch_norms(self.raw))))
+                        frozen_at_full_rate(config, epoch, len(batch_norms(self.raw))),
+                        large_steps_at_full_rate(config, epoch))
             for problem in filter(None, problems):
                 warnings.warn(problem, stacklevel=3)
         return True
@@ -441,11 +443,33 @@ def frozen_at_full_rate(config: TrainConfig, switch: int, batch_norm_layers: int
         return None
     if config.rate_lowered_at(switch):
         return None
-    before, after = config.lr, config.lr_at(switch, switch)
-    return (f"Facto starts at learning rate {after:g}, no lower than full-rank training's {before:g}, with "
-            f"{batch_norm_layers} batch-norm layers' statistics frozen: at the full rate they diverged in our "
-            "measurements (benchmarks/switch_regimes.py); drop the rate where Facto starts (--lr-milestones, the "
-            "default) or keep batch statistics (--batch-norm lossy, which saves what frozen statistics save)")
+    return (f"{_starts_at_full_rate(config, switch)}, with {batch_norm_layers} batch-norm layers' statistics frozen: "
+            "at the full rate they diverged in our measurements (benchmarks/switch_regimes.py); drop the rate where "
+            "Facto starts (--lr-milestones, the default) or keep batch statistics (--batch-norm lossy, which saves "
+            "what frozen statistics save, with --scale paper --low-rank-lr 1 at the full rate)")
+
+
+def large_steps_at_full_rate(config: TrainConfig, switch: int) -> str | None:
+    """Why M's steps may diverge, if Facto starts at epoch `switch` at the full learning rate with
+    D scaled for unbiased steps.
+
+    An unbiased step on M moves Ω along D's R directions I/R times as far as full-rank SGD would
+    (30x for a 3x3 conv at INR 0.3), which the low-rank rate multiplies: measured with
+    benchmarks/switch_regimes.py --regimes same, cifar_vgg11_bn on digits switched after one epoch
+    at the full rate went to chance (0.078) with the defaults, and beat vanilla (0.989 against
+    0.975) with the paper's scale and M at the same rate.
+    """
+    if not (0 < switch < config.epochs) or config.rate_lowered_at(switch) or config.scale != "unbiased":
+        return None
+    return (f"{_starts_at_full_rate(config, switch)}, with D scaled for unbiased steps (--scale unbiased) and M at "
+            f"{config.low_rank_lr:g}x the rate: at the full rate such steps diverged in our measurements "
+            "(benchmarks/switch_regimes.py --regimes same); drop the rate where Facto starts (--lr-milestones, the "
+            "default) or take smaller steps (--scale paper --low-rank-lr 1)")
+
+
+def _starts_at_full_rate(config: TrainConfig, switch: int) -> str:
+    return (f"Facto starts at learning rate {config.lr_at(switch, switch):g}, no lower than full-rank training's "
+            f"{config.lr:g}")
 
 
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:

@@ -20,6 +20,7 @@ from facto_fx.training.trainer import (
     EpochRecord,
     Trainer,
     frozen_at_full_rate,
+    large_steps_at_full_rate,
     near_chance,
     run_header,
 )
@@ -123,6 +124,16 @@ def test_frozen_statistics_at_the_full_learning_rate_are_warned_about():
     assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="train"), 1, 3) is None
     assert frozen_at_full_rate(dataclasses.replace(same_rate, batch_norm="auto"), 1, 3) is None
     assert frozen_at_full_rate(TrainConfig(epochs=6, frt_epochs=6, lr_milestones=(), batch_norm="freeze"), 6, 3) is None
+
+
+def test_unbiased_steps_at_the_full_learning_rate_are_warned_about():
+    same_rate = TrainConfig(epochs=6, frt_epochs=1, lr_milestones=())
+    message = large_steps_at_full_rate(same_rate, 1)
+    assert "no lower than full-rank training's 0.05" in message and "M at 4x the rate" in message
+    assert "--scale paper --low-rank-lr 1" in message
+    assert large_steps_at_full_rate(TrainConfig(epochs=6, frt_epochs=1), 1) is None  # the default drop
+    assert large_steps_at_full_rate(dataclasses.replace(same_rate, scale="paper"), 1) is None
+    assert large_steps_at_full_rate(TrainConfig(epochs=6, frt_epochs=6, lr_milestones=()), 6) is None  # never starts
 
 
 def test_near_chance_reads_the_last_full_rank_loss_against_half_of_ln_classes():
