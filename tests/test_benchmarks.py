@@ -137,7 +137,7 @@ def test_switch_regimes_batch_statistics_train_at_the_full_learning_rate():
 def test_train_defaults_take_a_model_without_batch_norm_off_chance():
     """cifar_vgg11 on digits, seed 2, train's defaults: before gradient clipping, vanilla and Facto
     both ended at chance (0.100); now the full-rank loss is below half of chance after epoch 3, so
-    Facto starts there (measured 0.947 against vanilla's 0.958)."""
+    Facto starts there (measured 0.956 against vanilla's 0.961)."""
     results = _load("train_defaults").main(["--models", "cifar_vgg11", "--seeds", "2"])["cifar_vgg11"]
     assert results["switch_epochs"] == [3]
     assert results["vanilla"] > 0.9 and results["vanilla"] - results["facto"] <= 0.02
