@@ -6,7 +6,7 @@ two data sets.
 
 The CIFAR-size VGG11 (with batch-norm) trains full-rank with SGD (momentum 0.9, weight decay 5e-4,
 batch 64, learning rate 0.05), then goes on either plain (vanilla) or compiled for Facto the way the
-README's "Use" section does it (INR 0.3, lossy kernel 2, apply ratio 1.0, batch-norm on batch
+README's quickstart does it (INR 0.3, lossy kernel 2, apply ratio 1.0, batch-norm on batch
 statistics with x̂ saved pooled, compile's default, M at low_rank_lr times the rate, merging every
 epoch, W decayed by lr·weight decay); `--batch-norm freeze` recalibrates the statistics on 8
 training batches and freezes them, `--batch-norm train` leaves batch-norm as torch's. Both continue

@@ -11,8 +11,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def quickstart() -> str:
-    """The first Python block of the README's "Use" section."""
-    use = README.read_text().split("\n## Use\n", 1)[1]
+    """The first Python block of the README's "Quickstart" section."""
+    use = README.read_text().split("\n## Quickstart\n", 1)[1]
     return re.search(r"```python\n(.*?)```", use, re.DOTALL).group(1)
 
 

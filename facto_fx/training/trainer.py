@@ -523,9 +523,10 @@ def _switch_guidance(config: TrainConfig) -> str:
     if share >= 0.3:
         wait = " (later while full-rank training is near chance)" if config.switch == "auto" else ""
         return (f"\nFacto starts after {share:.0%} of the epochs{wait}, as in the paper (from 30 %): expect "
-                "vanilla's accuracy once full-rank training has left chance (README, 'When to compile')")
+                "vanilla's accuracy once full-rank training has left chance (docs/usage.md, 'When to compile')")
     return (f"\nFacto starts after {share:.0%} of the epochs, earlier than the paper's 30 %: expect less than "
-            "vanilla's accuracy, the more so the less full-rank training has learned (README, 'When to compile')")
+            "vanilla's accuracy, the more so the less full-rank training has learned "
+            "(docs/usage.md, 'When to compile')")
 
 
 def _memory_line(report: MemoryReport) -> str:
