@@ -439,11 +439,10 @@ def frozen_at_full_rate(config: TrainConfig, switch: int, batch_norm_layers: int
     benchmarks/switch_regimes.py, cifar_vgg11_bn switched after one epoch on digits at the full
     learning rate diverged (chance) with them, and matched vanilla with batch statistics.
     """
-    if not (batch_norm_layers and config.batch_norm == "freeze" and 0 < switch < config.epochs):
+    start = _full_rate_start(config, switch)
+    if not (start and batch_norm_layers and config.batch_norm == "freeze"):
         return None
-    if config.rate_lowered_at(switch):
-        return None
-    return (f"{_starts_at_full_rate(config, switch)}, with {batch_norm_layers} batch-norm layers' statistics frozen: "
+    return (f"{start}, with {batch_norm_layers} batch-norm layers' statistics frozen: "
             "at the full rate they diverged in our measurements (benchmarks/switch_regimes.py); drop the rate where "
             "Facto starts (--lr-milestones, the default) or keep batch statistics (--batch-norm lossy, which saves "
             "what frozen statistics save, with --scale paper --low-rank-lr 1 at the full rate)")
@@ -459,15 +458,20 @@ def large_steps_at_full_rate(config: TrainConfig, switch: int) -> str | None:
     at the full rate went to chance (0.078) with the defaults, and beat vanilla (0.989 against
     0.975) with the paper's scale and M at the same rate.
     """
-    if not (0 < switch < config.epochs) or config.rate_lowered_at(switch) or config.scale != "unbiased":
+    start = _full_rate_start(config, switch)
+    if not (start and config.scale == "unbiased"):
         return None
-    return (f"{_starts_at_full_rate(config, switch)}, with D scaled for unbiased steps (--scale unbiased) and M at "
+    return (f"{start}, with D scaled for unbiased steps (--scale unbiased) and M at "
             f"{config.low_rank_lr:g}x the rate: at the full rate such steps diverged in our measurements "
             "(benchmarks/switch_regimes.py --regimes same); drop the rate where Facto starts (--lr-milestones, the "
             "default) or take smaller steps (--scale paper --low-rank-lr 1)")
 
 
-def _starts_at_full_rate(config: TrainConfig, switch: int) -> str:
+def _full_rate_start(config: TrainConfig, switch: int) -> str | None:
+    """What the warnings say when Facto starts at epoch `switch` at the full learning rate; None
+    when it starts at a dropped rate or does not start."""
+    if not 0 < switch < config.epochs or config.rate_lowered_at(switch):
+        return None
     return (f"Facto starts at learning rate {config.lr_at(switch, switch):g}, no lower than full-rank training's "
             f"{config.lr:g}")
 
