@@ -46,7 +46,7 @@ def one_seed(data, seed: int, method: facto_fx.ErrorBounded, pretrain: int, epoc
     batch = data.train.tensors[0][:64]
     compressed(batch)  # a training call: an adaptive bound compresses with its latest measurement
     rows = [r for r in facto_fx.report(compressed, batch).rows if r.decision == "eb"]
-    ratio = sum(r.input_bytes for r in rows) / sum(r.facto_bytes for r in rows)
+    ratio = sum(r.input_bytes for r in rows) / sum(r.facto_own_bytes for r in rows)
     result = {"plain": accuracy(plain, data), "compressed": accuracy(compressed, data), "ratio": ratio}
     print(f"seed {seed}: plain {result['plain']:.4f}, compressed {result['compressed']:.4f}, "
           f"conv inputs {ratio:.1f}x smaller")

@@ -67,7 +67,7 @@ def one_seed(data, seed: int, pretrain_epochs: int, epochs: int) -> dict[str, tu
         train(fmodel, data, epochs, lr=0.02, seed=seed)
         rows = [r for r in facto_fx.report(fmodel, batch).rows if r.layer in LAYERS]
         inputs = sum(r.input_bytes for r in rows)
-        kept = inputs if method is None else sum(r.facto_bytes for r in rows)
+        kept = inputs if method is None else sum(r.facto_own_bytes for r in rows)
         results[label] = (accuracy(fmodel, data), kept, inputs)
         print(f"  {label:<10} test accuracy {results[label][0]:.4f}   the two convs keep {kept / 1024:7.1f} KiB")
     return results

@@ -29,7 +29,7 @@ def main() -> dict:
         report = facto_fx.report(fmodel, torch.empty(64, 3, 224, 224, device="meta"), analytic=True)
         rows = [row for row in report.rows if row.decision == "hosvd"]
         vanilla = sum(row.input_bytes for row in rows) / MiB
-        worst = sum(row.facto_bytes for row in rows) / MiB
+        worst = sum(row.facto_own_bytes for row in rows) / MiB
         results[name, last] = vanilla
         layers = ", ".join(r.layer for r in rows)
         print(f"{name:<14}{last:>5}  {vanilla:>11.2f}  {paper:>6.2f}  {worst:>15.2f}  {layers}")

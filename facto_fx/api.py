@@ -14,7 +14,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from facto_fx.calibration import recalibrate_batch_norm, stale_statistics
 from facto_fx.config import FactoConfig
-from facto_fx.memory import peak_training_bytes, saved_bytes_by_node
+from facto_fx.memory import peak_training_bytes, saved_tensors
 from facto_fx.methods import Method, MethodConfig, method_handler, method_layers, method_notes
 from facto_fx.passes.hooks import FactoHooks, attach
 from facto_fx.passes.match import find_matches
@@ -161,12 +161,17 @@ def _warn_if_little_compressed(fmodel: fx.GraphModule, inputs: tuple[Tensor, ...
     if not table.vanilla_bytes or table.facto_bytes <= LITTLE_COMPRESSED * table.vanilla_bytes:
         return
     state = _state(fmodel)
-    reasons = {d.layer: d.reason for d in state.decisions}
+    by_layer = {d.layer: d for d in state.decisions}
     kept = sorted((r for r in table.rows if r.facto_bytes >= r.vanilla_bytes > 0), key=lambda r: -r.vanilla_bytes)
-    largest = "; ".join(
-        f"'{r.layer}' ({r.op}, {100 * r.vanilla_bytes / table.vanilla_bytes:.0f} %): "
-        f"{reasons.get(r.layer, 'an operation no method rewrites')}" for r in kept[:3]
-    )
+    causes: dict[str, str] = {}  # the layers that keep those maps whole, largest map first
+    for r in kept:
+        for layer in r.kept_for:
+            d = by_layer.get(layer)
+            if layer not in causes and (d is None or not d.compress):
+                share = 100 * r.vanilla_bytes / table.vanilla_bytes
+                kind, reason = (d.kind, d.reason) if d else (r.op, "an operation no method rewrites")
+                causes[layer] = f"'{layer}' ({kind}, {share:.0f} %): {reason}"
+    largest = "; ".join(list(causes.values())[:3])
     shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
     warnings.warn(
         f"facto_fx.compile compresses little of what {type(state.source).__name__} saves for backward: "
@@ -222,13 +227,13 @@ def report(
     vanilla_gm = _trace(state.source, state.config, fmodel)
     check_inputs(vanilla_gm, example_inputs, "input")
     inputs: dict[str, int] = {}
-    vanilla = saved_bytes_by_node(vanilla_gm, example_inputs, analytic=analytic, train_all=True, input_bytes=inputs)
+    vanilla = saved_tensors(vanilla_gm, example_inputs, analytic=analytic, train_all=True, input_bytes=inputs)
     nodes = {node.name: node for node in fmodel.graph.nodes} if analytic else {}
     estimates = {
         d.node: functools.partial(method_handler(d.method).saved_bytes, d.method, nodes[d.node])
         for d in state.decisions if d.rewritten and d.node in nodes
     }
-    facto = saved_bytes_by_node(fmodel, example_inputs, analytic=analytic, estimates=estimates)
+    facto = saved_tensors(fmodel, example_inputs, analytic=analytic, estimates=estimates)
     result = build_report(state.decisions, vanilla_gm, vanilla, facto, inputs, state.region_notes)
     result.notes = {**_notes(fmodel, example_inputs, analytic), **state.region_notes}
     if peak:

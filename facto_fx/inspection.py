@@ -32,7 +32,7 @@ class NodeInfo:
     method: str | None = None  # the method's config class, where one rewrote the node
     reason: str = ""
     shape: tuple[int, ...] | None = None
-    vanilla_bytes: int | None = None
+    vanilla_bytes: int | None = None  # the node's output as kept for backward (the report's rows)
     facto_bytes: int | None = None
 
 
@@ -66,7 +66,7 @@ class GraphInspection:
             shape = "x".join(map(str, n.shape)) if n.shape else ""
             saved = ""
             if n.vanilla_bytes is not None:
-                saved = f"saves {_size(n.vanilla_bytes)} -> {_size(n.facto_bytes)}"
+                saved = f"output kept {_size(n.vanilla_bytes)} -> {_size(n.facto_bytes)}"
             args = ", ".join(n.inputs)
             lines.append(f"{mark} {n.name:<24} {n.target}({args})  {shape}  {saved}")
             if n.reason:
@@ -101,7 +101,7 @@ class GraphInspection:
         return GraphInspection([n for n in self.nodes if n.name in keep])
 
     def to_dot(self) -> str:
-        """Graphviz DOT text: Facto nodes filled, each labelled with its op and saved bytes."""
+        """Graphviz DOT text: Facto nodes filled, each labelled with its op and its output's saved bytes."""
         names = {n.name for n in self.nodes}
         lines = ["digraph facto {", '  rankdir=TB; node [shape=box, style="rounded,filled", fontname="Helvetica"];']
         for n in self.nodes:
@@ -109,7 +109,7 @@ class GraphInspection:
             if n.shape:
                 label.append("x".join(map(str, n.shape)))
             if n.vanilla_bytes is not None and (n.vanilla_bytes or n.facto_bytes):
-                label.append(f"saved {_size(n.vanilla_bytes)} -> {_size(n.facto_bytes)}")
+                label.append(f"output kept {_size(n.vanilla_bytes)} -> {_size(n.facto_bytes)}")
             colour = "#b7e1a1" if n.facto else ("#f4cccc" if n.kind else "#eeeeee")
             text = "\\n".join(s.replace('"', "'") for s in label)
             lines.append(f'  "{n.name}" [label="{text}", fillcolor="{colour}"];')

@@ -1,7 +1,8 @@
 """Saved bytes: what autograd keeps for backward during one forward pass (docs/design.md §5).
 
-Every tensor autograd saves passes through `saved_tensors_hooks`; we count the unique storages,
-excluding parameters and buffers, and charge each to the FX node that saved it first. With
+Every tensor autograd saves passes through `saved_tensors_hooks`; we record each one with the FX
+node that saved it and the node whose output it is, excluding parameters and buffers, and count
+unique storages. With
 `analytic=True` the model's parameters and the inputs are swapped for meta tensors, so the same
 figures come out for batch 256 at 224² without allocating them.
 """
@@ -12,9 +13,11 @@ import os
 import re
 import sys
 import tempfile
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, fx, nn
@@ -26,26 +29,43 @@ def _storage_key(t: Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+@dataclass(frozen=True)
+class Saved:
+    """One tensor autograd saved for backward during a forward pass.
+
+    `producer` is the node whose output the tensor is (a view of it counts), or None where `saver`
+    made it inside itself (a code, a mask, a statistic). `key` names the storage: a storage saved
+    twice costs its bytes once.
+    """
+
+    saver: str
+    producer: str | None
+    key: int
+    nbytes: int
+
+
 Estimate = Callable[[tuple, dict], "int | None"]
 _ESTIMATED = "<estimated>"  # where hooks charge what a node with an estimate saves
 
 
 class _SavingInterpreter(fx.Interpreter):
-    """Runs the graph node by node so every saved tensor can be charged to its node.
+    """Runs the graph node by node so every saved tensor can be charged to its node and traced to
+    the node that produced it.
 
-    A node with an estimate (a method whose saved size hooks cannot see) is charged the estimate
-    computed from its arguments instead, unless the estimate is None. `input_bytes`, if given,
-    gets the size of every call node's first tensor argument.
+    A node with an estimate (a method whose saved size hooks cannot see) is recorded as saving the
+    estimate computed from its arguments instead, unless the estimate is None. `input_bytes`, if
+    given, gets the size of every call node's first tensor argument.
     """
 
     current = "<input>"
 
-    def __init__(
-        self, gm: fx.GraphModule, estimates: dict[str, Estimate], counts: dict[str, int],
-        input_bytes: dict[str, int] | None,
-    ) -> None:
+    def __init__(self, gm: fx.GraphModule, estimates: dict[str, Estimate], input_bytes: dict[str, int] | None) -> None:
         super().__init__(gm)
-        self.estimates, self.counts, self.input_bytes = estimates, counts, input_bytes
+        self.estimates, self.input_bytes = estimates, input_bytes
+        self.records: list[Saved] = []
+        self.producers: dict[int, str] = {}  # storage key -> the first node whose output lives there
+        self._holders: Counter[int] = Counter()  # live node outputs per storage key
+        self._finalizers: list[weakref.finalize] = []
 
     def run_node(self, n: fx.Node):
         self.current = n.name
@@ -56,9 +76,46 @@ class _SavingInterpreter(fx.Interpreter):
                 self.input_bytes[n.name] = args[0].nelement() * args[0].element_size()
             nbytes = None if estimate is None else estimate(args, kwargs)
             if nbytes is not None:
-                self.counts[n.name] += nbytes
+                self.records.append(Saved(n.name, None, -len(self.records) - 1, nbytes))
                 self.current = _ESTIMATED
-        return super().run_node(n)
+        result = super().run_node(n)
+        if n.op != "get_attr":
+            inputs = [self.env.get(a) for a in n.all_input_nodes]
+            for t in pytree.tree_leaves(result):
+                if isinstance(t, Tensor):
+                    self._hold(t, n.name, in_place=any(t is x for x in inputs))
+        return result
+
+    def _hold(self, t: Tensor, name: str, in_place: bool) -> None:
+        """Map t's storage to its producer while t lives (once it is freed, its address may be
+        reused): the first node whose output lives there (a view is its base's), or the last one
+        that wrote its output over its input (an in-place ReLU's output is no longer its input; its
+        old value cannot have been saved, autograd would refuse the backward)."""
+        key = _storage_key(t)
+        if in_place:  # what the node saved of it while running is its output too
+            self.producers[key] = name
+            self.records = [replace(r, producer=name) if r.key == key else r for r in self.records]
+        else:
+            self.producers.setdefault(key, name)
+        self._holders[key] += 1
+        self._finalizers.append(weakref.finalize(t, self._release, key))
+
+    def _release(self, key: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self.producers.pop(key, None)
+
+    def forget(self) -> None:
+        """Drop the outputs and the watch on them: a finalizer on a tensor the caller keeps (the
+        input) would keep this interpreter, and through it the model, alive."""
+        self.env.clear()
+        for finalizer in self._finalizers:
+            finalizer.detach()
+
+    def save(self, t: Tensor) -> None:
+        key = _storage_key(t)
+        self.records.append(Saved(self.current, self.producers.get(key), key, t.untyped_storage().nbytes()))
 
 
 class _Runner(nn.Module):
@@ -75,15 +132,12 @@ class _Runner(nn.Module):
 
 
 @contextmanager
-def _counting_saved(counts: dict[str, int], excluded: set[int], owner: Callable[[], str]) -> Iterator[None]:
-    """Add the bytes of each storage autograd saves inside the block, once, to counts[owner()]."""
-    seen: set[int] = set()
+def _watching_saved(save: Callable[[Tensor], None], excluded: set[int]) -> Iterator[None]:
+    """Call save(t) for each tensor autograd saves inside the block whose storage is not excluded."""
 
     def pack(t: Tensor) -> Tensor:
-        key = _storage_key(t)
-        if key not in excluded and key not in seen:
-            seen.add(key)
-            counts[owner()] += t.untyped_storage().nbytes()
+        if _storage_key(t) not in excluded:
+            save(t)
         # Detached: a saved output packed as itself would hold its own grad_fn, a reference cycle
         # through autograd's C++ graph that the garbage collector cannot see.
         return t.detach()
@@ -115,7 +169,7 @@ def _training_state(gm: fx.GraphModule, analytic: bool, train_all: bool) -> dict
     return state
 
 
-def saved_bytes_by_node(
+def saved_tensors(
     gm: fx.GraphModule,
     inputs: Sequence[Tensor],
     *,
@@ -123,28 +177,44 @@ def saved_bytes_by_node(
     train_all: bool = False,
     estimates: dict[str, Estimate] | None = None,
     input_bytes: dict[str, int] | None = None,
-) -> dict[str, int]:
-    """Bytes of unique storages saved for backward, per FX node name, for one forward pass.
+) -> list[Saved]:
+    """Every tensor autograd saves for backward in one forward pass of gm, in order, parameters and
+    buffers aside.
 
     train_all=True makes every parameter require grad (vanilla full-rank training); otherwise
     parameters keep their own requires_grad (Facto training). `estimates` maps node names to
     functions of the node's arguments giving its saved bytes where hooks cannot see them.
     `input_bytes`, if given, is filled with each call node's (first) input size: what a dense conv
-    or linear keeps for its weight gradient, counted per layer even where another node saved the
-    same tensor first (the HOSVD paper's per-layer activation memory).
+    or linear keeps for its weight gradient (the HOSVD paper's per-layer activation memory).
     """
     state = _training_state(gm, analytic, train_all)
     excluded = {_storage_key(t) for t in state.values()}
     args = [torch.empty_like(x, device="meta") if analytic else x for x in inputs]
-    counts: dict[str, int] = defaultdict(int)
-    interpreter = _SavingInterpreter(gm, estimates or {}, counts, input_bytes)
-    with _counting_saved(counts, excluded, lambda: interpreter.current):
+    interpreter = _SavingInterpreter(gm, estimates or {}, input_bytes)
+    with _watching_saved(interpreter.save, excluded):
         output = functional_call(_Runner(gm, interpreter.run), state, tuple(args), strict=False, tie_weights=False)
     # The interpreter keeps the output, whose autograd graph holds the pack hook, which holds the
     # interpreter: a cycle through C++ that would keep the model alive.
-    interpreter.env.clear()
+    interpreter.forget()
     del output
-    counts.pop(_ESTIMATED, None)
+    return [r for r in interpreter.records if r.saver != _ESTIMATED]
+
+
+def first_saves(records: Iterable[Saved]) -> Iterator[Saved]:
+    """The records whose storage no earlier record saved: what the saved bytes are made of."""
+    seen: set[int] = set()
+    for r in records:
+        if r.key not in seen:
+            seen.add(r.key)
+            yield r
+
+
+def saved_bytes_by_node(gm: fx.GraphModule, inputs: Sequence[Tensor], **options) -> dict[str, int]:
+    """Bytes of unique storages saved for backward, per FX node name, for one forward pass: each
+    storage charged to the node that saved it first. `options` are saved_tensors'."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in first_saves(saved_tensors(gm, inputs, **options)):
+        counts[r.saver] += r.nbytes
     return dict(counts)
 
 
@@ -220,18 +290,18 @@ def peak_training_bytes(gm: fx.GraphModule, inputs: Sequence[Tensor], *, train_a
     return peak_step_bytes(step, inputs[0].device)
 
 
-def total(counts: dict[str, int]) -> int:
-    return sum(counts.values())
-
-
 def saved_bytes(fn: Callable[..., object], *inputs: Tensor, exclude: Sequence[Tensor] = ()) -> int:
     """Bytes of unique storages autograd saves during one call of `fn(*inputs)`, `exclude` aside.
 
     The count of `saved_bytes_by_node`, for code that is not a graph: torch.utils.checkpoint's
     reentrant form, for one, saves each segment's input through these hooks.
     """
-    counts: dict[str, int] = defaultdict(int)
-    with _counting_saved(counts, {_storage_key(t) for t in exclude}, lambda: "call"):
+    storages: dict[int, int] = {}
+
+    def save(t: Tensor) -> None:
+        storages[_storage_key(t)] = t.untyped_storage().nbytes()
+
+    with _watching_saved(save, {_storage_key(t) for t in exclude}):
         output = fn(*inputs)
     del output
-    return total(counts)
+    return sum(storages.values())

@@ -41,7 +41,8 @@ def plot_memory_breakdown(report: MemoryReport, path: str | Path, title: str = "
 
 
 def plot_layer_memory(report: MemoryReport, path: str | Path, title: str = "") -> Path:
-    """Saved bytes layer by layer, vanilla beside Facto, coloured by op kind (paper Figure 6)."""
+    """Saved bytes layer by layer, each charged to the layer whose output it keeps (the report's
+    rows), vanilla beside Facto, coloured by op kind (paper Figure 6)."""
     plt = _pyplot()
     kinds = sorted({r.op for r in report.rows})
     colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
@@ -59,14 +60,15 @@ def plot_layer_memory(report: MemoryReport, path: str | Path, title: str = "") -
 
 
 def plot_layer_ratios(report: MemoryReport, path: str | Path, title: str = "") -> Path:
-    """How many times smaller each rewritten layer's saved bytes are than vanilla's, coloured by
-    method (Facto's pooled maps, ErrorBounded's codes, ...); log scale."""
+    """How many times smaller what each rewritten layer's own backward keeps is than vanilla's,
+    coloured by method (Facto's pooled maps, ErrorBounded's codes, ...); log scale."""
     plt = _pyplot()
-    rows = [r for r in report.rows if r.decision not in ("-", "dense") and r.facto_bytes and r.vanilla_bytes]
+    rows = [r for r in report.rows if r.decision not in ("-", "dense") and r.facto_own_bytes and r.vanilla_own_bytes]
     methods = sorted({r.decision for r in rows})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r.vanilla_bytes / r.facto_bytes for r in rows], color=[colours[r.decision] for r in rows])
+    ratios = [r.vanilla_own_bytes / r.facto_own_bytes for r in rows]
+    ax.bar(range(len(rows)), ratios, color=[colours[r.decision] for r in rows])
     for method in methods:
         ax.bar(0, 0, color=colours[method], label=method)
     ax.axhline(1, color="grey", linewidth=1)

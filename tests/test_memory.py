@@ -11,6 +11,7 @@ from torch import nn
 
 import facto_fx
 from facto_fx.models import fixup_resnet18
+from facto_fx.report import HEADING
 
 MiB = 2**20
 
@@ -46,18 +47,51 @@ def test_vgg11_vanilla_reference_figure(vgg11):
 
 
 def test_per_op_saved_sizes(vgg11):
-    """At 64x64, batch 2: bit-packed ReLU masks, 2-bit pool codes, and Z_p of C_R channels at H/k."""
+    """At 64x64, batch 2: bit-packed ReLU masks, 2-bit pool codes, and Z_p of C_R channels at H/k,
+    each what its layer's own backward keeps."""
     fmodel = facto_fx.compile(vgg11)
     rows = {r.layer: r for r in facto_fx.report(fmodel, torch.randn(2, 3, 64, 64), analytic=True).rows}
     # features.1 follows the 2x2 pool it was swapped with: its mask is at the pooled size.
-    assert rows["features.1"].facto_bytes == math.ceil(2 * 64 * 32 * 32 / 8)
-    assert rows["features.7"].facto_bytes == math.ceil(2 * 256 * 16 * 16 / 8)
-    assert rows["classifier.1"].facto_bytes == math.ceil(2 * 4096 / 8)
-    assert rows["features.7"].vanilla_bytes == 2 * 256 * 16 * 16 * 4
-    assert rows["features.2"].facto_bytes == 2 * 64 * 32 * 32 * 2 // 8
+    assert rows["features.1"].facto_own_bytes == math.ceil(2 * 64 * 32 * 32 / 8)
+    assert rows["features.7"].facto_own_bytes == math.ceil(2 * 256 * 16 * 16 / 8)
+    assert rows["classifier.1"].facto_own_bytes == math.ceil(2 * 4096 / 8)
+    assert rows["features.7"].vanilla_own_bytes == rows["features.7"].vanilla_bytes == 2 * 256 * 16 * 16 * 4
+    assert rows["features.2"].facto_own_bytes == 2 * 64 * 32 * 32 * 2 // 8
     c_r = round(0.3 * 64)
-    assert (rows["features.3"].decision, rows["features.3"].facto_bytes) == ("facto", 2 * c_r * 16 * 16 * 4)
-    assert rows["features.0"].facto_bytes == rows["features.0"].vanilla_bytes == 2 * 3 * 64 * 64 * 4
+    assert (rows["features.3"].decision, rows["features.3"].facto_own_bytes) == ("facto", 2 * c_r * 16 * 16 * 4)
+    assert rows["features.0"].facto_own_bytes == rows["features.0"].vanilla_own_bytes == 2 * 3 * 64 * 64 * 4
+
+
+def test_rows_charge_each_map_to_the_layer_that_produced_it():
+    """Both columns charge a saved map to its producer, and a form a layer makes itself (a mask, a
+    code) to the map vanilla's layer kept: so the rows add up to the totals, and a dense conv after
+    a ReLU does not read 0 -> full (vanilla's ReLU saved the shared output first)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1))
+    fmodel = facto_fx.compile(model, exclude=["2"])  # "2": dense, after a ReLU that keeps a mask under Facto
+    x = torch.randn(2, 3, 12, 12)
+    report = facto_fx.report(fmodel, x)
+    rows = {r.layer: r for r in report.rows}
+    full, mask = 2 * 8 * 12 * 12 * 4, math.ceil(2 * 8 * 12 * 12 / 8)
+    assert (rows["1"].vanilla_bytes, rows["1"].facto_bytes) == (full, full + mask)  # "2" keeps it whole
+    assert rows["1"].kept_for == ("1", "2")
+    assert (rows["2"].vanilla_own_bytes, rows["2"].facto_own_bytes) == (full, full)
+    assert rows["3"].kept_for == ("3", "4") and rows["3"].facto_bytes < rows["3"].vanilla_bytes == full
+    assert sum(r.vanilla_bytes for r in report.rows) == report.vanilla_bytes
+    assert sum(r.facto_bytes for r in report.rows) == report.facto_bytes
+    assert report.vanilla_bytes == x.nbytes + 2 * full  # the input and each ReLU's output, once
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+def test_no_row_reads_nothing_to_something(name):
+    model = torchvision.models.get_model(name, num_classes=4)
+    report = facto_fx.report(facto_fx.compile(model), torch.empty(2, 3, 64, 64, device="meta"), analytic=True)
+    assert [r.layer for r in report.rows if r.facto_bytes and not r.vanilla_bytes] == []
+    # More than vanilla only where a ReLU keeps its mask beside the map a dense layer keeps whole.
+    for r in report.rows:
+        if r.facto_bytes > r.vanilla_bytes:
+            assert r.op == "relu" and r.facto_bytes <= r.vanilla_bytes * (1 + 1 / 32), r
 
 
 def test_bf16_storage_halves_compressed_maps(vgg11):
@@ -72,7 +106,8 @@ def test_report_table(vgg11):
     report = facto_fx.report(facto_fx.compile(vgg11), torch.empty(2, 3, 64, 64, device="meta"), analytic=True)
     text = str(report)
     lines = text.splitlines()
-    assert lines[0].split() == ["layer", "op", "decision", "vanilla", "MiB", "facto", "MiB"]
+    assert lines[0] == HEADING
+    assert lines[1].split() == ["layer", "op", "decision", "vanilla", "MiB", "facto", "MiB", "kept", "for"]
     total = next(line for line in lines if line.startswith("total"))
     assert f"{report.vanilla_bytes / MiB:.3f}" in total and "% of vanilla" in total
     assert "features.3" in text and "left unrewritten" not in text

@@ -95,7 +95,7 @@ def test_analytic_report_gives_the_full_rank_worst_case():
     x = torch.empty(64, 3, 224, 224, device="meta")
     rows = {r.layer: r for r in facto_fx.report(fmodel, x, analytic=True).rows}
     full = 64 * 512 * 7 * 7 + 64 * 64 + 512 * 512 + 7 * 7 + 7 * 7
-    assert rows["layer4.1.conv2"].facto_bytes == full * 4 + 4
+    assert rows["layer4.1.conv2"].facto_own_bytes == full * 4 + 4
     assert rows["layer4.1.conv2"].decision == "hosvd"
 
 
@@ -111,8 +111,8 @@ def test_analytic_worst_case_is_what_a_full_rank_run_keeps(shape, mode):
     method = HOSVD(1.0) if mode == "hosvd" else SVD(1.0)
     fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"1": method}, verify=False)
     x = torch.randn(shape)
-    real = {r.layer: r for r in facto_fx.report(fmodel, x).rows}["1"].facto_bytes
-    analytic = {r.layer: r for r in facto_fx.report(fmodel, x.to("meta"), analytic=True).rows}["1"].facto_bytes
+    real = {r.layer: r for r in facto_fx.report(fmodel, x).rows}["1"].facto_own_bytes
+    analytic = {r.layer: r for r in facto_fx.report(fmodel, x.to("meta"), analytic=True).rows}["1"].facto_own_bytes
     assert real == analytic
 
 
@@ -121,7 +121,7 @@ def test_real_report_counts_the_kept_codes():
     fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"c3": HOSVD(0.5)})
     x = torch.randn(8, 3, 16, 16)
     row = {r.layer: r for r in facto_fx.report(fmodel, x).rows}["c3"]
-    assert 0 < row.facto_bytes < 8 * 8 * 16 * 16 * 4  # less than the input it replaces
+    assert 0 < row.facto_own_bytes < 8 * 8 * 16 * 16 * 4  # less than the input it replaces
 
 
 def test_frozen_weights_are_refused():

@@ -133,12 +133,12 @@ def test_reported_from_the_hooks_or_the_estimate(compiled):
     x = torch.randn(2, 3, 16, 16)
     rows = {r.layer: r for r in facto_fx.report(fmodel, x).rows}
     assert rows["2"].decision == "half"
-    assert rows["2"].facto_bytes == x.new_empty(2, 8, 16, 16, dtype=torch.float16).nbytes  # the fp16 input only
+    assert rows["2"].facto_own_bytes == x.new_empty(2, 8, 16, 16, dtype=torch.float16).nbytes  # the fp16 input only
     claiming = facto_fx.compile(_model(), methods={"2": SavedInHalf(claimed=1234)})
     rows = {r.layer: r for r in facto_fx.report(claiming, x, analytic=True).rows}
-    assert rows["2"].facto_bytes == 1234
+    assert rows["2"].facto_own_bytes == 1234
     rows = {r.layer: r for r in facto_fx.report(claiming, x).rows}  # real tensors: counted, not claimed
-    assert rows["2"].facto_bytes == x.new_empty(2, 8, 16, 16, dtype=torch.float16).nbytes
+    assert rows["2"].facto_own_bytes == x.new_empty(2, 8, 16, 16, dtype=torch.float16).nbytes
 
 
 def test_trained_stepped_and_exported(compiled):
