@@ -42,6 +42,36 @@ def test_torchvision_train(tmp_path, monkeypatch):
         torch.testing.assert_close(dense.eval()(x), fmodel(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # lightning on new torch
+def test_lightning_train(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    example = load("lightning_train", monkeypatch)
+    result = example.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    losses = result["losses"]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0], losses
+    assert result["merges"] == 1  # FactoCallback merges once an epoch; one Facto epoch
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["report"].facto_bytes < result["report"].vanilla_bytes
+    # The callback's export is a plain torchvision resnet18 computing what the Facto model computes.
+    assert result["dense_path"].parent == tmp_path
+    dense = torchvision.models.resnet18(num_classes=result["num_classes"])
+    dense.load_state_dict(torch.load(result["dense_path"], weights_only=True), strict=True)
+    fmodel, x = result["fmodel"].eval(), result["example"]
+    with torch.no_grad():
+        torch.testing.assert_close(dense.eval()(x), fmodel(x), rtol=1e-4, atol=1e-4)
+
+
+def test_lightning_train_says_how_to_install_lightning(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    for name in ("lightning", "lightning.pytorch"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import lightning.pytorch` raises ImportError
+    for name in ("lightning_train", "facto_fx.integrations.lightning"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(SystemExit, match=r'pip install "facto-fx\[lightning\]"'):
+        importlib.import_module("lightning_train")
+
+
 def test_timm_finetune(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     example = load("timm_finetune", monkeypatch)
