@@ -26,7 +26,7 @@ def load(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 def test_torchvision_train(tmp_path, monkeypatch):
     example = load("torchvision_train", monkeypatch)
-    result = example.main(["--smoke", "--out", str(tmp_path)])
+    result = example.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
     losses = result["losses"]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0], losses

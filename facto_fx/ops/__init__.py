@@ -11,6 +11,7 @@ from facto_fx.ops.conv import conv2d, delta_weight, merged_weight, projection_fi
 from facto_fx.ops.dropout import dropout
 from facto_fx.ops.error_bound import ErrorBound
 from facto_fx.ops.error_bounded import CompressedFunction, compressed_call
+from facto_fx.ops.fewbit import fewbit_activation
 from facto_fx.ops.hosvd import conv_padding, decompose, hosvd_conv2d, hosvd_linear, rank_report, reconstruct
 from facto_fx.ops.linear import linear
 from facto_fx.ops.max_pool import max_pool2d
@@ -21,6 +22,7 @@ autocast.register()
 
 __all__ = [
     "CompressedFunction", "ErrorBound", "batch_norm", "batch_norm_in_mode", "batch_norm_stats", "compressed_call",
-    "conv2d", "conv_padding", "decompose", "delta_weight", "dropout", "hosvd_conv2d", "hosvd_linear", "linear",
-    "max_pool2d", "merged_weight", "projection_filter", "rank_report", "reconstruct", "relu", "scale",
+    "conv2d", "conv_padding", "decompose", "delta_weight", "dropout", "fewbit_activation", "hosvd_conv2d",
+    "hosvd_linear", "linear", "max_pool2d", "merged_weight", "projection_filter", "rank_report", "reconstruct", "relu",
+    "scale",
 ]
