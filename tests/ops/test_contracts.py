@@ -3,7 +3,8 @@
 torch.compile plans a graph from the fakes alone; a fake that says fp32 where the op returns bf16,
 or contiguous where it returns channels_last, breaks compiled training (ops/autocast.py has the
 autocast policy these tests pin down). Each case compares the real outputs' dtype, shape and
-strides with the fake outputs', then runs torch.library.opcheck.
+strides with the fake outputs', then runs torch.library.opcheck (its compiled check on a subset
+that still covers every dtype and layout).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ CASES = {
     "conv2d": _conv,
     "conv2d_factored": _conv_factored,
     "linear": _linear,
+    "fewbit_activation": lambda x: (x, "silu", [], 2),
 }
 
 
@@ -114,8 +116,16 @@ def test_op_agrees_with_its_fake(name, dtype, layout, autocast):
     assert real[0].dtype == x_dtype  # the documented policy: the output takes (autocast) x's dtype
 
 
+# opcheck's compiled check (AOT dispatch with dynamic shapes) costs seconds a case: it runs where
+# the dtype and the layout share an index (every dtype, every layout, each with and without
+# autocast), the schema, fake and autograd-registration checks run on every case.
+COMPILED = {(dtype, layout) for dtype, layout in zip(DTYPES, LAYOUTS, strict=True)}
+CHEAP_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
 @MATRIX
 def test_opcheck(name, dtype, layout, autocast):
     op = _op(name)
+    checks = (*CHEAP_CHECKS, "test_aot_dispatch_dynamic") if (dtype, layout) in COMPILED else CHEAP_CHECKS
     with _autocast(autocast):
-        torch.library.opcheck(op, CASES[name](_input(dtype, layout)))
+        torch.library.opcheck(op, CASES[name](_input(dtype, layout)), test_utils=checks)
