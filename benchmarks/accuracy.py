@@ -77,9 +77,9 @@ def final_accuracy(args: tuple[str, dict, int, int]) -> tuple[str, int, float | 
     return name, seed, result.test_accuracy
 
 
-def step_costs(names: Sequence[str], common: dict, batch_size: int) -> dict[str, dict[str, float]]:
-    """Each run's saved bytes, step peak and median step time as fractions of vanilla's, measured
-    here side by side on one random batch (the compiled model as the run trains it)."""
+def step_costs(names: Sequence[str], common: dict, batch_size: int, repeats: int = 15) -> dict[str, dict[str, float]]:
+    """Each run's saved bytes, step peak and median step time (of `repeats` steps) as fractions of
+    vanilla's, measured here side by side on one random batch (the compiled model as the run trains it)."""
     base = config_of("vanilla", common, 0)
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, 32, 32)
@@ -93,7 +93,7 @@ def step_costs(names: Sequence[str], common: dict, batch_size: int) -> dict[str,
     for model in models.values():
         model.train()
     steps = {name: make_step(model, x, y) for name, model in models.items()}
-    times = median_step_times(steps, warmup=2, repeats=15)
+    times = median_step_times(steps, warmup=2, repeats=repeats)
     peaks = {name: peak_step_bytes(step) for name, step in steps.items()}
     costs = {}
     for name, model in models.items():

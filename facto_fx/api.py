@@ -177,7 +177,7 @@ def _warn_if_little_compressed(fmodel: fx.GraphModule, inputs: tuple[Tensor, ...
         f"facto_fx.compile compresses little of what {type(state.source).__name__} saves for backward: "
         f"the Facto model saves {100 * table.ratio:.1f} % of vanilla's bytes on an input of shape {shapes}, so "
         f"training it takes about the memory of training the original. Largest left as they are: {largest}. "
-        "The pass compresses conv2d, linear, batch-norm, ReLU, max-pool and dropout layers; "
+        "The pass compresses conv2d, linear, batch-norm, ReLU and other activations, max-pool and dropout layers; "
         "facto_fx.report(fmodel, x) lists every layer and why",
         FactoSavesLittleWarning,
         stacklevel=3,

@@ -15,7 +15,7 @@ import sys
 import torch
 
 import facto_fx
-from facto_fx.config import BATCH_NORM_MODES
+from facto_fx.config import BATCH_NORM_MODES, FactoConfig
 from facto_fx.methods.facto import DIRECTIONS, SCALES
 from facto_fx.model_zoo import build_model, check_model_name
 from facto_fx.presets import METHOD_CHOICES, auto_batch_norm, method_description, method_options
@@ -23,6 +23,10 @@ from facto_fx.training import TrainConfig
 from facto_fx.training.config import OPTIMIZERS, SWITCHES
 from facto_fx.training.data import DATASETS
 from facto_fx.training.distributed import resolve_device
+
+
+def _bits_or_none(text: str) -> int | None:
+    return None if text == "none" else int(text)
 
 
 def _add_facto_options(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +50,9 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
                         help="eb: error bound of ops without weights, relative to each map's value range")
     parser.add_argument("--sigma", type=float, default=0.1,
                         help="eb: conv / linear gradient error tolerated, x the gradient's std (adaptive bound)")
+    parser.add_argument("--activation-bits", type=_bits_or_none, default=FactoConfig.activation_bits,
+                        help="bits of the derivative code SiLU / GELU / Hardswish / Mish / ELU keep (1, 2, 4 or 8; "
+                             "none: left as they are)")
     parser.add_argument("--strips", type=int, default=8, help="rowstrips: how many horizontal strips")
     parser.add_argument("--strip-mode", default="two_phase", choices=("two_phase", "overlap"),
                         help="rowstrips: overlap recomputes shared rows; two_phase hands them on")
@@ -62,7 +69,7 @@ def report_command(args: argparse.Namespace) -> int:
     model = build_model(args.model, num_classes=args.num_classes, device=device)
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
-        storage_dtype=args.storage_dtype, verify=args.peak,
+        storage_dtype=args.storage_dtype, activation_bits=args.activation_bits, verify=args.peak,
         batch_norm=auto_batch_norm(args.method) if args.batch_norm == "auto" else args.batch_norm,
         **method_options(args.method, args.eps, args.last, args.eb, args.sigma, args.strips, args.strip_mode),
     )

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from facto_fx.methods import FactoLowRank, Last, MethodConfig, RowStrips, method_handler
+from facto_fx.methods import FactoLowRank, FewBitActivation, Last, MethodConfig, RowStrips, method_handler
 from facto_fx.triton_ops.dispatch import Kernels, check_mode
 
 LayerFilter = Callable[[str, "nn.Module | None"], bool]
@@ -45,7 +45,11 @@ class FactoConfig:
     leaf_modules: qualified names the tracer must not enter; they are kept as one call, dense.
     strict: raise FactoTraceError when a sub-module cannot be traced, instead of keeping it as
         one opaque (dense) call and listing it in the report.
-    binarize_activations: store ReLU / max-pool / dropout masks as packed bits.
+    binarize_activations: store ReLU / max-pool / dropout masks as packed bits, and the derivative
+        of ReLU6, hardtanh, leaky ReLU and hardsigmoid in 1 bit (exact; FewBitActivation).
+    activation_bits: bits per element of the derivative SiLU, GELU, Hardswish, Mish, sigmoid, tanh
+        and ELU keep for backward instead of their input (FewBitActivation: 1, 2, 4 or 8; the forward
+        is exact, the gradient through the activation approximate); None leaves them as they are.
     seed: seeds the random direction matrices D, per layer and per redraw.
     methods: per-layer methods, {name, glob pattern, Last(n) or filter function: MethodConfig or
         None}, e.g. {"layer4.*": FactoLowRank(inr=0.5), "fc": None}. An exact layer name beats a pattern, Last(n)
@@ -73,6 +77,7 @@ class FactoConfig:
     leaf_modules: Sequence[str] = field(default_factory=tuple)
     strict: bool = False
     binarize_activations: bool = True
+    activation_bits: int | None = 2
     seed: int = 0
     kernels: Kernels = "auto"
     methods: MethodChoices = field(default_factory=dict, hash=False)
@@ -106,6 +111,8 @@ class FactoConfig:
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         check_mode(self.kernels)
+        if self.activation_bits is not None:
+            FewBitActivation(self.activation_bits)  # validates them
         if not isinstance(self.methods, Mapping):
             raise ValueError(f"methods must map layer names, patterns or filters to methods; got {self.methods!r}")
         for key, method in self.methods.items():

@@ -39,8 +39,8 @@ def test_report_and_train_with_the_error_bounded_preset(capsys, tmp_path):
     assert main(["report", "--model", "mobilenet_v3_small", "--method", "eb", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
     assert "ErrorBounded for the rest" in out and "counted uncompressed" in out
-    assert {"activation", "mul"} <= {line.split()[1] for line in out.splitlines()
-                                     if len(line.split()) > 2 and line.split()[2] == "eb"}
+    decisions = {(line.split()[1], line.split()[2]) for line in out.splitlines() if len(line.split()) > 2}
+    assert {("mul", "eb"), ("conv2d", "eb"), ("activation", "fewbit")} <= decisions  # codes for activations
     code = main(["train", "--model", "cifar_vgg11", "--method", "eb", "--epochs", "2", "--frt-epochs", "1",
                  "--switch", "fixed", "--limit-batches", "3", "--batch-size", "16",
                  "--no-progress", "--out", str(tmp_path / "run")])

@@ -20,6 +20,7 @@ from facto_fx.methods.base import (
 )
 from facto_fx.methods.error_bounded import ErrorBounded
 from facto_fx.methods.facto import FactoLowRank, layer_seed
+from facto_fx.methods.fewbit import FewBitActivation
 from facto_fx.methods.frozen import FrozenBatchNorm
 from facto_fx.methods.hosvd import HOSVD, SVD
 from facto_fx.methods.masks import PackedMasks
@@ -30,6 +31,7 @@ __all__ = [
     "SVD",
     "ErrorBounded",
     "FactoLowRank",
+    "FewBitActivation",
     "FrozenBatchNorm",
     "Last",
     "Method",

@@ -58,19 +58,19 @@ _UNSUPPORTED_MODULES = {
 _KEPT_MODULES = {
     nn.GroupNorm: (NORM, "group-norm is not a Facto operator; it keeps its saved input"),
     nn.LayerNorm: (NORM, "layer-norm is not a Facto operator; it keeps its saved input"),
-    nn.ReLU6: (ACTIVATION, "ReLU6 needs two bits (below 0, above 6); it keeps its saved output"),
-    **{cls: (ACTIVATION, f"only ReLU activations are binarised; {cls.__name__} keeps its saved input") for cls in (
-        nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.LeakyReLU, nn.ELU,
+    **{cls: (ACTIVATION, f"{cls.__name__} is left as it is; it keeps what it saves") for cls in (
+        nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+        nn.LeakyReLU, nn.ELU,
     )},
 }
 _KEPT_FUNCTIONS = {
     **dict.fromkeys((F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-                     F.relu6, F.mish, F.leaky_relu, F.elu), ACTIVATION),
+                     F.relu6, F.hardtanh, F.mish, F.leaky_relu, F.elu), ACTIVATION),
     **dict.fromkeys((F.layer_norm, F.group_norm), NORM),
 }
 _KEPT_METHODS = {"sigmoid": ACTIVATION, "tanh": ACTIVATION}
 _KEPT_REASONS = {
-    ACTIVATION: "only ReLU activations are binarised; {} keeps what it saves",
+    ACTIVATION: "{} is left as it is; it keeps what it saves",
     NORM: "{} is not a Facto operator; it keeps its saved input",
     MUL: "a product of two feature maps (squeeze-excite, gating) keeps both; {}",
 }

@@ -85,7 +85,7 @@ _MODULES: dict[type[nn.Module], Callable[[nn.Module], RowGeometry | str]] = {
     nn.AvgPool2d: lambda m: _pool_geometry(m.kernel_size, m.stride, m.padding, 1, m.ceil_mode),
     layers.FactoBatchNorm: _facto_batch_norm_module,
     **{cls: (lambda m: POINTWISE) for cls in (
-        nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+        nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
         nn.LeakyReLU, nn.ELU, nn.Identity,
     )},
 }
@@ -94,8 +94,8 @@ _RANDOM_MODULES = (nn.Dropout, nn.Dropout2d, layers.FactoDropout)
 _POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, ops.max_pool2d, F.avg_pool2d, torch._C._nn.avg_pool2d}
 _POOLED_FUNCTIONS = {ops.scale, ops.batch_norm}  # pointwise, saving the map pooled by their lossy_kernel
 _POINTWISE_FUNCTIONS = {
-    ops.relu, F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
-    torch.sigmoid, F.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish,
+    ops.relu, ops.fewbit_activation, F.relu, torch.relu, F.relu6, F.hardtanh, F.silu, F.gelu, F.hardswish,
+    F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish,
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
     torch.add, torch.mul, torch.sub,
 }

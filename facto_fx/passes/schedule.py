@@ -26,8 +26,17 @@ import networkx as nx
 from torch import fx
 
 from facto_fx.config import FactoConfig
-from facto_fx.methods import FrozenBatchNorm, Last, MethodConfig, PackedMasks, PlanContext, method_handler
-from facto_fx.passes.match import BATCH_NORM, LINEAR, LOW_RANK_KINDS, ORDERED_KINDS, Match
+from facto_fx.methods import (
+    FewBitActivation,
+    FrozenBatchNorm,
+    Last,
+    MethodConfig,
+    PackedMasks,
+    PlanContext,
+    method_handler,
+)
+from facto_fx.methods.fewbit import is_exact, keeps_output
+from facto_fx.passes.match import ACTIVATION, BATCH_NORM, LINEAR, LOW_RANK_KINDS, ORDERED_KINDS, Match
 
 
 @dataclass
@@ -261,7 +270,31 @@ class _Planner:
             decision.wrapper = method
             decision.reason += f"; what it saves held by {name} (the fallback)"
 
+    def _code_activation(self, match: Match, decision: Decision) -> None:
+        """The default for an activation no Facto operator covers: a few-bit code of its derivative,
+        1 bit where that is exact (with the masks), config.activation_bits elsewhere; left as it is,
+        with why, where neither applies, the method refuses it, or it keeps its output (which the
+        layer after it keeps too: a code would add to it)."""
+        decision.reason, decision.unsupported = match.kept, True
+        if keeps_output(match):
+            decision.reason = (f"{match.layer} keeps its output, which the layer after it keeps too: a code would "
+                               "add to it (FewBitActivation by name codes it)")
+            return
+        exact = is_exact(match)
+        bits = (1 if self.masks is not None else None) if exact else self.config.activation_bits
+        if bits is None:
+            return
+        refusal = self._refusal(FewBitActivation(bits), match)
+        if refusal:
+            decision.reason = f"{match.kept}; no few-bit code: {refusal}"
+            return
+        decision.method, decision.unsupported = FewBitActivation(bits), False
+        decision.reason = "derivative in 1 bit (exact)" if exact else f"derivative in {bits} bits (few-bit backward)"
+
     def _default(self, match: Match, decision: Decision) -> Decision:
+        if match.kind == ACTIVATION:
+            self._code_activation(match, decision)
+            return decision
         if match.kept is not None:
             decision.reason, decision.unsupported = match.kept, True
             return decision

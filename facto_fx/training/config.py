@@ -66,6 +66,7 @@ class TrainConfig:
     direction: Literal["gaussian", "orthonormal", "gradient"] = "gaussian"
     scale: Literal["unbiased", "paper"] = "unbiased"
     low_rank_lr: float = 4.0
+    activation_bits: int | None = FactoConfig.activation_bits
     batch_norm: Literal["auto", "freeze", "lossy", "train"] = "auto"
     method: Literal["facto", "hosvd", "svd", "eb", "rowstrips"] = "facto"
     eps: float = 0.8
@@ -133,7 +134,7 @@ class TrainConfig:
         return FactoConfig(
             inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
             storage_dtype=self.storage_dtype, direction=self.direction, scale=self.scale,
-            batch_norm=self.facto_batch_norm,
+            batch_norm=self.facto_batch_norm, activation_bits=self.activation_bits,
             seed=self.seed,
             **method_options(self.method, self.eps, self.last, self.eb, self.sigma, self.strips, self.strip_mode),
         )

@@ -92,7 +92,7 @@ def test_every_relu_and_pool_spelling_rewritten(toy):
 
 @pytest.mark.parametrize(
     ("layer", "reason"),
-    [("grouped", "grouped convolution"), ("silu", "SiLU"), ("relu_aliased", "in-place")],
+    [("grouped", "grouped convolution"), ("relu_aliased", "in-place")],
 )
 def test_unsupported_layers_left_alone_with_reason(toy, layer, reason):
     _, fmodel, by_layer = toy
@@ -100,6 +100,11 @@ def test_unsupported_layers_left_alone_with_reason(toy, layer, reason):
     assert decision.unsupported and not decision.rewritten and not decision.compress
     assert reason in decision.reason
     assert decision in facto_fx.report(fmodel, torch.randn(2, 3, 16, 16), analytic=True).unrewritten
+
+
+def test_other_activations_get_a_few_bit_code(toy):
+    _, _, by_layer = toy
+    assert by_layer["silu"].rewritten and by_layer["silu"].label == "fewbit"
 
 
 def test_grouped_conv_stays_a_trainable_conv(toy):
@@ -123,8 +128,10 @@ def test_shared_conv_left_dense(toy):
 
 
 def test_rewritten_toy_computes_the_same(toy):
-    """In particular the aliased in-place ReLU keeps its in-place effect on `x`."""
-    model, fmodel, _ = toy
+    """In particular the aliased in-place ReLU keeps its in-place effect on `x`. (Its SiLU keeps a
+    2-bit code, whose gradient is approximate: compiled here without codes.)"""
+    model, _, _ = toy
+    fmodel = facto_fx.compile(model, apply_ratio=1.0, activation_bits=None)
     model.eval()
     fmodel.eval()
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
@@ -334,7 +341,7 @@ def test_subclasses_matched_by_their_functional_calls(subclassed):
     assert "cannot trace" in by_layer["same_conv"].reason and not by_layer["same_conv"].rewritten
     assert "weight is computed" in by_layer["std_conv"].reason and not by_layer["std_conv"].rewritten
     leaky = by_layer["leaky_relu"]
-    assert leaky.kind == "activation" and not leaky.rewritten and "only ReLU" in leaky.reason
+    assert leaky.kind == "activation" and leaky.label == "fewbit" and leaky.reason == "derivative in 1 bit (exact)"
     assert "max_pool2d" not in {d.kind for d in by_layer.values()}
 
 

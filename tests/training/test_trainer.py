@@ -108,6 +108,20 @@ def test_a_checkpoint_whose_auto_froze_statistics_is_not_resumed_on_batch_statis
     assert [r.phase for r in resumed.history] == ["full-rank", "facto", "facto"]
 
 
+def test_a_checkpoint_from_before_the_activation_codes_resumes_only_without_them(tmp_path):
+    """A checkpoint without activation_bits left activations as they were; resuming it with the
+    codes would change what the run computes: refused, naming the option."""
+    config = dataclasses.replace(TINY, epochs=1, frt_epochs=1, out=str(tmp_path))
+    train(config)
+    path = tmp_path / "checkpoint.pt"
+    state = load(path)
+    del state["config"]["activation_bits"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"options differ from the checkpoint's \(activation_bits: None -> 2\)"):
+        train(dataclasses.replace(config, resume=True))
+    train(dataclasses.replace(config, resume=True, activation_bits=None))
+
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint at"):
         train(dataclasses.replace(TINY, out=str(tmp_path), resume=True))
