@@ -198,3 +198,15 @@ def test_facto_keeps_vanilla_accuracy_on_a_task_that_is_not_saturated():
     the paper's defaults before, 77.57 %)."""
     results = _load("accuracy").main(["--runs", "vanilla", "facto", "--seeds", "0", "--no-costs"])
     assert results["vanilla"][0] - results["facto"][0] <= 0.015
+
+
+def test_modern_cnns_benchmark_measures_every_method_against_vanilla():
+    """Tiny sizes (the committed figures are batch 8, 160², five models): each method's peak, time
+    and saved bytes as ratios to vanilla, checkpointing a torchvision model by its features."""
+    results = _load("modern_cnns").main(["--models", "torchvision:mobilenet_v3_small", "--batch-size", "2",
+                                         "--image-size", "32", "--repeats", "1"])
+    rows = results["torchvision:mobilenet_v3_small"]
+    assert set(rows) == {"vanilla", "checkpoint", "facto", "facto 1.0", "facto 1.0, no codes"}
+    assert rows["vanilla"] == {"peak": 1.0, "time": 1.0, "saved": 1.0}
+    assert rows["checkpoint"]["peak"] < 1.0
+    assert rows["facto 1.0"]["saved"] < rows["facto 1.0, no codes"]["saved"] < 1.0  # the codes save more
