@@ -5,10 +5,11 @@ mode (F.conv2d inside it casts to bf16) and with autocast off once torch.compile
 eager, compiled and fake kernels would disagree. The rule here is that of the aten op each facto
 op stands for:
 
-- conv2d, linear, hosvd_conv2d, hosvd_linear (autocast's lower-precision list, like F.conv2d /
-  F.linear): the input x is cast to the autocast dtype (bf16 or fp16, whichever torch.autocast asks
-  for) and the op runs in it. The op itself casts W + M·D (formed in the parameters' precision), D
-  and the bias to x's dtype (the hosvd ops: W and the bias).
+- conv2d, linear, hosvd_conv2d, hosvd_linear, quantized_conv2d (autocast's lower-precision list,
+  like F.conv2d / F.linear): the input x is cast to the autocast dtype (bf16 or fp16, whichever
+  torch.autocast asks for) and the op runs in it. The op itself casts W + M·D (formed in the
+  parameters' precision), D and the bias to x's dtype (the hosvd ops and quantized_conv2d: W and
+  the bias).
 - relu, max_pool2d, dropout, scale, batch_norm, batch_norm_stats (on no autocast list): no cast;
   they run in their input's dtype, their parameters (s, γ, β, running statistics) stay fp32, and
   the output takes x's dtype.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LOWER_PRECISION_OPS = ("conv2d", "linear", "hosvd_conv2d", "hosvd_linear")
+LOWER_PRECISION_OPS = ("conv2d", "linear", "hosvd_conv2d", "hosvd_linear", "quantized_conv2d")
 DEVICES = ("cpu", "cuda")
 
 _lib = torch.library.Library("facto", "IMPL")

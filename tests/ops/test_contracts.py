@@ -57,6 +57,18 @@ def _linear(x):
     return (flat, weight.detach(), M, torch.randn(5, flat.shape[1]), bias, None)
 
 
+def _quantized_conv(x):
+    """A depthwise conv with bias, groups of 32: each 144-element sample has a short last group."""
+    weight, bias = _params((4, 1, 3, 3), (4,))
+    return (x, weight, bias, [1, 1], [1, 1], [1, 1], 4, 4, 32, torch.tensor(0))
+
+
+def _quantized_mul(x):
+    """x times a (2, 1, 6, 6) map in x's dtype: both kept quantized (36 elements a sample)."""
+    (other,) = _params((2, 1, 6, 6))
+    return (x, other.detach().to(x.dtype).requires_grad_(), 4, 32, torch.tensor(0), True, True)
+
+
 def _batch_norm(x):
     weight, bias = _params((4,), (4,))
     return (x, weight, bias, torch.randn(4), torch.rand(4) + 0.5, 1e-5, 2, None, True)
@@ -74,6 +86,8 @@ CASES = {
     "conv2d_factored": _conv_factored,
     "linear": _linear,
     "fewbit_activation": lambda x: (x, "silu", [], 2),
+    "quantized_conv2d": _quantized_conv,
+    "quantized_mul": _quantized_mul,
 }
 
 
@@ -112,7 +126,8 @@ def test_op_agrees_with_its_fake(name, dtype, layout, autocast):
         real = op(*args)
         fake = _fake_outputs(op, args)
     assert _metadata(real) == _metadata(fake)
-    x_dtype = torch.bfloat16 if autocast is not None and name.startswith(("conv2d", "linear")) else dtype
+    cast = name.startswith(("conv2d", "linear", "quantized_conv2d"))
+    x_dtype = torch.bfloat16 if autocast is not None and cast else dtype
     assert real[0].dtype == x_dtype  # the documented policy: the output takes (autocast) x's dtype
 
 

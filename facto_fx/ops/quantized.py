@@ -1,0 +1,467 @@
+"""facto::quantize_map / facto::dequantize_map — a fixed-rate store of a feature map: b bits per
+element, stochastically rounded within groups (ActNN, Chen et al. 2021; GACT, Liu et al. 2022), and
+the ops whose backward keeps it: facto::quantized_conv2d (its weight gradient from the stored x) and
+facto::quantized_mul (a product of two maps, each gradient from the other's stored form).
+
+Format (`QuantizedMap`):
+
+- Samples. A tensor of two or more dims has shape[0] samples of S = prod(shape[1:]) elements each
+  (a 0-d or 1-d tensor is one sample). Each sample's elements are taken in the map's memory order:
+  (H, W, C) for a channels_last map (no copy), the logical order for a contiguous tensor, and the
+  logical order of a copy for any other.
+- Groups. A sample is cut into ceil(S / G) groups of G consecutive elements (G = `group`, a multiple
+  of 8 from 8 to 4096, 256 by default); its last group may be short, no group spans two samples.
+  Each group keeps its minimum and scale = (max − min) · (1 / (2^b − 1)), both fp32 (float64 for a
+  float64 map): 8 bytes per group, 0.25 bits per element at G = 256. fp16 statistics would save half
+  of that, but an fp16 minimum of an fp32 map is rounded, so elements fall below it and are clamped
+  (a bias), and the scale of a map of small range falls into fp16's subnormals; not used.
+- Codes. With t = (x − min) / scale (0 for a constant group, scale 0) and u ~ U[0, 1), the code is
+  q = clamp(floor(t) + [u < t − floor(t)], 0, 2^b − 1): floor(t + u) without the rounding of
+  t + u (t − floor(t) is exact), so E[q] = t, E[min + q · scale] = x and |min + q · scale − x| <
+  scale: every element is decoded within one step of its group, unbiased. A value on a level (an
+  integer t) is coded exactly, whatever u. b ∈ {2, 4, 8}. The codes are packed b bits each, 8 / b
+  per byte, least significant first (ops/bitpack.py's format), in memory order; each sample's codes
+  start on a byte: ceil(S · b / 8) bytes per sample. (Where S is a multiple of 8 / b, as in nearly
+  every CNN map, that is exactly ops/bitpack.pack_bits of the whole map in memory order; the padding
+  otherwise keeps two of the Triton kernel's programs from writing into one byte.)
+- Sizes depend only on the shape, bits and group: no host sync, no data-dependent shape.
+- Non-finite elements make their group's statistics non-finite; that group decodes to NaN / inf.
+
+Decoding gives fp32 (float64) values min + q · scale, rounded once to the map's dtype: unbiased up
+to that rounding (half an ulp of a 16-bit dtype).
+
+Randomness. Each call takes `seed`, an int64 tensor of one element (0-d) on the map's device. The
+wrappers draw it with `draw_seed`: torch.randint on the map's device from torch's default generator,
+so results follow torch.manual_seed, and no host sync: on CUDA the seed stays on the device, and
+the Triton kernel loads it and draws u = tl.rand(seed, index) (Philox 4x32-10 keyed by the 64-bit
+seed; the counter is the element's index in the map's memory order, mod 2^32). The PyTorch path
+reads the seed on the host (a sync on CUDA: it is the reference path there) and draws u with
+torch.rand from a torch.Generator seeded with it, in memory order. The two paths' noise differs;
+each is uniform, so each is unbiased. The same seed gives the same codes on one path and device.
+
+The ops run the PyTorch path on the CPU and on fake tensors (their fake kernels), the Triton kernels
+of facto_fx.triton_ops.quantized on CUDA (facto_fx.triton_ops.dispatch.use_triton).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.lossy import cast
+from facto_fx.shapes import is_channels_last, pair
+from facto_fx.triton_ops.dispatch import current_mode, use_triton
+
+QUANTIZED_BITS = (2, 4, 8)
+DEFAULT_BITS = 4
+DEFAULT_GROUP = 256
+MAX_GROUP = 4096
+SEED_HIGH = 1 << 62  # seeds are drawn from [0, 2^62)
+
+
+def check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or bits not in QUANTIZED_BITS:
+        raise ValueError(f"bits must be one of {QUANTIZED_BITS}; got {bits!r}")
+    return int(bits)
+
+
+def check_group(group: object) -> int:
+    if isinstance(group, bool) or not isinstance(group, int) or not 8 <= group <= MAX_GROUP or group % 8:
+        raise ValueError(f"group must be a multiple of 8 from 8 to {MAX_GROUP}; got {group!r}")
+    return group
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the groups' minimum and scale, and of the decoding arithmetic."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def draw_seed(device: torch.device | str) -> Tensor:
+    """A 0-d int64 seed on `device`, drawn from torch's default generator there (no host sync)."""
+    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=device)
+
+
+class Layout(NamedTuple):
+    """The static layout of a quantized map (SymInts under dynamic shapes)."""
+
+    samples: int
+    sample_size: int
+    groups_per_sample: int
+    bytes_per_sample: int
+
+    @property
+    def groups(self) -> int:
+        return self.samples * self.groups_per_sample
+
+    @property
+    def nbytes(self) -> int:
+        return self.samples * self.bytes_per_sample
+
+
+def layout(shape: Sequence[int], bits: int, group: int) -> Layout:
+    """Samples, elements per sample, groups per sample and code bytes per sample of a map of `shape`."""
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        samples, sample_size = shape[0], math.prod(shape[1:])
+    else:
+        samples, sample_size = 1, math.prod(shape)
+    return Layout(samples, sample_size, -(-sample_size // group), -(-sample_size * bits // 8))
+
+
+def quantized_nbytes(shape: Sequence[int], bits: int, group: int = DEFAULT_GROUP) -> int:
+    """Bytes a map of `shape` takes quantized: codes + fp32 mins + fp32 scales."""
+    lay = layout(shape, check_bits(bits), check_group(group))
+    return lay.nbytes + 8 * lay.groups
+
+
+def memory_order(x: Tensor) -> Tensor:
+    """x's elements as a 1-D tensor in memory order: a view for a contiguous or channels_last x."""
+    if is_channels_last(x):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
+def from_memory_order(flat: Tensor, shape: Sequence[int], channels_last: bool) -> Tensor:
+    """Inverse of `memory_order`: a view of the 1-D `flat` as a tensor of `shape` (channels_last if asked)."""
+    if channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
+def _empty_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    stats = stats_dtype(x.dtype)
+    return (x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=stats), x.new_empty(0, dtype=stats))
+
+
+# -- quantize and dequantize: the Triton kernels or the PyTorch path ----------------------------------
+
+
+def _quantize(x: Tensor, bits: int, group: int, seed: Tensor, stream: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes, mins, scales) of x; the Triton kernel on CUDA, else the PyTorch path; on fake tensors
+    (a fake kernel) tensors of the right sizes. `stream` is added to the seed (two maps of one call)."""
+    lay = layout(x.shape, bits, group)
+    stats = stats_dtype(x.dtype)
+    if is_fake(x):
+        return (x.new_empty(lay.nbytes, dtype=torch.uint8), x.new_empty(lay.groups, dtype=stats),
+                x.new_empty(lay.groups, dtype=stats))
+    if not (x.is_contiguous() or is_channels_last(x)):
+        x = x.contiguous()  # either path reads a copy in logical order: the kernel's, with no host sync
+    if use_triton(x):
+        from facto_fx.triton_ops.quantized import quantize
+
+        return quantize(x, seed, bits, group, lay.samples, lay.sample_size, stream)
+    return quantize_reference(x, bits, group, seed, stream)
+
+
+def quantize_reference(
+    x: Tensor, bits: int, group: int, seed: Tensor | int, stream: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The PyTorch path: (codes, mins, scales); u from a torch.Generator seeded with seed + stream."""
+    lay = layout(x.shape, bits, group)
+    stats = stats_dtype(x.dtype)
+    if x.numel() == 0:
+        return _empty_parts(x)
+    levels = (1 << bits) - 1
+    rows = memory_order(x).view(lay.samples, lay.sample_size)
+    padded = lay.groups_per_sample * group
+    if padded != lay.sample_size:  # repeat each sample's last element: the last group's min and max stay
+        wide = rows.new_empty(lay.samples, padded)  # (no torch.cat: autocast's cat rejects fp16 under bf16)
+        wide[:, : lay.sample_size] = rows
+        wide[:, lay.sample_size:] = rows[:, -1:]
+        rows = wide
+    tiles = rows.view(lay.samples, lay.groups_per_sample, group)
+    lo, hi = tiles.amin(-1).to(stats), tiles.amax(-1).to(stats)  # (aminmax: a ~8 ms floor on a busy CPU)
+    scale = (hi - lo) * (1.0 / levels)
+    step = torch.where(scale > 0, scale, 1.0)[..., None]  # a constant group: t = 0, code 0
+    t = (tiles.to(stats) - lo[..., None]) / step
+    generator = torch.Generator(device=x.device).manual_seed(int(seed) + stream)
+    u = torch.rand(t.shape, generator=generator, device=x.device, dtype=stats)
+    whole = t.floor()
+    codes = whole.add_(u < t - whole).clamp_(0, levels).to(torch.uint8).view(lay.samples, padded)
+    per_byte = 8 // bits
+    codes = codes[:, : lay.bytes_per_sample * per_byte]  # each sample's codes end on a byte (zero-padded)
+    if lay.bytes_per_sample * per_byte > lay.sample_size:
+        codes = codes.clone()
+        codes[:, lay.sample_size:] = 0
+    return pack_bits(codes.contiguous(), bits), lo.reshape(-1), scale.reshape(-1)
+
+
+def dequantize_reference(
+    codes: Tensor, mins: Tensor, scales: Tensor, bits: int, group: int, shape: Sequence[int],
+    channels_last: bool, dtype: torch.dtype,
+) -> Tensor:
+    """The PyTorch path of decoding, min + q · scale in `shape` and layout; also the fake kernel, and
+    what torch.compile traces of a backward that decodes (its tensors are fake then)."""
+    lay = layout(shape, bits, group)
+    if math.prod(shape) == 0:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(shape, dtype=dtype, device=codes.device, memory_format=memory_format)
+    padded = lay.groups_per_sample * group
+    per_byte = 8 // bits
+    q = unpack_bits(codes, bits, lay.nbytes * per_byte).view(lay.samples, lay.bytes_per_sample * per_byte)
+    q = F.pad(q, (0, padded - q.shape[1])).view(lay.samples, lay.groups_per_sample, group)
+    values = q.to(mins.dtype) * scales.view(lay.samples, -1, 1) + mins.view(lay.samples, -1, 1)
+    values = values.view(lay.samples, padded)[:, : lay.sample_size].to(dtype).contiguous()
+    return from_memory_order(values.view(-1), shape, channels_last)
+
+
+def _dequantize(
+    codes: Tensor, mins: Tensor, scales: Tensor, bits: int, group: int, shape: Sequence[int],
+    channels_last: bool, dtype: torch.dtype, kernels: str | None = None,
+) -> Tensor:
+    if dtype in (torch.float32, torch.bfloat16, torch.float16) and use_triton(scales, kernels):
+        from facto_fx.triton_ops.quantized import dequantize
+
+        lay = layout(shape, bits, group)
+        return dequantize(codes, mins, scales, bits, group, list(shape), channels_last, dtype, lay.samples,
+                          lay.sample_size)
+    return dequantize_reference(codes, mins, scales, bits, group, shape, channels_last, dtype)
+
+
+# -- the storage ops ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("facto::quantize_map", mutates_args=())
+def quantize_map(x: Tensor, bits: int, group: int, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed codes uint8, mins, scales) of x; see the module's docstring for the format."""
+    return _quantize(x, check_bits(bits), check_group(group), seed)
+
+
+quantize_map.register_fake(lambda x, bits, group, seed: _quantize(x, bits, group, seed))
+
+
+@torch.library.custom_op("facto::dequantize_map", mutates_args=())
+def dequantize_map(
+    codes: Tensor, mins: Tensor, scales: Tensor, bits: int, group: int, shape: list[int], channels_last: bool,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The decoded map: `shape`, `dtype`, channels_last if the quantized map was."""
+    return _dequantize(codes, mins, scales, check_bits(bits), check_group(group), shape, channels_last, dtype)
+
+
+dequantize_map.register_fake(dequantize_reference)
+
+
+class QuantizedMap(NamedTuple):
+    """A map in the quantized store: the three tensors of quantize_map and what decoding needs."""
+
+    codes: Tensor
+    mins: Tensor
+    scales: Tensor
+    bits: int
+    group: int
+    shape: tuple[int, ...]
+    channels_last: bool
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.mins, self.scales))
+
+    def decode(self) -> Tensor:
+        return torch.ops.facto.dequantize_map(
+            self.codes, self.mins, self.scales, self.bits, self.group, list(self.shape), self.channels_last,
+            self.dtype,
+        )
+
+
+def quantize(
+    x: Tensor, bits: int = DEFAULT_BITS, group: int = DEFAULT_GROUP, seed: Tensor | None = None
+) -> QuantizedMap:
+    """x in the quantized store (detached); `seed` defaults to `draw_seed(x.device)`."""
+    x = x.detach()
+    seed = draw_seed(x.device) if seed is None else seed
+    codes, mins, scales = torch.ops.facto.quantize_map(x, bits, group, seed)
+    return QuantizedMap(codes, mins, scales, bits, group, tuple(x.shape), is_channels_last(x), x.dtype)
+
+
+# -- facto::quantized_conv2d --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("facto::quantized_conv2d", mutates_args=())
+def quantized_conv2d_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    bits: int,
+    group: int,
+    seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _conv_forward(x, weight, bias, stride, padding, dilation, groups, check_bits(bits), check_group(group),
+                         seed)
+
+
+def _conv_forward(x, weight, bias, stride, padding, dilation, groups, bits, group, seed):
+    """(F.conv2d(x, weight, bias), codes, mins, scales of x); on fake tensors, the fake kernel.
+
+    The weight and bias are cast to x's dtype (bf16 under autocast, which casts x: ops/autocast.py),
+    as autocast casts them for F.conv2d, so y is F.conv2d's, bit for bit.
+    """
+    dtype = x.dtype
+    y = F.conv2d(x, cast(weight, dtype), None if bias is None else cast(bias, dtype), stride, padding, dilation,
+                 groups)
+    return (y, *_quantize(x, bits, group, seed))
+
+
+quantized_conv2d_fwd.register_fake(_conv_forward)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, bits, group, _ = inputs
+    ctx.save_for_backward(*output[1:], weight)
+    ctx.x_shape = tuple(x.shape)
+    ctx.x_dtype = x.dtype
+    ctx.channels_last = is_channels_last(x)  # the order the codes were packed in
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.bits, ctx.group = bits, group
+    ctx.kernels = current_mode()
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _conv_backward(ctx, grad_y, *_grad_codes):
+    """aten's convolution_backward with dense autograd's output mask: grad_x (from the weight alone)
+    and grad_bias are dense autograd's exactly; grad_weight is computed from the decoded x̂.
+
+    Without a weight gradient x̂ is not decoded: convolution_backward reads only the input's shape
+    and layout then, from an uninitialised tensor of x's layout (its algorithm depends on the
+    layout: an expanded placeholder changes grad_x's last bits).
+    """
+    codes, mins, scales, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.bias_sizes is not None
+    if need_w:
+        x_hat = _dequantize(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last, ctx.x_dtype,
+                            ctx.kernels)
+    else:
+        layout_ = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        x_hat = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=grad_y.device, memory_format=layout_)
+    stride, padding, dilation, groups = ctx.conv_args
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_y, x_hat, cast(weight, grad_y.dtype), ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, need_b],
+    )
+    grad_w = None if grad_w is None else cast(grad_w, weight.dtype)
+    grad_b = None if grad_b is None else cast(grad_b, ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+register_autograd(quantized_conv2d_fwd, _conv_backward, _conv_setup_context)
+
+
+def quantized_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    bits: int = DEFAULT_BITS,
+    group: int = DEFAULT_GROUP,
+) -> Tensor:
+    """F.conv2d whose backward keeps x in `bits` bits per element (stochastically rounded, unbiased):
+    grad_x and grad_bias exact, grad_weight from the decoded x. Without a gradient to compute,
+    this is F.conv2d."""
+    bits, group = check_bits(bits), check_group(group)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y, *_ = torch.ops.facto.quantized_conv2d(
+        x, weight, bias, pair(stride), pair(padding), pair(dilation), groups, bits, group, draw_seed(x.device)
+    )
+    return y
+
+
+# -- facto::quantized_mul -----------------------------------------------------------------------------
+
+
+def kept_in_full(t: Tensor, group: int) -> bool:
+    """Whether a factor is saved as it is: fewer than `group` elements per sample (an SE gate)."""
+    return layout(t.shape, 8, group).sample_size < group
+
+
+@torch.library.custom_op("facto::quantized_mul", mutates_args=())
+def quantized_mul_fwd(
+    a: Tensor, b: Tensor, bits: int, group: int, seed: Tensor, save_a: bool, save_b: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _mul_forward(a, b, check_bits(bits), check_group(group), seed, save_a, save_b)
+
+
+def _mul_forward(a, b, bits, group, seed, save_a, save_b):
+    """(a · b, a's codes, mins, scales, b's codes, mins, scales); on fake tensors, the fake kernel.
+
+    A factor is quantized only when it is kept (save_a: a is needed, for b's gradient) and not kept
+    in full (`kept_in_full`: setup_context saves the input itself then); otherwise its three
+    tensors are empty. b's noise is drawn with seed + 1.
+    """
+    parts_a = _quantize(a, bits, group, seed) if save_a and not kept_in_full(a, group) else _empty_parts(a)
+    parts_b = _quantize(b, bits, group, seed, 1) if save_b and not kept_in_full(b, group) else _empty_parts(b)
+    return (a * b, *parts_a, *parts_b)
+
+
+quantized_mul_fwd.register_fake(_mul_forward)
+
+
+def _mul_setup_context(ctx, inputs, output):
+    a, b, bits, group, _, save_a, save_b = inputs
+    full_a = a if save_a and kept_in_full(a, group) else None
+    full_b = b if save_b and kept_in_full(b, group) else None
+    ctx.save_for_backward(*output[1:], full_a, full_b)
+    ctx.saved = (save_a, save_b)
+    ctx.shapes = (tuple(a.shape), tuple(b.shape))
+    ctx.dtypes = (a.dtype, b.dtype)
+    ctx.channels_last = (is_channels_last(a), is_channels_last(b))
+    ctx.bits, ctx.group = bits, group
+    ctx.kernels = current_mode()
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _mul_backward(ctx, grad_y, *_grad_codes):
+    """grad_a = sum_to(g · b̂, a's shape), grad_b = sum_to(g · â, b's shape), each cast to its factor's
+    dtype, as dense autograd computes them from a and b."""
+    *parts, full_a, full_b = ctx.saved_tensors
+    grads = [None, None]
+    for i, full in ((0, full_b), (1, full_a)):  # grad of factor i needs the other factor
+        if not ctx.needs_input_grad[i]:
+            continue
+        other = 1 - i
+        if not ctx.saved[other]:
+            raise RuntimeError(f"facto::quantized_mul was told not to keep {'ab'[other]}, which the gradient of "
+                               f"{'ab'[i]} needs: pass save_{'ab'[other]}=True")
+        if full is None:
+            codes, mins, scales = parts[3 * other: 3 * other + 3]
+            full = _dequantize(codes, mins, scales, ctx.bits, ctx.group, ctx.shapes[other],
+                               ctx.channels_last[other], ctx.dtypes[other], ctx.kernels)
+        grads[i] = cast((grad_y * full).sum_to_size(ctx.shapes[i]), ctx.dtypes[i])
+    return grads[0], grads[1], None, None, None, None, None
+
+
+register_autograd(quantized_mul_fwd, _mul_backward, _mul_setup_context)
+
+
+def quantized_mul(a: Tensor, b: Tensor, bits: int = DEFAULT_BITS, group: int = DEFAULT_GROUP) -> Tensor:
+    """a · b (broadcasting) whose backward keeps each factor another's gradient needs in `bits` bits per
+    element, or in full when it has fewer than `group` elements per sample (an SE gate). Without a
+    gradient to compute, this is a · b."""
+    bits, group = check_bits(bits), check_group(group)
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return a * b
+    seed = draw_seed(a.device)
+    return torch.ops.facto.quantized_mul(a, b, bits, group, seed, b.requires_grad, a.requires_grad)[0]
