@@ -15,7 +15,9 @@ vanilla. The methods:
   own `set_grad_checkpointing()` (every stage checkpointed).
 - **facto**: `facto_fx.compile(model)`, its defaults (apply ratio 0.6, few-bit activation codes).
 - **facto 1.0**: apply ratio 1.0; **facto 1.0, no codes**: the same with `activation_bits=None`,
-  the forms before the activation codes (what the codes are worth).
+  the forms before the activation codes (what the codes are worth); **facto 1.0, store 4**: with
+  `store_bits=4`, depthwise / grouped convs and squeeze-excite products kept as 4-bit fixed-rate
+  codes (FixedRate, not yet a default).
 
 Batch-norm trains on batch statistics in every run (compile's default: lossy).
 """
@@ -38,8 +40,12 @@ from facto_fx.model_zoo import build_model
 
 MODELS = ("torchvision:mobilenet_v3_large", "torchvision:efficientnet_b0", "torchvision:convnext_tiny",
           "timm:regnety_016", "timm:mobilenetv4_conv_small")
-FACTO = {"facto": {}, "facto 1.0": {"apply_ratio": 1.0}, "facto 1.0, no codes": {"apply_ratio": 1.0,
-                                                                                 "activation_bits": None}}
+FACTO = {
+    "facto": {},
+    "facto 1.0": {"apply_ratio": 1.0},
+    "facto 1.0, no codes": {"apply_ratio": 1.0, "activation_bits": None},
+    "facto 1.0, store 4": {"apply_ratio": 1.0, "store_bits": 4},
+}
 TARGET_PEAK, TARGET_TIME = 0.30, 1.25
 
 

@@ -9,7 +9,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from facto_fx.methods import FactoLowRank, FewBitActivation, Last, MethodConfig, RowStrips, method_handler
+from facto_fx.methods import (
+    FactoLowRank,
+    FewBitActivation,
+    FixedRate,
+    Last,
+    MethodConfig,
+    RowStrips,
+    method_handler,
+)
 from facto_fx.triton_ops.dispatch import Kernels, check_mode
 
 LayerFilter = Callable[[str, "nn.Module | None"], bool]
@@ -50,6 +58,10 @@ class FactoConfig:
     activation_bits: bits per element of the derivative SiLU, GELU, Hardswish, Mish, sigmoid, tanh
         and ELU keep for backward instead of their input (FewBitActivation: 1, 2, 4 or 8; the forward
         is exact, the gradient through the activation approximate); None leaves them as they are.
+    store_bits: bits per element of the fixed-rate store (FixedRate: 2, 4 or 8, stochastically
+        rounded, unbiased) for what no other form covers: the input of a grouped or depthwise conv
+        (Facto refuses them), the factors of a product of feature maps (squeeze-excite); None (the
+        default, until its accuracy is measured) leaves them as they are.
     seed: seeds the random direction matrices D, per layer and per redraw.
     methods: per-layer methods, {name, glob pattern, Last(n) or filter function: MethodConfig or
         None}, e.g. {"layer4.*": FactoLowRank(inr=0.5), "fc": None}. An exact layer name beats a pattern, Last(n)
@@ -78,6 +90,7 @@ class FactoConfig:
     strict: bool = False
     binarize_activations: bool = True
     activation_bits: int | None = 2
+    store_bits: int | None = None
     seed: int = 0
     kernels: Kernels = "auto"
     methods: MethodChoices = field(default_factory=dict, hash=False)
@@ -113,6 +126,8 @@ class FactoConfig:
         check_mode(self.kernels)
         if self.activation_bits is not None:
             FewBitActivation(self.activation_bits)  # validates them
+        if self.store_bits is not None:
+            FixedRate(self.store_bits)
         if not isinstance(self.methods, Mapping):
             raise ValueError(f"methods must map layer names, patterns or filters to methods; got {self.methods!r}")
         for key, method in self.methods.items():

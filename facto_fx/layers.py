@@ -405,3 +405,34 @@ class HOSVDLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, {self.mode}, eps={self.eps}"
+
+
+class QuantizedConv2d(nn.Module):
+    """A Conv2d that trains its own weight and saves its input as a fixed-rate code for grad_W
+    (grad_X needs the weight alone and stays exact)."""
+
+    functional = staticmethod(ops.quantized_conv2d)
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, stride: int | tuple[int, int],
+                 padding: int | tuple[int, int], dilation: int | tuple[int, int], groups: int, bits: int,
+                 group: int) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding, self.dilation = tuple(pair(stride)), tuple(pair(padding)), tuple(pair(dilation))
+        self.groups, self.bits, self.group = groups, bits, group
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bits: int, group: int) -> QuantizedConv2d:
+        """The layer for an nn.Conv2d, sharing its weight and bias."""
+        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, bits, group)
+
+    def arguments(self) -> tuple:
+        """Everything `functional` takes after x: graphs without modules call it with these."""
+        return self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.bits, self.group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.quantized_conv2d(x, *self.arguments())
+
+    def extra_repr(self) -> str:
+        return (f"{tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"{self.bits} bits per element")

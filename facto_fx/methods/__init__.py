@@ -21,6 +21,7 @@ from facto_fx.methods.base import (
 from facto_fx.methods.error_bounded import ErrorBounded
 from facto_fx.methods.facto import FactoLowRank, layer_seed
 from facto_fx.methods.fewbit import FewBitActivation
+from facto_fx.methods.fixed_rate import FixedRate
 from facto_fx.methods.frozen import FrozenBatchNorm
 from facto_fx.methods.hosvd import HOSVD, SVD
 from facto_fx.methods.masks import PackedMasks
@@ -32,6 +33,7 @@ __all__ = [
     "ErrorBounded",
     "FactoLowRank",
     "FewBitActivation",
+    "FixedRate",
     "FrozenBatchNorm",
     "Last",
     "Method",

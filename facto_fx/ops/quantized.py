@@ -146,11 +146,12 @@ def _empty_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _quantize(x: Tensor, bits: int, group: int, seed: Tensor, stream: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """(codes, mins, scales) of x; the Triton kernel on CUDA, else the PyTorch path; on fake tensors
-    (a fake kernel) tensors of the right sizes. `stream` is added to the seed (two maps of one call)."""
+    """(codes, mins, scales) of x; the Triton kernel on CUDA, else the PyTorch path; on fake and meta
+    tensors (a fake kernel, the analytic report) tensors of the right sizes. `stream` is added to the
+    seed (two maps of one call)."""
     lay = layout(x.shape, bits, group)
     stats = stats_dtype(x.dtype)
-    if is_fake(x):
+    if is_fake(x) or x.is_meta:
         return (x.new_empty(lay.nbytes, dtype=torch.uint8), x.new_empty(lay.groups, dtype=stats),
                 x.new_empty(lay.groups, dtype=stats))
     if not (x.is_contiguous() or is_channels_last(x)):

@@ -28,6 +28,7 @@ from torch import fx
 from facto_fx.config import FactoConfig
 from facto_fx.methods import (
     FewBitActivation,
+    FixedRate,
     FrozenBatchNorm,
     Last,
     MethodConfig,
@@ -36,7 +37,7 @@ from facto_fx.methods import (
     method_handler,
 )
 from facto_fx.methods.fewbit import is_exact, keeps_output
-from facto_fx.passes.match import ACTIVATION, BATCH_NORM, LINEAR, LOW_RANK_KINDS, ORDERED_KINDS, Match
+from facto_fx.passes.match import ACTIVATION, BATCH_NORM, CONV, LINEAR, LOW_RANK_KINDS, MUL, ORDERED_KINDS, Match
 
 
 @dataclass
@@ -291,12 +292,26 @@ class _Planner:
         decision.method, decision.unsupported = FewBitActivation(bits), False
         decision.reason = "derivative in 1 bit (exact)" if exact else f"derivative in {bits} bits (few-bit backward)"
 
+    def _store(self, match: Match, decision: Decision) -> bool:
+        """Give a layer Facto leaves (a grouped conv it refuses, a product of feature maps) the
+        fixed-rate store at config.store_bits, where it is set and the method takes the layer."""
+        if self.config.store_bits is None:
+            return False
+        method = FixedRate(self.config.store_bits)
+        if self._refusal(method, match):
+            return False
+        decision.method, decision.unsupported = method, False
+        decision.reason = f"{decision.reason}; kept in {method.bits} bits per element (store_bits)"
+        return True
+
     def _default(self, match: Match, decision: Decision) -> Decision:
         if match.kind == ACTIVATION:
             self._code_activation(match, decision)
             return decision
         if match.kept is not None:
             decision.reason, decision.unsupported = match.kept, True
+            if match.kind == MUL:
+                self._store(match, decision)
             return decision
         if self._input(match):
             decision.reason = "input layer: never compressed (paper §4.2)"
@@ -307,6 +322,8 @@ class _Planner:
                 decision.reason, decision.unsupported = refusal, True
                 if match.kind == BATCH_NORM:
                     decision.method = _torch_batch_norm(self.config)
+                elif match.kind == CONV:
+                    self._store(match, decision)
                 return decision
             within = match.node.name in self.chosen
             verdict = "within" if within else "beyond"

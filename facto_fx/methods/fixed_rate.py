@@ -1,0 +1,81 @@
+"""A fixed-rate store (ActNN / GACT style; ops/quantized.py) for the maps no other form covers:
+grouped and depthwise convs keep their input, products of feature maps (squeeze-excite gates)
+their factors, as `bits`-bit codes per element with a min and a scale per group of `group`
+elements of one sample, stochastically rounded so the gradient stays unbiased. The forward is
+exact; a conv's grad_X too (it needs the weight alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from facto_fx import ops
+from facto_fx.layers import QuantizedConv2d
+from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
+from facto_fx.ops.quantized import DEFAULT_BITS, DEFAULT_GROUP, check_bits, check_group
+from facto_fx.passes.match import CONV, MUL, Match, call_args
+
+
+@dataclass(frozen=True)
+class FixedRate(MethodConfig):
+    """Keep what a conv (its input) or a product of feature maps (its factors) saves in `bits` bits
+    per element (2, 4 or 8), groups of `group` elements sharing a min and a scale (fp32)."""
+
+    label = "fixed"
+
+    bits: int = DEFAULT_BITS
+    group: int = DEFAULT_GROUP
+
+    def __post_init__(self) -> None:
+        for name, check in (("bits", check_bits), ("group", check_group)):
+            try:
+                check(getattr(self, name))
+            except ValueError as error:
+                raise ValueError(f"FixedRate({name}=...): {error}") from None
+
+
+def _conv_arguments(match: Match) -> dict:
+    if match.module is not None:
+        conv = match.module
+        return {"padding": conv.padding, "padding_mode": conv.padding_mode, "weight": conv.weight}
+    args = call_args(match.node)
+    return {"padding": args["padding"], "padding_mode": "zeros", "weight": None}
+
+
+@register_method(FixedRate)
+class _FixedRate(Method):
+    kinds = frozenset({CONV, MUL})
+    modules = (QuantizedConv2d,)
+
+    def refuses(self, match: Match, method: MethodConfig, context: PlanContext) -> str | None:
+        if match.kind != CONV:
+            return None
+        args = _conv_arguments(match)
+        if isinstance(args["padding"], str):
+            return f"padding='{args['padding']}' is not supported; left dense"
+        if args["padding_mode"] != "zeros":
+            return f"padding_mode='{args['padding_mode']}' is not supported; left dense"
+        if args["weight"] is not None and not args["weight"].requires_grad:
+            return "its weight is frozen: there is no weight gradient whose input to compress"
+        return None
+
+    def rewrite(self, site: RewriteSite, match: Match, method: FixedRate) -> None:
+        node = match.node
+        if match.kind == MUL:
+            site.use_function(node, ops.quantized_mul, tuple(node.args), {"bits": method.bits, "group": method.group})
+            return
+        if match.module is not None:
+            site.use_layer(match, QuantizedConv2d.from_conv(match.module, method.bits, method.group))
+            return
+        args = call_args(node)
+        layer = QuantizedConv2d(site.tensor(args["weight"]), site.tensor(args["bias"]), args["stride"],
+                                args["padding"], args["dilation"], args["groups"], method.bits, method.group)
+        site.use_layer(match, layer)
+
+    def node_note(self, node) -> str | None:
+        if node.target is ops.quantized_mul:
+            return f"factors in {node.kwargs['bits']} bits per element (fixed rate, groups of {node.kwargs['group']})"
+        return None
+
+    def describe(self, layer: QuantizedConv2d, x) -> str | None:
+        return f"input in {layer.bits} bits per element (fixed rate, groups of {layer.group})"

@@ -1,0 +1,94 @@
+"""FixedRate through the pass: grouped / depthwise convs and squeeze-excite products kept as
+fixed-rate codes (store_bits), exact forwards, gradients against dense autograd, bytes kept, export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import facto_fx
+from facto_fx import FixedRate
+
+
+class Block(nn.Module):
+    """An inverted residual's core: expand, depthwise, squeeze-excite (a product of feature maps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.squeeze, self.excite = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = self.dw(torch.relu(self.expand(self.stem(x))))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        return self.project(h * gate)
+
+
+def _grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _relative(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    actual, expected = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in reference])
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def test_without_store_bits_they_stay_as_they_are():
+    decisions = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(Block()))}
+    assert decisions["dw"].label == "dense" and "grouped convolution" in decisions["dw"].reason
+    assert decisions["mul"].label == "dense"
+
+
+@pytest.mark.parametrize(("bits", "bound"), [(8, 2e-2), (4, 0.3)])
+def test_store_bits_keep_depthwise_inputs_and_products_as_codes(bits, bound):
+    torch.manual_seed(0)
+    model = Block()
+    fmodel = facto_fx.compile(copy.deepcopy(model), apply_ratio=0.0, store_bits=bits)
+    decisions = {d.layer: d for d in facto_fx.decisions(fmodel)}
+    assert decisions["dw"].method == decisions["mul"].method == FixedRate(bits)
+    assert f"kept in {bits} bits per element (store_bits)" in decisions["dw"].reason
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)  # the forward is exact
+    error = _relative(_grads(fmodel, x), _grads(model, x))
+    assert 0 < error < bound
+    rows = {r.layer: r for r in facto_fx.report(fmodel, x).rows}
+    per_sample, groups = 16 * 6 * 6 * bits // 8, 2 * -(-16 * 6 * 6 // 256)  # codes; a min and a scale per group
+    assert rows["dw"].facto_own_bytes == 2 * per_sample + groups * 2 * 4
+    assert rows["dw"].vanilla_own_bytes == 2 * 16 * 6 * 6 * 4
+
+
+def test_gradients_are_unbiased():
+    """The mean of many 2-bit gradients approaches dense autograd's (stochastic rounding)."""
+    torch.manual_seed(0)
+    model = Block()
+    fmodel = facto_fx.compile(copy.deepcopy(model), apply_ratio=0.0, store_bits=2, activation_bits=None)
+    x = torch.randn(2, 3, 6, 6)
+    reference = _grads(model, x)
+    draws = [_grads(fmodel, x) for _ in range(64)]
+    mean = [torch.stack(g).mean(0) for g in zip(*draws, strict=True)]
+    assert _relative(mean, reference) < _relative(draws[0], reference) / 4
+
+
+def test_chosen_by_name_exported_dense_and_validated():
+    model = Block()
+    fmodel = facto_fx.compile(copy.deepcopy(model), methods={"dw": FixedRate(4), "expand": FixedRate(8)})
+    assert isinstance(fmodel.get_submodule("dw"), facto_fx.layers.QuantizedConv2d)
+    dense = facto_fx.export_dense(fmodel)
+    assert type(dense) is Block and dense.state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match=r"FixedRate\(bits=...\)"):
+        FixedRate(3)
+    with pytest.raises(ValueError, match=r"FixedRate\(group=...\)"):
+        FixedRate(4, group=100)
+    frozen = Block()
+    frozen.dw.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="FixedRate refuses 'dw'.*frozen"):
+        facto_fx.compile(frozen, methods={"dw": FixedRate(4)})
