@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from cpu_step import median_step_times
+from cpu_step import make_step, median_step_times
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
@@ -89,17 +89,6 @@ def _backward_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callab
     return step
 
 
-def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return step
-
-
 def measure(spec: str, batch_size: int, image_size: int, segments: int, repeats: int) -> dict[str, dict[str, float]]:
     """Per method: peak and step time as fractions of vanilla's, and saved bytes (Facto's report)."""
     torch.manual_seed(0)
@@ -115,7 +104,7 @@ def measure(spec: str, batch_size: int, image_size: int, segments: int, repeats:
             saved[name] = facto_fx.report(fmodel, x, analytic=True).ratio
             models[name] = fmodel
     peaks = {name: peak_step_bytes(_backward_step(m, x, y)) for name, m in models.items()}
-    times = median_step_times({name: _sgd_step(m, x, y) for name, m in models.items()}, warmup=1, repeats=repeats)
+    times = median_step_times({name: make_step(m, x, y) for name, m in models.items()}, warmup=1, repeats=repeats)
     return {name: {"peak": peaks[name] / peaks["vanilla"], "time": times[name] / times["vanilla"],
                    "saved": saved.get(name, 1.0 if name == "vanilla" else float("nan"))} for name in models}
 
