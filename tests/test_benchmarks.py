@@ -211,3 +211,11 @@ def test_modern_cnns_benchmark_measures_every_method_against_vanilla():
     assert rows["checkpoint"]["peak"] < 1.0
     assert rows["facto 1.0"]["saved"] < rows["facto 1.0, no codes"]["saved"] < 1.0  # the codes save more
     assert rows["facto 1.0, store 4"]["saved"] < rows["facto 1.0"]["saved"]  # and the store more again
+
+
+@pytest.mark.slow
+def test_fewbit_codes_keep_the_accuracy_of_the_model_without_them():
+    """digits, resnet18 with SiLU, 3 seeds (measured: 97.87 % with 2-bit codes, 97.50 % without)."""
+    results = _load("fewbit_accuracy").main(["--dataset", "digits", "--seeds", "0", "1", "2", "--jobs", "2"])
+    gaps = [r["codes 2 bits"] - r["no codes"] for r in results.values()]
+    assert sum(gaps) / len(gaps) >= -0.005
