@@ -55,9 +55,10 @@ class FactoConfig:
         one opaque (dense) call and listing it in the report.
     binarize_activations: store ReLU / max-pool / dropout masks as packed bits, and the derivative
         of ReLU6, hardtanh, leaky ReLU and hardsigmoid in 1 bit (exact; FewBitActivation).
-    activation_bits: bits per element of the derivative SiLU, GELU, Hardswish, Mish, sigmoid, tanh
-        and ELU keep for backward instead of their input (FewBitActivation: 1, 2, 4 or 8; the forward
-        is exact, the gradient through the activation approximate); None leaves them as they are.
+    activation_bits: bits per element of the derivative SiLU, GELU, Hardswish, Mish and ELU keep for
+        backward instead of their input (FewBitActivation: 1, 2, 4 or 8; the forward is exact, the
+        gradient through the activation approximate); None leaves them as they are. Sigmoid and tanh
+        keep their output, which the next layer keeps anyway: they are coded only by name.
     store_bits: bits per element of the fixed-rate store (FixedRate: 2, 4 or 8, stochastically
         rounded, unbiased) for what no other form covers: the input of a grouped or depthwise conv
         (Facto refuses them), the factors of a product of feature maps (squeeze-excite); None (the

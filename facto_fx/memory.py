@@ -78,23 +78,26 @@ class _SavingInterpreter(fx.Interpreter):
             if nbytes is not None:
                 self.records.append(Saved(n.name, None, -len(self.records) - 1, nbytes))
                 self.current = _ESTIMATED
+        first_record = len(self.records)
         result = super().run_node(n)
         if n.op != "get_attr":
             inputs = [self.env.get(a) for a in n.all_input_nodes]
             for t in pytree.tree_leaves(result):
                 if isinstance(t, Tensor):
-                    self._hold(t, n.name, in_place=any(t is x for x in inputs))
+                    self._hold(t, n.name, first_record if any(t is x for x in inputs) else None)
         return result
 
-    def _hold(self, t: Tensor, name: str, in_place: bool) -> None:
+    def _hold(self, t: Tensor, name: str, in_place_from: int | None) -> None:
         """Map t's storage to its producer while t lives (once it is freed, its address may be
         reused): the first node whose output lives there (a view is its base's), or the last one
         that wrote its output over its input (an in-place ReLU's output is no longer its input; its
-        old value cannot have been saved, autograd would refuse the backward)."""
+        old value cannot have been saved, autograd would refuse the backward). `in_place_from`: the
+        first of the records the in-place node made, None for a node that wrote a new output."""
         key = _storage_key(t)
-        if in_place:  # what the node saved of it while running is its output too
+        if in_place_from is not None:  # what the node saved of it while running is its output too
             self.producers[key] = name
-            self.records = [replace(r, producer=name) if r.key == key else r for r in self.records]
+            mine = self.records[in_place_from:]
+            self.records[in_place_from:] = [replace(r, producer=name) if r.key == key else r for r in mine]
         else:
             self.producers.setdefault(key, name)
         self._holders[key] += 1

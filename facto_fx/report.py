@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from facto_fx.memory import Saved, first_saves
+from facto_fx.passes.match import target_name
 from facto_fx.passes.schedule import Decision
 
 MiB = 2**20
@@ -144,7 +145,7 @@ def build_report(
             continue
         own = {"vanilla_own_bytes": vanilla_own.get(name, 0), "facto_own_bytes": facto_own.get(name, 0)}
         if d is None:
-            op = "input" if node.op == "placeholder" else _target_name(node.target)
+            op = "input" if node.op == "placeholder" else target_name(node.target)
             rows.append(Row(name, op[:11], "-", v, f, tuple(kept_for[name]), **own))
         else:
             rows.append(Row(d.layer, d.kind, d.label, v, f, tuple(kept_for[name]), **own,
@@ -155,6 +156,3 @@ def build_report(
     unrewritten = [d for d in decisions if d.unsupported]
     return MemoryReport(rows, unrewritten, vanilla_maps, facto_maps)
 
-
-def _target_name(target: object) -> str:
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))

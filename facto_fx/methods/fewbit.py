@@ -19,7 +19,7 @@ from torch import fx, nn
 from facto_fx import ops
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
 from facto_fx.ops.fewbit import EXACT_FUNCTIONS, FUNCTIONS, check_bits, resolve
-from facto_fx.passes.match import ACTIVATION, Match, call_args, inplace_aliasing
+from facto_fx.passes.match import ACTIVATION, Match, call_args, inplace_aliasing, op_input
 
 # The modules and functions the matcher keeps as activations, by the op's function name; a
 # module's parameters are its attributes of the same names as torch's keyword arguments.
@@ -61,8 +61,7 @@ def activation(match: Match) -> tuple[str, dict[str, object]] | None:
         function = _MODULES.get(type(match.module))
         if function is None:
             return None
-        names = [name for name, _ in FUNCTIONS[function]] + (["approximate"] if function == "gelu" else [])
-        return function, {name: getattr(match.module, name) for name in names}
+        return function, {name: getattr(match.module, name) for name in _parameter_names(function)}
     if node.op == "call_method":
         function = _TENSOR_METHODS.get(node.target)
         return None if function is None else (function, {})
@@ -70,8 +69,12 @@ def activation(match: Match) -> tuple[str, dict[str, object]] | None:
     if function is None:
         return None
     args = call_args(node)
-    names = [name for name, _ in FUNCTIONS[function]] + (["approximate"] if function == "gelu" else [])
-    return function, {name: args[name] for name in names if name in args}
+    return function, {name: args[name] for name in _parameter_names(function) if name in args}
+
+
+def _parameter_names(function: str) -> list[str]:
+    """torch's keyword parameters of `function` that the op takes (gelu's `approximate` too)."""
+    return [name for name, _ in FUNCTIONS[function]] + (["approximate"] if function == "gelu" else [])
 
 
 def is_exact(match: Match) -> bool:
@@ -85,13 +88,6 @@ def keeps_output(match: Match) -> bool:
     after it usually keeps too: a code then adds to what is saved instead of replacing it."""
     found = activation(match)
     return found is not None and found[0] in OUTPUT_KEEPING
-
-
-def _input(match: Match) -> fx.Node:
-    node = match.node
-    if match.module is not None or node.op == "call_method":
-        return node.args[0]
-    return call_args(node)["input"]
 
 
 @register_method(FewBitActivation)
@@ -108,7 +104,7 @@ class _FewBit(Method):
 
     def rewrite(self, site: RewriteSite, match: Match, method: FewBitActivation) -> None:
         function, params = activation(match)
-        site.use_function(match.node, ops.fewbit_activation, (_input(match),),
+        site.use_function(match.node, ops.fewbit_activation, (op_input(match),),
                           {"function": function, "bits": method.bits, **params})
 
     def node_note(self, node: fx.Node) -> str | None:

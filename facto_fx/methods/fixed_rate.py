@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor, fx
+
 from facto_fx import ops
 from facto_fx.layers import QuantizedConv2d
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
@@ -72,10 +74,10 @@ class _FixedRate(Method):
                                 args["padding"], args["dilation"], args["groups"], method.bits, method.group)
         site.use_layer(match, layer)
 
-    def node_note(self, node) -> str | None:
+    def node_note(self, node: fx.Node) -> str | None:
         if node.target is ops.quantized_mul:
             return f"factors in {node.kwargs['bits']} bits per element (fixed rate, groups of {node.kwargs['group']})"
         return None
 
-    def describe(self, layer: QuantizedConv2d, x) -> str | None:
+    def describe(self, layer: QuantizedConv2d, x: Tensor) -> str | None:
         return f"input in {layer.bits} bits per element (fixed rate, groups of {layer.group})"

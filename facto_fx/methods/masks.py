@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from facto_fx import ops
 from facto_fx.layers import FactoDropout
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
-from facto_fx.passes.match import DROPOUT, MAX_POOL, RELU, Match, call_args
+from facto_fx.passes.match import DROPOUT, MAX_POOL, RELU, Match, call_args, op_input
 from facto_fx.shapes import SUPPORTED_BITS, code_bits, pair
 
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
@@ -28,12 +28,6 @@ def _max_pool_kwargs(match: Match) -> dict:
     return {name: args[name] for name in _MAX_POOL_ARGS}
 
 
-def _input(match: Match) -> object:
-    return match.node.args[0] if match.module is not None or match.node.op == "call_method" else (
-        call_args(match.node)["input"]
-    )
-
-
 @register_method(PackedMasks)
 class Masks(Method):
     kinds = frozenset({RELU, MAX_POOL, DROPOUT})
@@ -48,7 +42,7 @@ class Masks(Method):
         return None
 
     def rewrite(self, site: RewriteSite, match: Match, method: PackedMasks) -> None:
-        node, x = match.node, _input(match)
+        node, x = match.node, op_input(match)
         if match.kind == RELU:
             site.use_function(node, ops.relu, (x,), {})
         elif match.kind == MAX_POOL:

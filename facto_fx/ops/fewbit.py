@@ -187,7 +187,8 @@ class FewBitTable:
         return _derivative(self.function, x.to(compute_dtype(x.dtype)), self.params)
 
     def codes(self, x: Tensor) -> Tensor:
-        """Each element's code (int32, shaped like x): the index of the level interval holding f′(x)."""
+        """Each element's code (an integer tensor shaped like x): the index of the level interval
+        holding f′(x)."""
         return _bucketize(self.derivative(x), self.boundaries)
 
     def dequantize(self, codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

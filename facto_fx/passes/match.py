@@ -163,6 +163,13 @@ def call_args(node: fx.Node, function: Callable | None = None, args: tuple | Non
     return dict(bound.kwargs)
 
 
+def op_input(match: Match) -> object:
+    """The feature map a matched one-input op (activation, pool, dropout) reads: a module's or a
+    tensor method's first argument, a function's `input`."""
+    node = match.node
+    return node.args[0] if match.module is not None or node.op == "call_method" else call_args(node)["input"]
+
+
 def module_problem(module: nn.Module, kind: str) -> str | None:
     """Why swapping `module` for the Facto layer of `kind` would change what the model computes."""
     reason = hook_reason(module)
@@ -289,8 +296,13 @@ def _match_batch_norm_function(tensors: GraphTensors, node: fx.Node, args: dict)
     return Match(node, BATCH_NORM, layer)
 
 
+def target_name(target: object) -> str:
+    """A node target as a short name: a method's or module path's string, a function's __name__."""
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 def _kept_function(node: fx.Node, kind: str) -> Match:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    name = target_name(node.target)
     inplace = node.kwargs.get("inplace", False) or name.endswith("_") or node.target is operator.imul
     return Match(node, kind, node.name, None, "in-place op" if inplace else None,
                  kept=_KEPT_REASONS[kind].format(name))

@@ -285,24 +285,24 @@ class _Planner:
         bits = (1 if self.masks is not None else None) if exact else self.config.activation_bits
         if bits is None:
             return
-        refusal = self._refusal(FewBitActivation(bits), match)
+        method = FewBitActivation(bits)
+        refusal = self._refusal(method, match)
         if refusal:
             decision.reason = f"{match.kept}; no few-bit code: {refusal}"
             return
-        decision.method, decision.unsupported = FewBitActivation(bits), False
+        decision.method, decision.unsupported = method, False
         decision.reason = "derivative in 1 bit (exact)" if exact else f"derivative in {bits} bits (few-bit backward)"
 
-    def _store(self, match: Match, decision: Decision) -> bool:
+    def _store(self, match: Match, decision: Decision) -> None:
         """Give a layer Facto leaves (a grouped conv it refuses, a product of feature maps) the
         fixed-rate store at config.store_bits, where it is set and the method takes the layer."""
         if self.config.store_bits is None:
-            return False
+            return
         method = FixedRate(self.config.store_bits)
         if self._refusal(method, match):
-            return False
+            return
         decision.method, decision.unsupported = method, False
         decision.reason = f"{decision.reason}; kept in {method.bits} bits per element (store_bits)"
-        return True
 
     def _default(self, match: Match, decision: Decision) -> Decision:
         if match.kind == ACTIVATION:
