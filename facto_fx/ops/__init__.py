@@ -16,6 +16,7 @@ from facto_fx.ops.hosvd import conv_padding, decompose, hosvd_conv2d, hosvd_line
 from facto_fx.ops.linear import linear
 from facto_fx.ops.max_pool import max_pool2d
 from facto_fx.ops.quantized import QuantizedMap, quantized_conv2d, quantized_mul
+from facto_fx.ops.quantized_norm import quantized_group_norm, quantized_layer_norm
 from facto_fx.ops.relu import relu
 from facto_fx.ops.scale import scale
 
@@ -25,5 +26,5 @@ __all__ = [
     "CompressedFunction", "ErrorBound", "batch_norm", "batch_norm_in_mode", "batch_norm_stats", "compressed_call",
     "conv2d", "conv_padding", "decompose", "delta_weight", "dropout", "fewbit_activation", "hosvd_conv2d",
     "hosvd_linear", "linear", "max_pool2d", "merged_weight", "projection_filter", "QuantizedMap", "quantized_conv2d",
-    "quantized_mul", "rank_report", "reconstruct", "relu", "scale",
+    "quantized_group_norm", "quantized_layer_norm", "quantized_mul", "rank_report", "reconstruct", "relu", "scale",
 ]

@@ -13,8 +13,12 @@ op stands for:
 - relu, max_pool2d, dropout, scale, batch_norm, batch_norm_stats (on no autocast list): no cast;
   they run in their input's dtype, their parameters (s, γ, β, running statistics) stay fp32, and
   the output takes x's dtype.
+- quantized_layer_norm, quantized_group_norm (like F.layer_norm / F.group_norm, on CUDA autocast's
+  fp32 list and on no CPU list): on CUDA every floating tensor argument is cast to fp32 and the
+  output is fp32; on the CPU nothing is cast.
 
-Every op's output dtype is therefore its input x's dtype, on every path and in every fake.
+Every op's output dtype is therefore its input x's dtype (fp32 for the norms under CUDA autocast),
+on every path and in every fake.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 from torch import Tensor
 
 LOWER_PRECISION_OPS = ("conv2d", "linear", "hosvd_conv2d", "hosvd_linear", "quantized_conv2d")
+FP32_OPS = ("quantized_layer_norm", "quantized_group_norm")
+FP32_DEVICES = ("cuda",)  # where torch's autocast runs layer and group norm in fp32 (CPU's does not)
 DEVICES = ("cpu", "cuda")
 
 _lib = torch.library.Library("facto", "IMPL")
@@ -45,10 +51,25 @@ def _autocast_kernel(name: str, device_type: str):
     return kernel
 
 
+def _fp32_kernel(name: str, device_type: str):
+    op = getattr(torch.ops.facto, name).default
+    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _autocast_key(device_type)))
+
+    def kernel(_keyset, *args):
+        args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
+                for a in args]
+        with torch._C._ExcludeDispatchKeyGuard(key):
+            return op(*args)
+
+    return kernel
+
+
 def register() -> None:
-    """Install the cast rule of the lower-precision ops on every device autocast supports."""
+    """Install the cast rules (lower-precision ops, fp32 ops) on every device autocast supports."""
     for device_type in DEVICES:
         if not torch._C._is_autocast_available(device_type):
             continue
         for name in LOWER_PRECISION_OPS:
             _lib.impl(name, _autocast_kernel(name, device_type), _autocast_key(device_type), with_keyset=True)
+        for name in FP32_OPS if device_type in FP32_DEVICES else ():
+            _lib.impl(name, _fp32_kernel(name, device_type), _autocast_key(device_type), with_keyset=True)

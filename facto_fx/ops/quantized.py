@@ -35,9 +35,14 @@ wrappers draw it with `draw_seed`: torch.randint on the map's device from torch'
 so results follow torch.manual_seed, and no host sync: on CUDA the seed stays on the device, and
 the Triton kernel loads it and draws u = tl.rand(seed, index) (Philox 4x32-10 keyed by the 64-bit
 seed; the counter is the element's index in the map's memory order, mod 2^32). The PyTorch path
-reads the seed on the host (a sync on CUDA: it is the reference path there) and draws u with
-torch.rand from a torch.Generator seeded with it, in memory order. The two paths' noise differs;
-each is uniform, so each is unbiased. The same seed gives the same codes on one path and device.
+reads the seed on the host (a sync on CUDA: it is the reference path there) and dithers each group
+by a Weyl sequence: element j of a group takes u = frac(s + j·φ), φ the golden ratio's fraction,
+s ~ U[0, 1) one torch.rand draw per group from a torch.Generator seeded with the seed. For every
+element u is then exactly uniform, so the codes are unbiased as with independent draws, and a
+group's elements are spread evenly over [0, 1), so their rounding errors partly cancel; it draws
+one number per group where torch.rand per element cost ten to thirty elementwise ops' time on a
+CPU. The two paths' noise differs; each is uniform, so each is unbiased. The same seed gives the
+same codes on one path and device.
 
 The ops run the PyTorch path on the CPU and on fake tensors (their fake kernels), the Triton kernels
 of facto_fx.triton_ops.quantized on CUDA (facto_fx.triton_ops.dispatch.use_triton).
@@ -55,6 +60,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.ops.chunks import row_pieces
 from facto_fx.ops.grads import register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.shapes import is_channels_last, pair
@@ -145,7 +151,7 @@ def _empty_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # -- quantize and dequantize: the Triton kernels or the PyTorch path ----------------------------------
 
 
-def _quantize(x: Tensor, bits: int, group: int, seed: Tensor, stream: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_parts(x: Tensor, bits: int, group: int, seed: Tensor, stream: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(codes, mins, scales) of x; the Triton kernel on CUDA, else the PyTorch path; on fake and meta
     tensors (a fake kernel, the analytic report) tensors of the right sizes. `stream` is added to the
     seed (two maps of one call)."""
@@ -179,21 +185,47 @@ def quantize_reference(
         wide[:, : lay.sample_size] = rows
         wide[:, lay.sample_size:] = rows[:, -1:]
         rows = wide
-    tiles = rows.view(lay.samples, lay.groups_per_sample, group)
+    tiles = rows.view(lay.groups, group)
     lo, hi = tiles.amin(-1).to(stats), tiles.amax(-1).to(stats)  # (aminmax: a ~8 ms floor on a busy CPU)
     scale = (hi - lo) * (1.0 / levels)
-    step = torch.where(scale > 0, scale, 1.0)[..., None]  # a constant group: t = 0, code 0
-    t = (tiles.to(stats) - lo[..., None]) / step
+    step = torch.where(scale > 0, scale, 1.0)[:, None]  # a constant group: t = 0, code 0
     generator = torch.Generator(device=x.device).manual_seed(int(seed) + stream)
-    u = torch.rand(t.shape, generator=generator, device=x.device, dtype=stats)
-    whole = t.floor()
-    codes = whole.add_(u < t - whole).clamp_(0, levels).to(torch.uint8).view(lay.samples, padded)
+    shift = torch.rand((lay.groups, 1), generator=generator, device=x.device, dtype=stats)
+    codes = _stochastic_codes(tiles, lo[:, None], step, shift, weyl_sequence(group, stats, x.device), levels)
+    codes = codes.view(lay.samples, padded)
     per_byte = 8 // bits
     codes = codes[:, : lay.bytes_per_sample * per_byte]  # each sample's codes end on a byte (zero-padded)
     if lay.bytes_per_sample * per_byte > lay.sample_size:
         codes = codes.clone()
         codes[:, lay.sample_size:] = 0
     return pack_bits(codes.contiguous(), bits), lo.reshape(-1), scale.reshape(-1)
+
+
+def _stochastic_codes(
+    tiles: Tensor, lo: Tensor, step: Tensor, shift: Tensor, weyl: Tensor, levels: int
+) -> Tensor:
+    """uint8 codes floor(t) + [u < t − floor(t)], t = (x − lo) / step and u = frac(shift + weyl), one
+    row a group, in cache-sized pieces (ops/chunks.py) with every intermediate in a reused buffer."""
+    codes = torch.empty(tiles.shape, dtype=torch.uint8, device=tiles.device)
+    pieces = list(row_pieces(tiles.shape[0], tiles.shape[1], tiles.device))
+    piece_shape = (pieces[0].stop, tiles.shape[1])
+    t, whole, u = (torch.empty(piece_shape, dtype=lo.dtype, device=tiles.device) for _ in range(3))
+    for rows in pieces:
+        n = rows.stop - rows.start
+        t_, whole_, u_ = t[:n], whole[:n], u[:n]
+        torch.sub(tiles[rows], lo[rows], out=t_).div_(step[rows])
+        torch.floor(t_, out=whole_)
+        t_.sub_(whole_)  # the fraction, exact
+        torch.add(shift[rows], weyl, out=u_).frac_()
+        whole_.add_(u_.lt_(t_)).clamp_(0, levels)
+        codes[rows] = whole_
+    return codes
+
+
+def weyl_sequence(length: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """frac(j·φ) for j < length, φ = (√5 − 1) / 2: evenly spread points of [0, 1), computed in float64."""
+    phi = (math.sqrt(5.0) - 1.0) / 2.0
+    return (torch.arange(length, dtype=torch.float64, device=device) * phi).frac_().to(dtype)
 
 
 def dequantize_reference(
@@ -207,15 +239,23 @@ def dequantize_reference(
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty(shape, dtype=dtype, device=codes.device, memory_format=memory_format)
     padded = lay.groups_per_sample * group
-    per_byte = 8 // bits
-    q = unpack_bits(codes, bits, lay.nbytes * per_byte).view(lay.samples, lay.bytes_per_sample * per_byte)
-    q = F.pad(q, (0, padded - q.shape[1])).view(lay.samples, lay.groups_per_sample, group)
-    values = q.to(mins.dtype) * scales.view(lay.samples, -1, 1) + mins.view(lay.samples, -1, 1)
-    values = values.view(lay.samples, padded)[:, : lay.sample_size].to(dtype).contiguous()
+    coded = lay.bytes_per_sample * (8 // bits)  # codes a sample holds, padding included
+    codes = codes.view(lay.samples, lay.bytes_per_sample)
+    mins = mins.view(lay.samples, lay.groups_per_sample, 1)
+    scales = scales.view(lay.samples, lay.groups_per_sample, 1)
+    values = torch.empty(lay.samples, padded, dtype=mins.dtype, device=codes.device)
+    pieces = list(row_pieces(lay.samples, padded, codes.device))
+    q = torch.zeros(pieces[0].stop, padded, dtype=mins.dtype, device=codes.device)  # in cache (ops/chunks.py)
+    for rows in pieces:  # values = min + q · scale, a piece of samples at a time
+        n = rows.stop - rows.start
+        q[:n, : min(coded, padded)] = unpack_bits(codes[rows].reshape(-1), bits, n * coded).view(n, coded)[:, :padded]
+        out = values[rows].view(n, lay.groups_per_sample, group)  # (not addcmul: its fused rounding differs)
+        torch.mul(q[:n].view(n, lay.groups_per_sample, group), scales[rows], out=out).add_(mins[rows])
+    values = values[:, : lay.sample_size].to(dtype).contiguous()
     return from_memory_order(values.view(-1), shape, channels_last)
 
 
-def _dequantize(
+def dequantize_parts(
     codes: Tensor, mins: Tensor, scales: Tensor, bits: int, group: int, shape: Sequence[int],
     channels_last: bool, dtype: torch.dtype, kernels: str | None = None,
 ) -> Tensor:
@@ -234,10 +274,10 @@ def _dequantize(
 @torch.library.custom_op("facto::quantize_map", mutates_args=())
 def quantize_map(x: Tensor, bits: int, group: int, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(packed codes uint8, mins, scales) of x; see the module's docstring for the format."""
-    return _quantize(x, check_bits(bits), check_group(group), seed)
+    return quantize_parts(x, check_bits(bits), check_group(group), seed)
 
 
-quantize_map.register_fake(lambda x, bits, group, seed: _quantize(x, bits, group, seed))
+quantize_map.register_fake(lambda x, bits, group, seed: quantize_parts(x, bits, group, seed))
 
 
 @torch.library.custom_op("facto::dequantize_map", mutates_args=())
@@ -246,7 +286,7 @@ def dequantize_map(
     dtype: torch.dtype,
 ) -> Tensor:
     """The decoded map: `shape`, `dtype`, channels_last if the quantized map was."""
-    return _dequantize(codes, mins, scales, check_bits(bits), check_group(group), shape, channels_last, dtype)
+    return dequantize_parts(codes, mins, scales, check_bits(bits), check_group(group), shape, channels_last, dtype)
 
 
 dequantize_map.register_fake(dequantize_reference)
@@ -314,7 +354,7 @@ def _conv_forward(x, weight, bias, stride, padding, dilation, groups, bits, grou
     dtype = x.dtype
     y = F.conv2d(x, cast(weight, dtype), None if bias is None else cast(bias, dtype), stride, padding, dilation,
                  groups)
-    return (y, *_quantize(x, bits, group, seed))
+    return (y, *quantize_parts(x, bits, group, seed))
 
 
 quantized_conv2d_fwd.register_fake(_conv_forward)
@@ -346,7 +386,7 @@ def _conv_backward(ctx, grad_y, *_grad_codes):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.bias_sizes is not None
     if need_w:
-        x_hat = _dequantize(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last, ctx.x_dtype,
+        x_hat = dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last, ctx.x_dtype,
                             ctx.kernels)
     else:
         layout_ = torch.channels_last if ctx.channels_last else torch.contiguous_format
@@ -412,8 +452,8 @@ def _mul_forward(a, b, bits, group, seed, save_a, save_b):
     in full (`kept_in_full`: setup_context saves the input itself then); otherwise its three
     tensors are empty. b's noise is drawn with seed + 1.
     """
-    parts_a = _quantize(a, bits, group, seed) if save_a and not kept_in_full(a, group) else _empty_parts(a)
-    parts_b = _quantize(b, bits, group, seed, 1) if save_b and not kept_in_full(b, group) else _empty_parts(b)
+    parts_a = quantize_parts(a, bits, group, seed) if save_a and not kept_in_full(a, group) else _empty_parts(a)
+    parts_b = quantize_parts(b, bits, group, seed, 1) if save_b and not kept_in_full(b, group) else _empty_parts(b)
     return (a * b, *parts_a, *parts_b)
 
 
@@ -448,7 +488,7 @@ def _mul_backward(ctx, grad_y, *_grad_codes):
                                f"{'ab'[i]} needs: pass save_{'ab'[other]}=True")
         if full is None:
             codes, mins, scales = parts[3 * other: 3 * other + 3]
-            full = _dequantize(codes, mins, scales, ctx.bits, ctx.group, ctx.shapes[other],
+            full = dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.shapes[other],
                                ctx.channels_last[other], ctx.dtypes[other], ctx.kernels)
         grads[i] = cast((grad_y * full).sum_to_size(ctx.shapes[i]), ctx.dtypes[i])
     return grads[0], grads[1], None, None, None, None, None

