@@ -20,7 +20,10 @@ projection of the output:
   once). A 1-bit code of an exact activation (ReLU6, hardtanh, leaky ReLU, hardsigmoid) is
   lossless (mobilenet_v2: 0); an 8-bit code of a smooth one is off by about 0.2 % of the gradient
   through it (32², measured: mobilenet_v3_small 8e-4, efficientnet_b0 5e-3). The other checks
-  compile with `activation_bits=None`, their methods alone.
+  compile with `activation_bits=None`, their methods alone (store_bits is off unless asked).
+- **fixed**: the fixed-rate store at 8 bits (`store_bits=8`) on every depthwise / grouped conv,
+  product of feature maps and layer / group norm, the rest dense: the whole model's gradient within
+  2e-2 of the dense model's (stochastic rounding is unbiased, so one draw is off by its noise alone).
 - **eb**: ErrorBounded on every op it takes, relative bound 1e-6 of each map's range: the whole
   model's gradient within 1e-3 of the dense model's, a thousand times the bound; a wrong code or op
   moves it by O(1). Measured over all parameters at once, not per parameter: where a saved value
@@ -55,8 +58,10 @@ LOSSLESS = 1e-6  # float64: rounding is ~1e-12; a wrong formula or a cut tile is
 EB_BOUND = 1e-6
 EB_TOLERANCE = 1e-3
 FEWBIT_BITS, FEWBIT_TOLERANCE = 8, 2e-2
-WHOLE_MODEL = ("eb", "fewbit")  # lossy: judged over all parameters at once, not per parameter
-TOLERANCE = {"facto": LOSSLESS, "strips": LOSSLESS, "hosvd": LOSSLESS, "eb": EB_TOLERANCE, "fewbit": FEWBIT_TOLERANCE}
+FIXED_BITS, FIXED_TOLERANCE = 8, 2e-2
+WHOLE_MODEL = ("eb", "fewbit", "fixed")  # lossy: judged over all parameters at once, not per parameter
+TOLERANCE = {"facto": LOSSLESS, "strips": LOSSLESS, "hosvd": LOSSLESS, "eb": EB_TOLERANCE, "fewbit": FEWBIT_TOLERANCE,
+             "fixed": FIXED_TOLERANCE}
 METHODS = tuple(TOLERANCE)
 
 
@@ -258,8 +263,13 @@ def check_fewbit(build: Callable[[], nn.Module], x: Tensor) -> GradientCheck:
     return _check_against_dense("fewbit", {"activation_bits": FEWBIT_BITS}, build, x)
 
 
+def check_fixed_rate(build: Callable[[], nn.Module], x: Tensor) -> GradientCheck:
+    """The fixed-rate store at FIXED_BITS on every layer it takes against the dense model."""
+    return _check_against_dense("fixed", {"store_bits": FIXED_BITS}, build, x)
+
+
 CHECKS = {"facto": check_facto, "strips": check_strips, "hosvd": check_hosvd, "eb": check_error_bounded,
-          "fewbit": check_fewbit}
+          "fewbit": check_fewbit, "fixed": check_fixed_rate}
 
 
 def check_gradients(build: Callable[[], nn.Module], x: Tensor,

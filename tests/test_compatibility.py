@@ -49,6 +49,8 @@ def test_every_methods_gradients_match_their_reference(spec):
     row = compatibility.check(spec, size=32)
     assert row.status == "exact", row
     assert all(f"{method} -" not in row.gradient for method in ("facto", "strips", "hosvd", "eb")), row.gradient
+    if spec.endswith("mobilenet_v3_small"):  # depthwise convs and squeeze-excite products: the store ran
+        assert "fixed -" not in row.gradient, row.gradient
 
 
 def _corrupting(monkeypatch, corrupt):
@@ -108,3 +110,19 @@ def test_drop_path_follows_the_mode_in_training():
         expected = model(x)
         torch.manual_seed(seed)
         assert relative_error(fmodel(x).detach(), expected.detach()) <= 1e-5
+
+
+def test_coarse_store_codes_fail_the_fixed_rate_check(monkeypatch):
+    """The store's check tells bits apart on convnext_atto (depthwise convs, layer norms): 8 bits
+    within its 2e-2 tolerance, 2 bits not."""
+    pytest.importorskip("timm")
+    import timm
+
+    build = lambda: timm.create_model("convnext_atto", num_classes=10)  # noqa: E731
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    (fine,) = gradient_check.check_gradients(build, x, ["fixed"])
+    assert fine.ok and 0 < fine.error < gradient_check.FIXED_TOLERANCE, fine
+    monkeypatch.setattr(gradient_check, "FIXED_BITS", 2)
+    (coarse,) = gradient_check.check_gradients(build, x, ["fixed"])
+    assert not coarse.ok and "fixed: the model's gradient off by" in coarse.problem, coarse

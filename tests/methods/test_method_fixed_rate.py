@@ -92,3 +92,45 @@ def test_chosen_by_name_exported_dense_and_validated():
     frozen.dw.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="FixedRate refuses 'dw'.*frozen"):
         facto_fx.compile(frozen, methods={"dw": FixedRate(4)})
+
+
+class NormBlock(nn.Module):
+    """A convnext block's norms in their three forms: nn.LayerNorm on NHWC, a LayerNorm2d that calls
+    F.layer_norm on its own parameters, and nn.GroupNorm (one without affine parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8, eps=1e-6)
+        self.ln2d = nn.LayerNorm(8)
+        self.gn = nn.GroupNorm(4, 8)
+        self.gn_plain = nn.GroupNorm(2, 8, affine=False)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.ln(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = nn.functional.layer_norm(h.permute(0, 2, 3, 1), (8,), self.ln2d.weight, self.ln2d.bias, 1e-5)
+        h = self.gn(h.permute(0, 3, 1, 2))
+        return self.head(self.gn_plain(nn.functional.gelu(h)))
+
+
+def test_store_bits_keep_layer_and_group_norms_x_hat():
+    """Module and functional norms get the store; the forward is exact; at 8 bits every gradient is
+    within 2e-2 of dense autograd's, and the report names the form."""
+    torch.manual_seed(0)
+    model = NormBlock()
+    fmodel = facto_fx.compile(copy.deepcopy(model), apply_ratio=0.0, store_bits=8, activation_bits=None)
+    decisions = {d.layer: d for d in facto_fx.decisions(fmodel)}
+    norms = [d for d in decisions.values() if d.kind == "norm"]
+    assert len(norms) == 4 and all(d.method == FixedRate(8) for d in norms)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
+    assert _relative(_grads(fmodel, x), _grads(model, x)) < 2e-2
+    report = str(facto_fx.report(fmodel, x))
+    assert "x̂ in 8 bits per element (fixed rate, groups of 256), 1/σ per row" in report
+
+
+def test_norms_without_store_bits_keep_their_input_with_the_reason():
+    decisions = [d for d in facto_fx.decisions(facto_fx.compile(NormBlock())) if d.kind == "norm"]
+    assert decisions and all(d.label == "dense" and "keeps its saved input" in d.reason for d in decisions)
