@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast, mean_pool, store, sum_pool, upsample
 from facto_fx.ops.scale import spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -108,11 +108,6 @@ def _backward(ctx, grad_y, _grad_pooled):
 register_autograd(batch_norm_fwd, _backward, _setup_context)
 
 
-def _records_gradient(*tensors: Tensor | None) -> bool:
-    """Whether autograd records this call: otherwise torch's own batch-norm runs, saving nothing."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def batch_norm(
     x: Tensor,
     running_mean: Tensor,
@@ -124,7 +119,7 @@ def batch_norm(
     storage_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Frozen-statistics batch-norm over dim 1; saves pooled x̂ only if `weight` is trained."""
-    if not _records_gradient(x, weight, bias):
+    if not records_gradient(x, weight, bias):
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     save_pooled = weight is not None and weight.requires_grad
     return torch.ops.facto.batch_norm(
@@ -225,7 +220,7 @@ def batch_norm_stats(
 ) -> Tensor:
     """Batch-norm on batch statistics over dim 1, updating the running statistics as
     F.batch_norm(training=True) does (unbiased variance, `momentum`); saves only pooled x̂."""
-    if not _records_gradient(x, weight, bias):
+    if not records_gradient(x, weight, bias):
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     count = x.numel() // x.shape[1]
     if count < 2:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.conv_input import conv2d_input
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast, folds, mean_pool, pooled_filter, pooled_projection, store, sum_pool
 from facto_fx.shapes import conv_output_size, pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -168,9 +168,7 @@ def conv2d(
     `folded` is `projection_filter(D, ...)`, which a layer keeps per draw of D; without it the op
     forms it on every call.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or M.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = records_gradient(x, M, bias)
     if not needs_grad:
         omega = cast(merged_weight(weight, M, D), x.dtype)
         return F.conv2d(x, omega, None if bias is None else cast(bias, x.dtype), stride, padding, dilation)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, unpack_codes
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -57,6 +57,6 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
         raise ValueError(f"dropout probability p must be in [0, 1); got {p}")
     if not training or p == 0.0:
         return x
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_gradient(x):
         return torch.nn.functional.dropout(x, p, True)
     return torch.ops.facto.dropout(x, p)[0]

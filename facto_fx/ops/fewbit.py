@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from facto_fx.ops.bitpack import pack_bits, unpack_bits, unpack_flags
 from facto_fx.ops.chunks import row_pieces
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import SUPPORTED_BITS, is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -482,6 +482,6 @@ def fewbit_activation(x: Tensor, function: str, bits: int, **params: float | str
     """
     function, values = resolve(function, params)
     bits = check_bits(bits)
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_gradient(x):
         return _apply(function, x, values)
     return torch.ops.facto.fewbit_activation(x, function, list(values), bits)[0]

@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import torch
+from torch import Tensor
+
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     """op.register_autograd, with no zero gradient materialised for the op's saved code."""
@@ -26,3 +29,9 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
         return backward(ctx, grad_y, *grad_codes)
 
     op.register_autograd(wrapped, setup_context=setup)
+
+
+def records_gradient(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on `tensors` (None skipped): otherwise an op runs torch's own
+    function, which saves nothing."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

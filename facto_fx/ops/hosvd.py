@@ -99,7 +99,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from facto_fx.ops.conv_input import conv2d_input
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.shapes import pair
 
@@ -577,9 +577,7 @@ def hosvd_conv2d(
     _check(eps, mode)
     stride, dilation = pair(stride), pair(dilation)
     pads = conv_padding(padding, tuple(weight.shape[2:]), stride, dilation)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = records_gradient(x, weight, bias)
     # Meta tensors (analytic reports) cannot hold data-dependent ranks: the plain conv gives the
     # shapes, and the report takes the codes' worst case from the method.
     if not needs_grad or x.is_meta:
@@ -651,9 +649,7 @@ def hosvd_linear(
     """linear that saves a truncated decomposition of x's rows × in matrix for grad_W: 2-mode HOSVD
     or the rows-mode SVD; a plain linear when no gradient is needed."""
     _check(eps, mode)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = records_gradient(x, weight, bias)
     if not needs_grad or x.is_meta:  # meta: see hosvd_conv2d
         return F.linear(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype))
     y, _ = torch.ops.facto.hosvd_linear(x, weight, bias, float(eps), mode)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.conv import merged_weight
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast, store
 
 
@@ -85,9 +85,7 @@ def linear(
     storage_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Facto linear layer; a plain linear with Ω when no gradient is needed."""
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or M.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = records_gradient(x, M, bias)
     if not needs_grad:
         return F.linear(x, cast(merged_weight(weight, M, D), x.dtype), None if bias is None else cast(bias, x.dtype))
     y, _ = torch.ops.facto.linear(x, weight, M, D, bias, storage_dtype)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, unpack_codes
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import code_bits, is_channels_last, pair, pool_output_size
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -166,7 +166,7 @@ def max_pool2d(
     """F.max_pool2d with a compact saved argmax code (at most 8 bits per output element)."""
     kernel = pair(kernel_size)
     stride = kernel if stride is None or stride == [] else pair(stride)
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_gradient(x):
         return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     padding, dilation = pair(padding), pair(dilation)
     pools = list(zip(x.shape[-2:], kernel, stride, padding, dilation, strict=True))

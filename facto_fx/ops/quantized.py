@@ -61,7 +61,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from facto_fx.ops.bitpack import pack_bits, unpack_bits
 from facto_fx.ops.chunks import row_pieces
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.shapes import is_channels_last, pair
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -386,8 +386,8 @@ def _conv_backward(ctx, grad_y, *_grad_codes):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.bias_sizes is not None
     if need_w:
-        x_hat = dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last, ctx.x_dtype,
-                            ctx.kernels)
+        x_hat = dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last,
+                                 ctx.x_dtype, ctx.kernels)
     else:
         layout_ = torch.channels_last if ctx.channels_last else torch.contiguous_format
         x_hat = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=grad_y.device, memory_format=layout_)
@@ -419,9 +419,7 @@ def quantized_conv2d(
     grad_x and grad_bias exact, grad_weight from the decoded x. Without a gradient to compute,
     this is F.conv2d."""
     bits, group = check_bits(bits), check_group(group)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = records_gradient(x, weight, bias)
     if not needs_grad:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     y, *_ = torch.ops.facto.quantized_conv2d(
@@ -489,7 +487,7 @@ def _mul_backward(ctx, grad_y, *_grad_codes):
         if full is None:
             codes, mins, scales = parts[3 * other: 3 * other + 3]
             full = dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.shapes[other],
-                               ctx.channels_last[other], ctx.dtypes[other], ctx.kernels)
+                                    ctx.channels_last[other], ctx.dtypes[other], ctx.kernels)
         grads[i] = cast((grad_y * full).sum_to_size(ctx.shapes[i]), ctx.dtypes[i])
     return grads[0], grads[1], None, None, None, None, None
 
@@ -502,7 +500,7 @@ def quantized_mul(a: Tensor, b: Tensor, bits: int = DEFAULT_BITS, group: int = D
     element, or in full when it has fewer than `group` elements per sample (an SE gate). Without a
     gradient to compute, this is a · b."""
     bits, group = check_bits(bits), check_group(group)
-    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+    if not records_gradient(a, b):
         return a * b
     seed = draw_seed(a.device)
     return torch.ops.facto.quantized_mul(a, b, bits, group, seed, b.requires_grad, a.requires_grad)[0]

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.ops.quantized import (
     DEFAULT_BITS,
@@ -38,10 +38,6 @@ from facto_fx.ops.quantized import (
 )
 from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode
-
-
-def _records_gradient(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _per_channel(stat: Tensor, x: Tensor, groups: int) -> Tensor:
@@ -85,7 +81,7 @@ def _setup_context(ctx, inputs, output):
 
 def _decoded(ctx, codes: Tensor, mins: Tensor, scales: Tensor) -> Tensor:
     return dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last,
-                       mins.dtype, ctx.kernels)
+                            mins.dtype, ctx.kernels)
 
 
 def _grads(ctx, grads: tuple[Tensor | None, ...], weight: Tensor | None, bias: Tensor | None) -> tuple:
@@ -124,7 +120,7 @@ def quantized_layer_norm(
     """F.layer_norm whose backward keeps x̂ in `bits` bits per element and 1/σ per row. Without a
     gradient to compute, this is F.layer_norm."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    if not _records_gradient(x, weight, bias):
+    if not records_gradient(x, weight, bias):
         return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
     return torch.ops.facto.quantized_layer_norm(x, shape, weight, bias, eps, bits, group, draw_seed(x.device))[0]
 
@@ -180,7 +176,7 @@ def quantized_group_norm(
 ) -> Tensor:
     """F.group_norm whose backward keeps x̂ in `bits` bits per element and 1/σ per (sample, group).
     Without a gradient to compute, this is F.group_norm."""
-    if not _records_gradient(x, weight, bias):
+    if not records_gradient(x, weight, bias):
         return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
     if x.dim() < 2 or x.shape[1] % num_groups:
         raise ValueError(f"group norm: {x.shape[1] if x.dim() > 1 else 'no'} channels in {num_groups} groups; "

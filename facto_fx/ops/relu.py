@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from facto_fx.ops.bitpack import pack_bits, unpack_mask
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
 
@@ -55,6 +55,6 @@ register_autograd(relu_fwd, _backward, _setup_context)
 
 def relu(x: Tensor) -> Tensor:
     """ReLU whose backward keeps a bit-packed mask instead of the output."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_gradient(x):
         return torch.relu(x)
     return torch.ops.facto.relu(x)[0]

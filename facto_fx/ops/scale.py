@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.grads import register_autograd
+from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import compress, sum_pool
 from facto_fx.shapes import pooled_size
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -79,6 +79,6 @@ def scale(x: Tensor, s: Tensor, lossy_kernel: int = 2, storage_dtype: torch.dtyp
     """Multiply by a one-element tensor `s`; its gradient comes from the pooled input."""
     if s.numel() != 1:
         raise ValueError(f"facto scale expects a one-element scale tensor; got shape {tuple(s.shape)}")
-    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+    if not records_gradient(x, s):
         return (x * s).to(x.dtype)
     return torch.ops.facto.scale(x, s, lossy_kernel, storage_dtype, s.requires_grad)[0]
