@@ -21,6 +21,7 @@ import argparse
 import gc
 import multiprocessing
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -220,6 +221,9 @@ def to_markdown(rows: Sequence[Row], size: int, not_run: Sequence[str] = ()) -> 
         )
     counts = {s: sum(r.status == s for r in rows) for s in ("exact", "refused", "FAILED")}
     summary = f"{len(rows)} models: {counts['exact']} exact, {counts['refused']} refused, {counts['FAILED']} failed."
+    shares = [r.facto_mib / r.vanilla_mib for r in rows if r.vanilla_mib]
+    if shares:
+        summary += f" Median saved bytes: {100 * statistics.median(shares):.1f} % of vanilla's."
     if not_run:
         summary += f" Not run yet ({len(not_run)}): {', '.join(not_run)}."
     lines += ["", summary]

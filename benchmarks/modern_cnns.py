@@ -49,14 +49,14 @@ FACTO = {
 TARGET_PEAK, TARGET_TIME = 0.30, 1.25
 
 
-def build(spec: str) -> nn.Module:
+def build(spec: str, num_classes: int = 1000) -> nn.Module:
+    """An untrained model from a "library:name" spec (torchvision or timm)."""
     library, _, name = spec.partition(":")
-    torch.manual_seed(0)
     if library == "timm":
         import timm
 
-        return timm.create_model(name, num_classes=1000)
-    return build_model(name, num_classes=1000)
+        return timm.create_model(name, num_classes=num_classes)
+    return build_model(name, num_classes=num_classes)
 
 
 class Checkpointed(nn.Module):
@@ -94,6 +94,7 @@ def measure(spec: str, batch_size: int, image_size: int, segments: int, repeats:
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, image_size, image_size)
     y = torch.randint(0, 1000, (batch_size,))
+    torch.manual_seed(0)
     model = build(spec).train()
     models = {"vanilla": model, "checkpoint": checkpointed(spec, copy.deepcopy(model), segments).train()}
     saved = {}

@@ -53,6 +53,10 @@ def _add_facto_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-bits", type=_bits_or_none, default=FactoConfig.activation_bits,
                         help="bits of the derivative code SiLU / GELU / Hardswish / Mish / ELU keep (1, 2, 4 or 8; "
                              "none: left as they are)")
+    parser.add_argument("--store-bits", type=_bits_or_none, default=FactoConfig.store_bits,
+                        help="bits of the fixed-rate store for what no other form covers: depthwise / grouped conv "
+                             "inputs, squeeze-excite products, layer and group norms (2, 4 or 8; none: left as they "
+                             "are)")
     parser.add_argument("--strips", type=int, default=8, help="rowstrips: how many horizontal strips")
     parser.add_argument("--strip-mode", default="two_phase", choices=("two_phase", "overlap"),
                         help="rowstrips: overlap recomputes shared rows; two_phase hands them on")
@@ -69,7 +73,8 @@ def report_command(args: argparse.Namespace) -> int:
     model = build_model(args.model, num_classes=args.num_classes, device=device)
     fmodel = facto_fx.compile(
         model, inr=args.inr, lossy_kernel=args.lossy_kernel, apply_ratio=args.apply_ratio,
-        storage_dtype=args.storage_dtype, activation_bits=args.activation_bits, verify=args.peak,
+        storage_dtype=args.storage_dtype, activation_bits=args.activation_bits, store_bits=args.store_bits,
+        verify=args.peak,
         batch_norm=auto_batch_norm(args.method) if args.batch_norm == "auto" else args.batch_norm,
         **method_options(args.method, args.eps, args.last, args.eb, args.sigma, args.strips, args.strip_mode),
     )

@@ -50,6 +50,20 @@ def test_report_and_train_with_the_error_bounded_preset(capsys, tmp_path):
     assert "eb" in capsys.readouterr().err
 
 
+def test_report_with_the_store_counts_fewer_bytes_and_names_its_rows(capsys):
+    """--store-bits 4 puts depthwise convs and squeeze-excite products in the store; none leaves them."""
+    def report(bits: str) -> tuple[set, float]:
+        assert main(["report", "--model", "mobilenet_v3_small", "--image-size", "64", "--store-bits", bits]) == 0
+        lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+        total = next(float(line[2]) for line in lines if line and line[0] == "total")
+        return {(line[1], line[2]) for line in lines if len(line) > 2}, total
+
+    stored, stored_total = report("4")
+    plain, plain_total = report("none")
+    assert {("conv2d", "fixed"), ("mul", "fixed")} <= stored and not any(m == "fixed" for _, m in plain)
+    assert stored_total < plain_total
+
+
 def test_report_matches_the_measured_figure_at_batch_256(capsys):
     """vgg16 at batch 256, 224²: docs/design.md §5's 17,909 MiB baseline, computed without allocating."""
     assert main(["report", "--model", "vgg16", "--apply-ratio", "0.6"]) == 0

@@ -42,6 +42,14 @@ def test_real_model_is_exact_at_m0_and_trains(spec):
     assert row.facto_mib < row.vanilla_mib
 
 
+def test_the_table_gives_the_median_of_the_models_saved_bytes():
+    """Refused models (no bytes) are left out of the median: 10 %, 20 %, 40 % give 20 %."""
+    rows = [compatibility.Row(f"m{i}", "exact", vanilla_mib=50.0, facto_mib=facto) for i, facto in
+            enumerate([20.0, 5.0, 10.0])] + [compatibility.Row("refused", "refused")]
+    summary = compatibility.to_markdown(rows, 32).strip().splitlines()[-1]
+    assert summary == "4 models: 3 exact, 1 refused, 0 failed. Median saved bytes: 20.0 % of vanilla's."
+
+
 @pytest.mark.parametrize("spec", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
 def test_every_methods_gradients_match_their_reference(spec):
     """Facto against dense autograd of the merged weight, strips against unsplit Facto, HOSVD at

@@ -217,3 +217,52 @@ def test_a_model_whose_modes_run_other_graphs_compiles_one_graph_per_mode():
     torch.testing.assert_close(out, eager)
     explanation = torch._dynamo.explain(fmodel)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+class ModernTinyNet(nn.Module):
+    """Every form a modern CNN needs, in a few layers: a depthwise conv, a squeeze-excite product,
+    a channels-last layer norm, a group norm, SiLU, GELU and Hardswish, and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.se_reduce, self.se_expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Linear(8, 16)
+        self.proj = nn.Linear(16, 8)
+        self.group_norm = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = nn.functional.silu(self.stem(x))
+        y = nn.functional.silu(self.dw(x))
+        y = y * torch.sigmoid(self.se_expand(nn.functional.silu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        z = self.norm(y.permute(0, 2, 3, 1))
+        z = self.proj(nn.functional.gelu(self.mlp(z))).permute(0, 3, 1, 2)
+        x = nn.functional.hardswish(self.group_norm(x + z))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("setting", ["fp32", *SETTINGS])
+def test_the_new_forms_compile_to_one_graph_that_matches_eager(setting):
+    """Activation codes and the 4-bit store on every map they take, under aot_eager with fullgraph:
+    eager's outputs and gradients (the store's stochastic rounding draws the same numbers)."""
+    autocast, channels_last = SETTINGS.get(setting, (False, False))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fmodel = facto_fx.compile(ModernTinyNet(), apply_ratio=1.0, store_bits=4)
+    methods = {decision.layer: type(decision.method) for decision in facto_fx.decisions(fmodel)}
+    assert [methods[name] for name in ("dw", "mul", "norm", "group_norm")] == [facto_fx.FixedRate] * 4, methods
+    assert [methods[name] for name in ("silu", "gelu", "hardswish")] == [facto_fx.FewBitActivation] * 3, methods
+    x = torch.randn(2, 3, 8, 8)
+    if channels_last:
+        fmodel, x = fmodel.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    eager_out, eager_grads = _step(fmodel, x, autocast)
+    compiled_out, compiled_grads = _step(torch.compile(fmodel, fullgraph=True, backend="aot_eager"), x, autocast)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(compiled_out, eager_out, **tol)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(compiled_grads[name] / scale, grad / scale, **tol, msg=name)

@@ -67,6 +67,7 @@ class TrainConfig:
     scale: Literal["unbiased", "paper"] = "unbiased"
     low_rank_lr: float = 4.0
     activation_bits: int | None = FactoConfig.activation_bits
+    store_bits: int | None = FactoConfig.store_bits
     batch_norm: Literal["auto", "freeze", "lossy", "train"] = "auto"
     method: Literal["facto", "hosvd", "svd", "eb", "rowstrips"] = "facto"
     eps: float = 0.8
@@ -135,7 +136,7 @@ class TrainConfig:
             inr=self.inr, lossy_kernel=self.lossy_kernel, apply_ratio=self.apply_ratio,
             storage_dtype=self.storage_dtype, direction=self.direction, scale=self.scale,
             batch_norm=self.facto_batch_norm, activation_bits=self.activation_bits,
-            seed=self.seed,
+            store_bits=self.store_bits, seed=self.seed,
             **method_options(self.method, self.eps, self.last, self.eb, self.sigma, self.strips, self.strip_mode),
         )
 

@@ -217,6 +217,7 @@ class Trainer:
             saved["batch_norm"] = TrainConfig(**{k: v for k, v in saved.items() if k in fields}
                                               ).batch_norm_before_lossy_default()
         saved.setdefault("activation_bits", None)  # runs from before the codes left activations as they were
+        saved.setdefault("store_bits", None)  # and from before the store, the maps it takes
         conflicts = self.config.conflicts_with(saved)
         if conflicts:
             changes = ", ".join(f"{k}: {saved[k]!r} -> {self.config.resolved(k)!r}" for k in conflicts)
