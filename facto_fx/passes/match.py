@@ -30,6 +30,10 @@ _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
 _MAX_POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d}
 _MUL_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
+_SHAPE_METHODS = {"size", "dim", "numel"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim"}
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+               operator.neg, operator.pow}
 _DROPOUT_FUNCTIONS = {F.dropout}
 _CONV_FUNCTIONS = {F.conv2d, torch.conv2d}
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
@@ -308,8 +312,28 @@ def _kept_function(node: fx.Node, kind: str) -> Match:
                  kept=_KEPT_REASONS[kind].format(name))
 
 
+def shape_arithmetic(node: fx.Node) -> bool:
+    """Whether `node` computes sizes from shapes (ints, not a tensor): ViT's `h // p * (w // p)` is a
+    product no Facto operator may take. A node a trace recorded a value for says so by that value."""
+    value = node.meta.get("val", node.meta.get("example_value"))
+    if value is not None:
+        return not isinstance(value, Tensor)
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRIBUTES
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and shape_arithmetic(node.args[0])
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    return node.target in _ARITHMETIC and bool(operands) and all(shape_arithmetic(a) for a in operands)
+
+
 def _match_mul(tensors: GraphTensors, node: fx.Node) -> Match | None:
     """A scale (x times a one-element parameter), or a product of feature maps / by a parameter."""
+    if any(isinstance(a, fx.Node) and shape_arithmetic(a) for a in node.args):
+        return None  # a size, or a map times one: neither keeps a map for the other's gradient
     for position, operand in enumerate(node.args):
         param = tensors.parameter(operand)
         if param is not None and param.numel() == 1:

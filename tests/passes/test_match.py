@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import facto_fx
-from facto_fx.passes.match import find_matches
+from facto_fx.passes.match import find_matches, shape_arithmetic
 from facto_fx.passes.trace import trace
 
 
@@ -394,3 +394,34 @@ def test_a_torch_module_kept_whole_is_listed_with_why():
         assert by_layer[layer].kind == "opaque" and by_layer[layer].unsupported and not by_layer[layer].rewritten
         assert by_layer[layer].reason.startswith(f"{cls} is a torch.nn module torch.fx calls whole")
     assert "lstm (opaque): LSTM is a torch.nn module" in str(facto_fx.report(fmodel, x))
+
+
+class Patches(nn.Module):
+    """ViT's patch arithmetic: products of sizes (h // p * (w // p)), and a map times one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        y = self.conv(x).reshape(n, 8, h // 2 * (w // 2)) * x.size(1)
+        gate = torch.sigmoid(y)
+        return self.fc((y * gate).mean(2))
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_products_of_sizes_are_not_feature_maps(example):
+    """Only y * gate is a product of maps for the store; with store_bits the model still runs
+    exactly (with or without the trace's recorded shapes)."""
+    model = Patches()
+    x = torch.randn(2, 3, 8, 8)
+    fmodel = facto_fx.compile(model, store_bits=8, example_inputs=x if example else None)
+    assert [d.rewritten for d in facto_fx.decisions(fmodel) if d.kind == "mul"] == [True]
+    (stored,) = [n for n in fmodel.graph.nodes if n.target is torch.ops.facto.quantized_mul.default
+                 or getattr(n.target, "__name__", "") == "quantized_mul"]
+    assert {a.target for a in stored.args if isinstance(a, torch.fx.Node)} >= {torch.sigmoid}
+    assert shape_arithmetic(next(n for n in fmodel.graph.nodes if n.name == "floordiv"))
+    model.eval(), fmodel.eval()
+    torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
