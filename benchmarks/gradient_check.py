@@ -20,7 +20,7 @@ projection of the output:
   once). A 1-bit code of an exact activation (ReLU6, hardtanh, leaky ReLU, hardsigmoid) is
   lossless (mobilenet_v2: 0); an 8-bit code of a smooth one is off by about 0.2 % of the gradient
   through it (32², measured: mobilenet_v3_small 8e-4, efficientnet_b0 5e-3). The other checks
-  compile with `activation_bits=None`, their methods alone (store_bits is off unless asked).
+  compile with `activation_bits=None` and `store_bits=None`: each its method alone (`ALONE`).
 - **fixed**: the fixed-rate store at 8 bits (`store_bits=8`) on every depthwise / grouped conv,
   product of feature maps and layer / group norm, the rest dense: the whole model's gradient within
   2e-2 of the dense model's (stochastic rounding is unbiased, so one draw is off by its noise alone).
@@ -59,6 +59,7 @@ EB_BOUND = 1e-6
 EB_TOLERANCE = 1e-3
 FEWBIT_BITS, FEWBIT_TOLERANCE = 8, 2e-2
 FIXED_BITS, FIXED_TOLERANCE = 8, 2e-2
+ALONE = {"activation_bits": None, "store_bits": None}  # the default plan's codes and store off
 WHOLE_MODEL = ("eb", "fewbit", "fixed")  # lossy: judged over all parameters at once, not per parameter
 TOLERANCE = {"facto": LOSSLESS, "strips": LOSSLESS, "hosvd": LOSSLESS, "eb": EB_TOLERANCE, "fewbit": FEWBIT_TOLERANCE,
              "fixed": FIXED_TOLERANCE}
@@ -152,7 +153,7 @@ def check_facto(build: Callable[[], nn.Module], x: Tensor) -> GradientCheck:
     model = build().double()
     names = {id(p): n for n, p in model.named_parameters()}
     reference = copy.deepcopy(model)
-    fmodel = facto_fx.compile(model, apply_ratio=1.0, lossy_kernel=1, example_inputs=(x,), activation_bits=None)
+    fmodel = facto_fx.compile(model, apply_ratio=1.0, lossy_kernel=1, example_inputs=(x,), **ALONE)
     layers = _perturbed_low_rank(fmodel)
     with torch.no_grad():
         for layer in layers:
@@ -172,7 +173,7 @@ def check_facto(build: Callable[[], nn.Module], x: Tensor) -> GradientCheck:
 def check_strips(build: Callable[[], nn.Module], x: Tensor) -> GradientCheck:
     """Facto run in row strips against the same Facto model unsplit."""
     model = build().double()
-    options = {"apply_ratio": 1.0, "lossy_kernel": 2, "example_inputs": (x,), "activation_bits": None}
+    options = {"apply_ratio": 1.0, "lossy_kernel": 2, "example_inputs": (x,), **ALONE}
     split = facto_fx.compile(copy.deepcopy(model), row_strips=RowStrips(3), **options)
     if not any(d.region for d in facto_fx.decisions(split)):
         return GradientCheck("strips")
@@ -191,7 +192,7 @@ def _check_against_dense(method: str, config: dict, build: Callable[[], nn.Modul
     model = build().double()
     names = {id(p): n for n, p in model.named_parameters()}
     reference = copy.deepcopy(model)
-    fmodel = facto_fx.compile(model, apply_ratio=0.0, example_inputs=(x,), **{"activation_bits": None, **config})
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, example_inputs=(x,), **{**ALONE, **config})
     if not any(d.rewritten and d.method is not None and d.method.label == method for d in facto_fx.decisions(fmodel)):
         return GradientCheck(method)
     _gradients(fmodel, x)

@@ -13,11 +13,11 @@ vanilla. The methods:
 - **checkpoint**: what a user of each library turns on: torchvision's `features` run through
   `torch.utils.checkpoint.checkpoint_sequential` in `--segments` segments (non-reentrant); timm's
   own `set_grad_checkpointing()` (every stage checkpointed).
-- **facto**: `facto_fx.compile(model)`, its defaults (apply ratio 0.6, few-bit activation codes).
-- **facto 1.0**: apply ratio 1.0; **facto 1.0, no codes**: the same with `activation_bits=None`,
-  the forms before the activation codes (what the codes are worth); **facto 1.0, store 4**: with
-  `store_bits=4`, depthwise / grouped convs and squeeze-excite products kept as 4-bit fixed-rate
-  codes (FixedRate, not yet a default).
+- **facto**: `facto_fx.compile(model)`, its defaults (apply ratio 0.6, few-bit activation codes,
+  the 4-bit fixed-rate store for depthwise / grouped convs, squeeze-excite products and norms).
+- **facto 1.0**: apply ratio 1.0; **facto 1.0, no store**: the same with `store_bits=None` (what the
+  store is worth); **facto 1.0, no new forms**: with `activation_bits=None` too, Facto's own forms
+  alone (what the codes are worth).
 
 Batch-norm trains on batch statistics in every run (compile's default: lossy).
 """
@@ -43,8 +43,8 @@ MODELS = ("torchvision:mobilenet_v3_large", "torchvision:efficientnet_b0", "torc
 FACTO = {
     "facto": {},
     "facto 1.0": {"apply_ratio": 1.0},
-    "facto 1.0, no codes": {"apply_ratio": 1.0, "activation_bits": None},
-    "facto 1.0, store 4": {"apply_ratio": 1.0, "store_bits": 4},
+    "facto 1.0, no store": {"apply_ratio": 1.0, "store_bits": None},
+    "facto 1.0, no new forms": {"apply_ratio": 1.0, "store_bits": None, "activation_bits": None},
 }
 TARGET_PEAK, TARGET_TIME = 0.30, 1.25
 

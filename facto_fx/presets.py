@@ -10,11 +10,12 @@ METHOD_CHOICES = ("facto", "hosvd", "svd", "eb", "rowstrips")
 
 
 def facto_error_bounded(eb: float = 0.02, sigma: float = 0.1, every: int = 100, **facto: object) -> FactoConfig:
-    """Facto where it applies (apply_ratio and the rest of FactoConfig, from `facto`; few-bit
-    derivative codes for activations), and error-bounded compression for every layer it leaves as
-    it is: depthwise and grouped convs, sigmoid and tanh, layer and group norm, squeeze-excite
-    products, the input layer, layers beyond apply_ratio. Conv and linear layers get COMET's adaptive bound (`sigma`,
-    `every`); the other ops `eb` relative to each map's value range."""
+    """The default plan where it applies (Facto by apply_ratio and the rest of FactoConfig, from
+    `facto`; few-bit derivative codes for activations; the fixed-rate store for depthwise and grouped
+    convs, squeeze-excite products, layer and group norms), and error-bounded compression for every
+    layer it leaves as it is: the input layer, layers beyond apply_ratio, sigmoid and tanh (with
+    store_bits=None, the store's layers too). Conv and linear layers get COMET's adaptive bound
+    (`sigma`, `every`); the other ops `eb` relative to each map's value range."""
     fallback = ErrorBounded(eb, relative=True, adaptive=True, sigma=sigma, every=every)
     return FactoConfig(fallback=fallback, **facto)
 

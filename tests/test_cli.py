@@ -40,7 +40,8 @@ def test_report_and_train_with_the_error_bounded_preset(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "ErrorBounded for the rest" in out and "counted uncompressed" in out
     decisions = {(line.split()[1], line.split()[2]) for line in out.splitlines() if len(line.split()) > 2}
-    assert {("mul", "eb"), ("conv2d", "eb"), ("activation", "fewbit")} <= decisions  # codes for activations
+    # codes for activations, the store for products and depthwise convs, ErrorBounded for the rest
+    assert {("mul", "fixed"), ("conv2d", "eb"), ("activation", "fewbit")} <= decisions
     code = main(["train", "--model", "cifar_vgg11", "--method", "eb", "--epochs", "2", "--frt-epochs", "1",
                  "--switch", "fixed", "--limit-batches", "3", "--batch-size", "16",
                  "--no-progress", "--out", str(tmp_path / "run")])

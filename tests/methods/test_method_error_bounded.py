@@ -62,7 +62,9 @@ def test_default_plan_keeps_other_ops_and_says_why(mobilenet):
     by_kind = {d.kind: d for d in facto_fx.decisions(fmodel)}
     # Hardswish, ReLU and the squeeze-excite gates' hardsigmoid: each a few-bit code, or a mask
     assert {d.label for d in facto_fx.decisions(fmodel) if d.kind == "activation"} == {"fewbit"}
-    assert not by_kind["mul"].rewritten and by_kind["mul"].unsupported
+    assert by_kind["mul"].rewritten and by_kind["mul"].label == "fixed"  # the store, a default
+    unstored = {d.kind: d for d in facto_fx.decisions(facto_fx.compile(copy.deepcopy(mobilenet), store_bits=None))}
+    assert not unstored["mul"].rewritten and unstored["mul"].unsupported and "mul" in unstored["mul"].reason
 
 
 class _Net(nn.Module):

@@ -42,8 +42,10 @@ def _relative(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def test_without_store_bits_they_stay_as_they_are():
-    decisions = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(Block()))}
+def test_the_store_is_a_default_and_none_leaves_them_as_they_are():
+    defaults = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(Block()))}
+    assert defaults["dw"].method == defaults["mul"].method == FixedRate(4)
+    decisions = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(Block(), store_bits=None))}
     assert decisions["dw"].label == "dense" and "grouped convolution" in decisions["dw"].reason
     assert decisions["mul"].label == "dense"
 
@@ -132,5 +134,5 @@ def test_store_bits_keep_layer_and_group_norms_x_hat():
 
 
 def test_norms_without_store_bits_keep_their_input_with_the_reason():
-    decisions = [d for d in facto_fx.decisions(facto_fx.compile(NormBlock())) if d.kind == "norm"]
+    decisions = [d for d in facto_fx.decisions(facto_fx.compile(NormBlock(), store_bits=None)) if d.kind == "norm"]
     assert decisions and all(d.label == "dense" and "keeps its saved input" in d.reason for d in decisions)

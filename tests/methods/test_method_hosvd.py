@@ -139,7 +139,7 @@ def test_eps_is_validated():
 
 def test_torch_compile_fullgraph_matches_eager():
     model, _ = _pair()
-    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={Last(2): HOSVD(0.9), "fc": SVD(0.9)})
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={Last(2): HOSVD(0.9), "fc": SVD(0.9)}, store_bits=None)
     x = torch.randn(4, 3, 16, 16)
     compiled = torch.compile(fmodel, fullgraph=True, backend="aot_eager")
     eager_params = {n: p for n, p in fmodel.named_parameters()}
@@ -198,7 +198,7 @@ def test_rank_table_lists_every_decomposed_layer_and_its_eps():
 
 def test_real_reports_name_the_ranks_each_layer_kept():
     model, _ = _pair()
-    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"c3": HOSVD(0.5)})
+    fmodel = facto_fx.compile(model, apply_ratio=0.0, methods={"c3": HOSVD(0.5)}, store_bits=None)
     x = torch.randn(8, 3, 16, 16)
     report = facto_fx.report(fmodel, x)
     expected = "x".join(map(str, facto_fx.rank_table(fmodel, x, eps=(0.5,)).rows[0].ranks[0.5]))
