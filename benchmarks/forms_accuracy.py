@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from torchvision_train import LOW_RANK_LR, WEIGHT_DECAY, batches, evaluate, train_epoch  # noqa: E402
+from torchvision_train import WEIGHT_DECAY, batches, evaluate, facto_parameter_groups, train_epoch  # noqa: E402
 
 import facto_fx  # noqa: E402
 from facto_fx.training.data import load_splits  # noqa: E402
@@ -75,14 +75,6 @@ def _optimizer(kind: str, groups: list[dict], lr: float, weight_decay: float) ->
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
-def _facto_groups(fmodel: nn.Module, lr: float) -> list[dict]:
-    """M in its own group: 4x the rate and no weight decay (W is decayed by the hooks, paper eq. 14)."""
-    low_rank = facto_fx.low_rank_parameters(fmodel)
-    low_rank_ids = {id(p) for p in low_rank}
-    others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in low_rank_ids]
-    return [{"params": low_rank, "lr": LOW_RANK_LR * lr, "weight_decay": 0.0}, {"params": others}]
-
-
 def run(spec: str, dataset: str, seed: int, frt_epochs: int, facto_epochs: int) -> dict[str, float]:
     """Test accuracy of each run for one model and seed (one thread: jobs go side by side in processes)."""
     warnings.simplefilter("ignore")  # compile's notes on what it leaves as it is
@@ -114,7 +106,7 @@ def run(spec: str, dataset: str, seed: int, frt_epochs: int, facto_epochs: int) 
             opt = _optimizer(kind, [{"params": list(trained.parameters())}], lr / 10, weight_decay)
         else:
             trained = facto_fx.compile(copy.deepcopy(model), calibration_data=calibration, **RUNS[name])
-            opt = _optimizer(kind, _facto_groups(trained, lr / 10), lr / 10, weight_decay)
+            opt = _optimizer(kind, facto_parameter_groups(trained, lr / 10), lr / 10, weight_decay)
             facto_fx.attach(trained, opt, merge_every=len(train_loader), w_decay=lr / 10 * weight_decay)
         train_loader.generator.manual_seed(seed + 1)  # every run sees the same batches
         torch.manual_seed(seed + 1)

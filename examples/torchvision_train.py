@@ -130,13 +130,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
     return correct / seen
 
 
-def facto_optimizer(fmodel: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.SGD:
+def facto_parameter_groups(fmodel: nn.Module, lr: float) -> list[dict]:
     """M in its own group: 4x the rate and no weight decay (W is decayed by the hooks, paper eq. 14)."""
     low_rank = facto_fx.low_rank_parameters(fmodel)
     low_rank_ids = {id(p) for p in low_rank}
     others = [p for p in fmodel.parameters() if p.requires_grad and id(p) not in low_rank_ids]
-    return torch.optim.SGD([{"params": low_rank, "lr": LOW_RANK_LR * lr, "weight_decay": 0.0},
-                            {"params": others}], lr=lr, momentum=momentum, weight_decay=WEIGHT_DECAY)
+    return [{"params": low_rank, "lr": LOW_RANK_LR * lr, "weight_decay": 0.0}, {"params": others}]
+
+
+def facto_optimizer(fmodel: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD over facto_parameter_groups."""
+    return torch.optim.SGD(facto_parameter_groups(fmodel, lr), lr=lr, momentum=momentum, weight_decay=WEIGHT_DECAY)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -157,6 +157,15 @@ class Method:
 _METHODS: dict[type[MethodConfig], Method] = {}
 
 
+def module_tensors(graph: fx.Graph, node: fx.Node, module: nn.Module, names: Sequence[str]) -> list[fx.Node | None]:
+    """get_attr nodes, inserted before `node` (a call of `module`), reading the module's tensors
+    `names`; None for one the module does not have (a norm without affine parameters): the
+    arguments of the module's functional form."""
+    with graph.inserting_before(node):
+        return [graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None else None
+                for name in names]
+
+
 def register_method(config: type[MethodConfig]) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: make `config` usable in `compile(methods=...)`, applied by the decorated handler."""
     if not (isinstance(config, type) and issubclass(config, MethodConfig)):

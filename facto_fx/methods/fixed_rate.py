@@ -15,7 +15,7 @@ from torch import Tensor, fx, nn
 
 from facto_fx import ops
 from facto_fx.layers import QuantizedConv2d
-from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
+from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, module_tensors, register_method
 from facto_fx.ops.quantized import DEFAULT_BITS, DEFAULT_GROUP, check_bits, check_group
 from facto_fx.passes.match import CONV, MUL, NORM, Match, call_args
 
@@ -52,7 +52,7 @@ _NORM_FUNCTIONS = {nn.LayerNorm: F.layer_norm, nn.GroupNorm: F.group_norm}
 _QUANTIZED_NORMS = {F.layer_norm: ops.quantized_layer_norm, F.group_norm: ops.quantized_group_norm}
 
 
-def _norm_call(site: RewriteSite, match: Match) -> tuple[object, tuple]:
+def _norm_call(match: Match) -> tuple[object, tuple]:
     """(torch's norm function, its arguments as graph values) of a matched module or call."""
     node, module = match.node, match.module
     if module is None:
@@ -61,15 +61,9 @@ def _norm_call(site: RewriteSite, match: Match) -> tuple[object, tuple]:
         shape = args["normalized_shape" if function is F.layer_norm else "num_groups"]
         return function, (args["input"], shape, args["weight"], args["bias"], args["eps"])
     function = _NORM_FUNCTIONS[type(module)]
-    params = []
-    for name in ("weight", "bias"):
-        if getattr(module, name) is None:
-            params.append(None)
-            continue
-        with node.graph.inserting_before(node):
-            params.append(node.graph.get_attr(f"{node.target}.{name}"))
+    weight, bias = module_tensors(node.graph, node, module, ("weight", "bias"))
     shape = list(module.normalized_shape) if function is F.layer_norm else module.num_groups
-    return function, (node.args[0], shape, *params, module.eps)
+    return function, (node.args[0], shape, weight, bias, module.eps)
 
 
 @register_method(FixedRate)
@@ -96,7 +90,7 @@ class _FixedRate(Method):
             site.use_function(node, ops.quantized_mul, tuple(node.args), codes)
             return
         if match.kind == NORM:
-            function, args = _norm_call(site, match)
+            function, args = _norm_call(match)
             site.use_function(node, _QUANTIZED_NORMS[function], args, codes)
             return
         if match.module is not None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from facto_fx.layers import FactoBatchNorm
-from facto_fx.methods.base import Method, MethodConfig, register_method
+from facto_fx.methods.base import Method, MethodConfig, module_tensors, register_method
 from facto_fx.ops.row_strips import RowStripRegion
 from facto_fx.passes.regions import BATCH_STATISTICS_STOP, find_region
 
@@ -100,9 +100,7 @@ def _plain_batch_norm(chain: fx.GraphModule) -> None:
         if not (isinstance(module, FactoBatchNorm) and not module.batch_statistics and module.lossy_kernel == 1
                 and module.storage_dtype is None):
             continue
-        with chain.graph.inserting_before(node):
-            tensors = [chain.graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None else None
-                       for name in ("running_mean", "running_var", "weight", "bias")]
+        tensors = module_tensors(chain.graph, node, module, ("running_mean", "running_var", "weight", "bias"))
         node.op, node.target = "call_function", F.batch_norm
         node.args = (node.args[0], *tensors, False, 0.0, module.eps)
     chain.graph.lint()

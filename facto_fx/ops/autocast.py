@@ -38,30 +38,33 @@ def _autocast_key(device_type: str) -> str:
     return "Autocast" + torch._C._dispatch_key_for_device(device_type)
 
 
-def _autocast_kernel(name: str, device_type: str):
-    op = getattr(torch.ops.facto, name).default
-    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _autocast_key(device_type)))
-
-    def kernel(_keyset, x: Tensor, *args):
-        if x.is_floating_point() and x.device.type == device_type and x.dtype != torch.float64:
-            x = x.to(torch.get_autocast_dtype(device_type))
-        with torch._C._ExcludeDispatchKeyGuard(key):
-            return op(x, *args)
-
-    return kernel
-
-
-def _fp32_kernel(name: str, device_type: str):
+def _cast_kernel(name: str, device_type: str, cast):
+    """The op's autocast kernel: `cast` its arguments, then run the op below autocast."""
     op = getattr(torch.ops.facto, name).default
     key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _autocast_key(device_type)))
 
     def kernel(_keyset, *args):
-        args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
-                for a in args]
         with torch._C._ExcludeDispatchKeyGuard(key):
-            return op(*args)
+            return op(*cast(args))
 
     return kernel
+
+
+def _lower_precision(device_type: str):
+    """x (the first argument) to autocast's dtype, where it is a floating tensor on the device."""
+    def cast(args: tuple) -> tuple:
+        x, *rest = args
+        if x.is_floating_point() and x.device.type == device_type and x.dtype != torch.float64:
+            x = x.to(torch.get_autocast_dtype(device_type))
+        return (x, *rest)
+
+    return cast
+
+
+def _fp32(args: tuple) -> tuple:
+    """Every floating tensor argument (float64 aside) to fp32."""
+    return tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
+                 for a in args)
 
 
 def register() -> None:
@@ -70,6 +73,7 @@ def register() -> None:
         if not torch._C._is_autocast_available(device_type):
             continue
         for name in LOWER_PRECISION_OPS:
-            _lib.impl(name, _autocast_kernel(name, device_type), _autocast_key(device_type), with_keyset=True)
+            _lib.impl(name, _cast_kernel(name, device_type, _lower_precision(device_type)), _autocast_key(device_type),
+                      with_keyset=True)
         for name in FP32_OPS if device_type in FP32_DEVICES else ():
-            _lib.impl(name, _fp32_kernel(name, device_type), _autocast_key(device_type), with_keyset=True)
+            _lib.impl(name, _cast_kernel(name, device_type, _fp32), _autocast_key(device_type), with_keyset=True)

@@ -304,8 +304,9 @@ class _Planner:
         decision.reason = "derivative in 1 bit (exact)" if exact else f"derivative in {bits} bits (few-bit backward)"
 
     def _store(self, match: Match, decision: Decision) -> None:
-        """Give a layer Facto leaves (a grouped conv it refuses, a product of feature maps) the
-        fixed-rate store at config.store_bits, where it is set and the method takes the layer."""
+        """Give a layer Facto leaves (a grouped conv it refuses, a product of feature maps, a layer or
+        group norm) the fixed-rate store at config.store_bits, where it is set and the method takes
+        the layer."""
         if self.config.store_bits is None:
             return
         method = FixedRate(self.config.store_bits)
