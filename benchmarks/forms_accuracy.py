@@ -12,7 +12,7 @@ learning-rate drop to a tenth, three runs from the same full-rank model over the
   packed masks);
 - facto, new forms: the same with compile's defaults, the activation functions' 2-bit derivative
   codes and the 4-bit fixed-rate store (depthwise convs, squeeze-excite products, layer and group
-  norms). These are the settings of "facto 1.0" in `modern_cnns.py`.
+  norms, batch-norm's pooled x̂). These are the settings of "facto 1.0" in `modern_cnns.py`.
 
 Prints each seed's test accuracies, each run's mean and its mean paired gap to vanilla; the issue's
 target is a mean within 0.5 points of vanilla for both Facto runs. `silu_resnet18` (torchvision's

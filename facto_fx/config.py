@@ -62,7 +62,8 @@ class FactoConfig:
     store_bits: bits per element of the fixed-rate store (FixedRate: 2, 4 or 8, stochastically
         rounded, unbiased) for what no other form covers: the input of a grouped or depthwise conv
         (Facto refuses them), the factors of a product of feature maps (squeeze-excite), the x̂ of a
-        layer or group norm; 4 by default (efficientnet_b0, mobilenet_v3_large and convnext_atto,
+        layer or group norm; and for the pooled x̂ of Facto's batch-norm (FactoLowRank.pooled_bits);
+        4 by default (efficientnet_b0, mobilenet_v3_large and convnext_atto,
         3 seeds on digits and mnist5k: within 0.56 points of vanilla, and of Facto without the new
         forms, benchmarks/forms_accuracy.py); None leaves them as they are.
     seed: seeds the random direction matrices D, per layer and per redraw.
@@ -103,6 +104,8 @@ class FactoConfig:
     row_strips: RowStrips | None = None
 
     def __post_init__(self) -> None:
+        if self.store_bits is not None:
+            FixedRate(self.store_bits)  # validates it before low_rank() passes it on
         low_rank = self.low_rank()  # validates inr, lossy_kernel, storage_dtype, direction and scale
         object.__setattr__(self, "storage_dtype", low_rank.storage_dtype)
         if isinstance(self.apply_ratio, bool) or not isinstance(self.apply_ratio, (int, float)) or not (
@@ -129,8 +132,6 @@ class FactoConfig:
         check_mode(self.kernels)
         if self.activation_bits is not None:
             FewBitActivation(self.activation_bits)  # validates them
-        if self.store_bits is not None:
-            FixedRate(self.store_bits)
         if not isinstance(self.methods, Mapping):
             raise ValueError(f"methods must map layer names, patterns or filters to methods; got {self.methods!r}")
         for key, method in self.methods.items():
@@ -159,4 +160,5 @@ class FactoConfig:
     def low_rank(self) -> FactoLowRank:
         """The Facto method apply_ratio and include give a layer."""
         return FactoLowRank(self.inr, self.lossy_kernel, self.storage_dtype, self.direction,
-                            batch_statistics=self.batch_norm == "lossy", scale=self.scale)
+                            batch_statistics=self.batch_norm == "lossy", scale=self.scale,
+                            pooled_bits=self.store_bits)

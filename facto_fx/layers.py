@@ -290,7 +290,8 @@ class FactoLinear(LowRankMixin, nn.Module):
 
 
 class FactoBatchNorm(nn.Module):
-    """Batch-norm whose saved input is x̂ mean-pooled; γ and β stay trainable.
+    """Batch-norm whose saved input is x̂ mean-pooled (in `bits`-bit codes, given them); γ and β
+    stay trainable.
 
     With frozen statistics it is a per-channel affine in every mode. With `batch_statistics` it
     trains as torch's batch-norm does (batch statistics, running statistics updated with the
@@ -300,10 +301,10 @@ class FactoBatchNorm(nn.Module):
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, lossy_kernel: int, storage_dtype: torch.dtype | None,
-                 batch_statistics: bool = False):
+                 batch_statistics: bool = False, bits: int | None = None):
         super().__init__()
         self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
-        self.lossy_kernel, self.storage_dtype = lossy_kernel, storage_dtype
+        self.lossy_kernel, self.storage_dtype, self.bits = lossy_kernel, storage_dtype, bits
         self.batch_statistics = batch_statistics
         self.weight, self.bias = bn.weight, bn.bias
         self.register_buffer("running_mean", bn.running_mean)
@@ -317,12 +318,13 @@ class FactoBatchNorm(nn.Module):
             momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return ops.batch_norm_in_mode(
             x, self.running_mean, self.running_var, self.weight, self.bias,
-            training, momentum, self.eps, self.lossy_kernel, self.storage_dtype,
+            training, momentum, self.eps, self.lossy_kernel, self.storage_dtype, self.bits,
         )
 
     def extra_repr(self) -> str:
         statistics = "batch statistics" if self.batch_statistics else "frozen statistics"
-        return f"{self.num_features}, eps={self.eps}, {statistics}, lossy_kernel={self.lossy_kernel}"
+        codes = "" if self.bits is None else f", bits={self.bits}"
+        return f"{self.num_features}, eps={self.eps}, {statistics}, lossy_kernel={self.lossy_kernel}{codes}"
 
 
 class FactoDropout(nn.Module):

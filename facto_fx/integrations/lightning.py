@@ -40,6 +40,8 @@ Checkpoints Lightning writes after the switch hold the Facto model (M, D) and th
 `trainer.fit(module, ckpt_path=...)` with a FactoCallback configured the same way resumes them
 exactly: Lightning loads the weights the network shares, the callback compiles it again, loads the
 rest, and rebuilds the optimizer before Lightning restores the optimizer's and schedulers' state.
+The callback's state holds torch's random state too (Lightning's checkpoints do not), which the
+codes' stochastic rounding draws from, and a resume restores it.
 To use the trained network elsewhere, load the exported dense model.
 
 One device only (Lightning's SingleDeviceStrategy): under DDP the switch would add parameters the
@@ -172,6 +174,7 @@ class FactoCallback(pl.Callback):
         self._w_decay = 0.0
         self._strict: bool | None = None  # the module's strict_loading while the callback loads checkpoints
         self._resume: dict | None = None  # this callback's state in the checkpoint being resumed
+        self._rng: dict | None = None  # torch's random state in that checkpoint
         self._checkpoint_weights: dict[str, Tensor] | None = None
 
     @property
@@ -201,6 +204,7 @@ class FactoCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = state_dict if state_dict.get("switched_at") is not None else None
+        self._rng = state_dict.get("rng")  # absent from checkpoints written before it existed
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strict = pl_module.strict_loading if self._strict is None else self._strict
@@ -224,6 +228,11 @@ class FactoCallback(pl.Callback):
                     f"attribute={self.attribute!r}: resume it with the callback it was written with"
                 )
             pl_module.load_state_dict(weights, strict=strict)  # Lightning loaded it leniently (setup)
+        rng, self._rng = self._rng, None
+        if rng is not None:  # the codes' stochastic rounding draws from it: draw what the unbroken run drew
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fmodel is None and trainer.current_epoch >= self.start_epoch:
@@ -245,10 +254,13 @@ class FactoCallback(pl.Callback):
             pl_module.strict_loading, self._strict = self._strict, None
 
     def state_dict(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
         if self.fmodel is None:
-            return {"switched_at": None}
+            return {"switched_at": None, "rng": rng}
         assert self.example_inputs is not None
         return {
+            "rng": rng,
             "switched_at": self.switched_at,
             "merge_every": self.hooks.merge_every if self.hooks is not None else 1,
             "w_decay": self._w_decay,

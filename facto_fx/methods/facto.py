@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from facto_fx import ops
 from facto_fx.dtypes import parse_dtype
-from facto_fx.layers import FactoConv2d, FactoLinear
+from facto_fx.layers import FactoBatchNorm, FactoConv2d, FactoLinear
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, StepOptions, register_method
 from facto_fx.methods.frozen import rewrite_batch_norm
+from facto_fx.ops.quantized import DEFAULT_GROUP, check_bits
 from facto_fx.passes.match import BATCH_NORM, CONV, LINEAR, SCALE, Match, call_args
 
 DIRECTIONS = ("gaussian", "orthonormal", "gradient")
@@ -43,6 +44,9 @@ class FactoLowRank(MethodConfig):
     batch_statistics: a batch-norm layer trains on batch statistics, its backward reading x̂ from
         the pooled copy (FactoConfig(batch_norm="lossy"), the default), or, if False, on frozen
         statistics (FactoConfig(batch_norm="freeze")).
+    pooled_bits: a batch-norm keeps its pooled x̂ as the fixed-rate store's codes, this many bits
+        per element (2, 4 or 8; stochastically rounded, unbiased; ops/batch_norm.py); None keeps it
+        in storage_dtype. `compile` sets it to its store_bits.
     """
 
     label = "facto"
@@ -53,6 +57,7 @@ class FactoLowRank(MethodConfig):
     direction: Literal["gaussian", "orthonormal", "gradient"] = "gaussian"
     batch_statistics: bool = True
     scale: Literal["unbiased", "paper"] = "unbiased"
+    pooled_bits: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.inr, bool) or not isinstance(self.inr, (int, float)) or not (
@@ -71,6 +76,12 @@ class FactoLowRank(MethodConfig):
             raise ValueError(f"scale must be one of {', '.join(map(repr, SCALES))}; got {self.scale!r}")
         if not isinstance(self.batch_statistics, bool):
             raise ValueError(f"batch_statistics must be True or False; got {self.batch_statistics!r}")
+        if self.pooled_bits is not None:
+            try:
+                check_bits(self.pooled_bits)
+            except ValueError as error:
+                raise ValueError(f"FactoLowRank(pooled_bits=...): {error} (None keeps the pooled maps uncoded)"
+                                 ) from None
 
     def rank(self, features: int) -> int:
         """Internal rank for a layer with `features` input channels / nodes (at least 1)."""
@@ -184,7 +195,8 @@ class Facto(Method):
             site.use_function(node, ops.scale, (x, s), {"lossy_kernel": method.lossy_kernel,
                                                          "storage_dtype": method.storage_dtype})
         else:
-            rewrite_batch_norm(site, match, method.lossy_kernel, method.storage_dtype, method.batch_statistics)
+            rewrite_batch_norm(site, match, method.lossy_kernel, method.storage_dtype, method.batch_statistics,
+                               method.pooled_bits)
 
     def after_step(self, layers: Sequence[nn.Module], optimizer: torch.optim.Optimizer, step: int,
                    options: StepOptions) -> bool:
@@ -215,6 +227,20 @@ class Facto(Method):
 
     def trainable(self, layer: nn.Module) -> list[nn.Parameter]:
         return [layer.M]
+
+    def node_note(self, node: fx.Node) -> str | None:
+        """A batch-norm's kept x̂: its pool and, where coded, its bits per element."""
+        if node.op == "call_module":
+            layer = node.graph.owning_module.get_submodule(node.target)
+            if not isinstance(layer, FactoBatchNorm):
+                return None
+            k, bits = layer.lossy_kernel, layer.bits
+        elif node.target in (ops.batch_norm_in_mode, ops.batch_norm):
+            k, bits = node.kwargs["lossy_kernel"], node.kwargs["bits"]
+        else:
+            return None
+        codes = "" if bits is None else f" in {bits} bits per element (fixed rate, groups of {DEFAULT_GROUP})"
+        return f"x̂ pooled {k}×{k}{codes}"
 
     def dense_state(self, layer: nn.Module) -> dict[str, Tensor]:
         return {"weight": layer.merged_weight()}

@@ -35,26 +35,27 @@ class FrozenBatchNorm(MethodConfig):
 
 def rewrite_batch_norm(
     site: RewriteSite, match: Match, lossy_kernel: int, storage_dtype: torch.dtype | None,
-    batch_statistics: bool = False,
+    batch_statistics: bool = False, bits: int | None = None,
 ) -> None:
     """Rewrite a batch-norm module or call into frozen-statistics batch-norm, or into batch-norm on
-    batch statistics in training; both save x̂ pooled."""
+    batch statistics in training; both save x̂ pooled (in `bits`-bit codes, given them)."""
     if match.module is not None:
-        site.use_layer(match, FactoBatchNorm(match.module, lossy_kernel, storage_dtype, batch_statistics))
+        site.use_layer(match, FactoBatchNorm(match.module, lossy_kernel, storage_dtype, batch_statistics, bits))
         return
     args = call_args(match.node)
+    kept = {"lossy_kernel": lossy_kernel, "storage_dtype": storage_dtype, "bits": bits}
     if batch_statistics:
         site.use_function(
             match.node, ops.batch_norm_in_mode,
             tuple(args[name] for name in ("input", "running_mean", "running_var", "weight", "bias", "training",
                                           "momentum", "eps")),
-            {"lossy_kernel": lossy_kernel, "storage_dtype": storage_dtype},
+            kept,
         )
         return
     site.use_function(
         match.node, ops.batch_norm,
         tuple(args[name] for name in ("input", "running_mean", "running_var", "weight", "bias")),
-        {"eps": args["eps"], "lossy_kernel": lossy_kernel, "storage_dtype": storage_dtype},
+        {"eps": args["eps"], **kept},
     )
 
 

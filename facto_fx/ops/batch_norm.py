@@ -10,6 +10,13 @@ grad_x = γ/σ · (g − mean(g) − x̂·mean(g·x̂)), reads x̂ from the same
 gradient through the statistics is what keeps a batch-norm network stable at a high learning rate
 (frozen statistics diverged where this did not; benchmarks/switch_regimes.py), at the saved bytes
 of frozen statistics. There is no Triton kernel: it runs PyTorch on every device.
+
+Both keep the pooled x̂ in `storage_dtype`, or, given `bits`, as the fixed-rate store's codes
+(ops/quantized.py: `bits` per element, a min and a scale per `group` elements, stochastically
+rounded, so γ's gradient and the statistics' term of grad_x stay unbiased given the pooled map).
+x̂ is normalised, so its groups span a narrow range: at 4 bits an fp32 map keeps 1/32 of its size
+(pooled 2×2) where the pooled map alone is 1/4. The codes follow the pooled map's logical (NCHW)
+order whatever x's layout.
 """
 
 from __future__ import annotations
@@ -20,8 +27,41 @@ from torch import Tensor
 
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast, mean_pool, store, sum_pool, upsample
-from facto_fx.ops.scale import spatial_kernel
+from facto_fx.ops.quantized import (
+    DEFAULT_GROUP,
+    check_bits,
+    check_group,
+    decode,
+    draw_seed,
+    quantize_parts,
+    stats_dtype,
+)
+from facto_fx.ops.scale import pooled_shape, spatial_kernel
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
+
+
+def _keep(pooled_hat: Tensor, storage_dtype: torch.dtype | None, bits: int | None, group: int,
+          seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """What backward keeps of the pooled x̂: (the map in `storage_dtype`, two empty tensors), or
+    with `bits` its fixed-rate (codes, mins, scales)."""
+    if bits is None:
+        stats = stats_dtype(pooled_hat.dtype)
+        empty = (pooled_hat.new_empty(0, dtype=stats), pooled_hat.new_empty(0, dtype=stats))
+        return store(pooled_hat, storage_dtype), *empty
+    return quantize_parts(pooled_hat.contiguous(), check_bits(bits), check_group(group), seed)
+
+
+def _remember_codes(ctx, x: Tensor, lossy_kernel: int, bits: int | None, group: int) -> None:
+    ctx.bits, ctx.group, ctx.x_dtype = bits, group, x.dtype
+    ctx.pooled_shape = pooled_shape(x, lossy_kernel)
+    ctx.kernels = current_mode()
+
+
+def _pooled_x_hat(ctx, kept: Tensor, mins: Tensor, scales: Tensor) -> Tensor:
+    """The pooled x̂ backward reads: the kept map, or its codes decoded (in x's dtype)."""
+    if ctx.bits is None or kept.numel() == 0:
+        return kept
+    return decode(kept, mins, scales, ctx.bits, ctx.group, ctx.pooled_shape, False, ctx.x_dtype, ctx.kernels)
 
 
 @torch.library.custom_op("facto::batch_norm", mutates_args=())
@@ -35,18 +75,33 @@ def batch_norm_fwd(
     lossy_kernel: int,
     storage_dtype: torch.dtype | None,
     save_pooled: bool,
-) -> tuple[Tensor, Tensor]:
+    bits: int | None,
+    group: int,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if use_triton(x):
         from facto_fx.triton_ops.affine import affine_forward
 
         rstd = torch.rsqrt(running_var + eps)
-        return affine_forward(
-            x, x.shape[1], lossy_kernel, storage_dtype, save_pooled, running_mean, rstd, weight, bias
+        y, pooled_hat = affine_forward(
+            x, x.shape[1], lossy_kernel, storage_dtype if bits is None else None, save_pooled, running_mean, rstd,
+            weight, bias,
         )
-    return _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled)
+        return y, *_kept(pooled_hat, save_pooled, bits, group, seed)
+    return _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled, bits,
+                    group, seed)
 
 
-def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled):
+def _kept(pooled_hat: Tensor, save_pooled: bool, bits: int | None, group: int, seed: Tensor | None) -> tuple:
+    """_keep of a pooled x̂ already in its storage dtype; empty tensors where none is saved."""
+    if not save_pooled:
+        stats = stats_dtype(pooled_hat.dtype)
+        return pooled_hat, pooled_hat.new_empty(0, dtype=stats), pooled_hat.new_empty(0, dtype=stats)
+    return _keep(pooled_hat, None, bits, group, seed)
+
+
+def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled, bits, group,
+             seed):
     """The PyTorch path; on fake tensors, the fake kernel.
 
     Both y and the pooled x̂ = (meanpool_k(x) − μ)/σ (pooling commutes with the per-channel
@@ -55,27 +110,28 @@ def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, stor
     """
     y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if not save_pooled:
-        return y, x.new_empty(0)
+        return y, *_kept(x.new_empty(0), False, bits, group, seed)
     pooled = mean_pool(x, spatial_kernel(x, lossy_kernel))
     pooled_hat = F.batch_norm(pooled, running_mean, running_var, None, None, False, 0.0, eps)
-    return y, store(pooled_hat, storage_dtype)
+    return y, *_keep(pooled_hat, storage_dtype, bits, group, seed)
 
 
 batch_norm_fwd.register_fake(_forward)
 
 
 def _setup_context(ctx, inputs, output):
-    _, weight, bias, _, running_var, eps, lossy_kernel, _, _ = inputs
-    ctx.save_for_backward(output[1], weight, running_var)
+    x, weight, bias, _, running_var, eps, lossy_kernel, _, _, bits, group, _ = inputs
+    ctx.save_for_backward(*output[1:], weight, running_var)
     ctx.eps = eps
     ctx.has_bias = bias is not None
     ctx.lossy_kernel = lossy_kernel
-    ctx.kernels = current_mode()
-    ctx.mark_non_differentiable(output[1])
+    _remember_codes(ctx, x, lossy_kernel, bits, group)
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_y, _grad_pooled):
-    pooled, weight, running_var = ctx.saved_tensors
+def _backward(ctx, grad_y, *_grad_kept):
+    kept, mins, scales, weight, running_var = ctx.saved_tensors
+    pooled = _pooled_x_hat(ctx, kept, mins, scales)
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_weight, need_bias = need_weight and weight is not None, need_bias and ctx.has_bias
     if need_weight and pooled.numel() == 0:
@@ -89,7 +145,7 @@ def _backward(ctx, grad_y, _grad_pooled):
 
         needs = (need_x, need_weight, need_bias)
         grads = affine_backward(grad_y, pooled, gain, grad_y.shape[1], ctx.lossy_kernel, needs)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None, None
     grad_x = grad_weight = grad_bias = None
     reduce_dims = [d for d in range(grad_y.dim()) if d != 1]
     # The small reductions first, so their pooled temporaries are gone before grad_x is allocated.
@@ -102,7 +158,7 @@ def _backward(ctx, grad_y, _grad_pooled):
     if need_x:  # grad_y·γ/σ is an inference batch-norm of grad_y with zero mean and no shift
         zero_mean = running_var.new_zeros(running_var.shape)
         grad_x = F.batch_norm(grad_y, zero_mean, running_var, weight, None, False, 0.0, ctx.eps)
-    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 register_autograd(batch_norm_fwd, _backward, _setup_context)
@@ -117,13 +173,17 @@ def batch_norm(
     eps: float = 1e-5,
     lossy_kernel: int = 2,
     storage_dtype: torch.dtype | None = None,
+    bits: int | None = None,
+    group: int = DEFAULT_GROUP,
 ) -> Tensor:
-    """Frozen-statistics batch-norm over dim 1; saves pooled x̂ only if `weight` is trained."""
+    """Frozen-statistics batch-norm over dim 1; saves pooled x̂ (in `bits`-bit codes, given them)
+    only if `weight` is trained."""
     if not records_gradient(x, weight, bias):
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     save_pooled = weight is not None and weight.requires_grad
+    seed = draw_seed(x.device) if bits is not None and save_pooled else None
     return torch.ops.facto.batch_norm(
-        x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled
+        x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled, bits, group, seed
     )[0]
 
 
@@ -135,8 +195,11 @@ def batch_norm_stats_fwd(
     eps: float,
     lossy_kernel: int,
     storage_dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype)
+    bits: int | None,
+    group: int,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype, bits, group, seed)
 
 
 def _per_channel(t: Tensor, like: Tensor) -> Tensor:
@@ -158,32 +221,34 @@ def _subtract_upsampled_(out: Tensor, pooled: Tensor, scale: Tensor, k: int) -> 
         out.addcmul_(upsample(pooled, k, (h, w)), scale, value=-1)
 
 
-def _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype):
-    """(y, pooled x̂, μ, 1/σ): torch's training batch-norm (one aten call, statistics in fp32
-    for every x dtype), then x̂ of the pooled map (pooling commutes with the per-channel affine).
-    Also the fake kernel."""
+def _stats_forward(x, weight, bias, eps, lossy_kernel, storage_dtype, bits, group, seed):
+    """(y, the pooled x̂ as _keep keeps it (three tensors), μ, 1/σ): torch's training batch-norm
+    (one aten call, statistics in fp32 for every x dtype), then x̂ of the pooled map (pooling
+    commutes with the per-channel affine). Also the fake kernel."""
     y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     pooled = mean_pool(x, spatial_kernel(x, lossy_kernel))
     pooled_hat = ((pooled - _per_channel(mean, x)) * _per_channel(invstd, x)).to(x.dtype)
     # aten's fake gives the statistics x's dtype where the CPU kernel gives fp32: fix the dtype.
     acc = torch.promote_types(x.dtype, torch.float32)
-    return y, store(pooled_hat, storage_dtype), mean.to(acc), invstd.to(acc)
+    return y, *_keep(pooled_hat, storage_dtype, bits, group, seed), mean.to(acc), invstd.to(acc)
 
 
 batch_norm_stats_fwd.register_fake(_stats_forward)
 
 
 def _stats_setup_context(ctx, inputs, output):
-    _, weight, bias, _, lossy_kernel, _ = inputs
-    ctx.save_for_backward(output[1], weight, output[3])
+    x, weight, bias, _, lossy_kernel, _, bits, group, _ = inputs
+    ctx.save_for_backward(*output[1:4], weight, output[5])
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.lossy_kernel = lossy_kernel
+    _remember_codes(ctx, x, lossy_kernel, bits, group)
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _stats_backward(ctx, grad_y, _grad_pooled, _grad_mean, _grad_invstd):
+def _stats_backward(ctx, grad_y, *_grad_saved):
     """torch's batch-norm backward with x̂ upsampled from its pooled copy; per-channel sums in at least fp32."""
-    pooled, weight, invstd = ctx.saved_tensors
+    kept, mins, scales, weight, invstd = ctx.saved_tensors
+    pooled = _pooled_x_hat(ctx, kept, mins, scales)
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     reduce_dims = [d for d in range(grad_y.dim()) if d != 1]
     count = grad_y.numel() // grad_y.shape[1]
@@ -201,7 +266,7 @@ def _stats_backward(ctx, grad_y, _grad_pooled, _grad_mean, _grad_invstd):
         _subtract_upsampled_(grad_x, cast(pooled, grad_y.dtype), _per_channel(gain * grad_weight / count, pooled), k)
     grad_weight = grad_weight.to(weight.dtype) if need_weight and weight is not None else None
     grad_bias = grad_bias.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None
-    return grad_x, grad_weight, grad_bias, None, None, None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 register_autograd(batch_norm_stats_fwd, _stats_backward, _stats_setup_context)
@@ -217,9 +282,12 @@ def batch_norm_stats(
     eps: float = 1e-5,
     lossy_kernel: int = 2,
     storage_dtype: torch.dtype | None = None,
+    bits: int | None = None,
+    group: int = DEFAULT_GROUP,
 ) -> Tensor:
     """Batch-norm on batch statistics over dim 1, updating the running statistics as
-    F.batch_norm(training=True) does (unbiased variance, `momentum`); saves only pooled x̂."""
+    F.batch_norm(training=True) does (unbiased variance, `momentum`); saves only pooled x̂ (in
+    `bits`-bit codes, given them)."""
     if not records_gradient(x, weight, bias):
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     count = x.numel() // x.shape[1]
@@ -227,7 +295,9 @@ def batch_norm_stats(
         raise ValueError(
             f"batch-norm on batch statistics needs more than 1 value per channel; got input {tuple(x.shape)}"
         )
-    y, _, mean, invstd = torch.ops.facto.batch_norm_stats(x, weight, bias, eps, lossy_kernel, storage_dtype)
+    seed = None if bits is None else draw_seed(x.device)
+    y, *_, mean, invstd = torch.ops.facto.batch_norm_stats(x, weight, bias, eps, lossy_kernel, storage_dtype, bits,
+                                                          group, seed)
     with torch.no_grad():
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_var.lerp_(((invstd.pow(-2) - eps) * (count / (count - 1))).to(running_var.dtype), momentum)
@@ -245,10 +315,13 @@ def batch_norm_in_mode(
     eps: float,
     lossy_kernel: int = 2,
     storage_dtype: torch.dtype | None = None,
+    bits: int | None = None,
+    group: int = DEFAULT_GROUP,
 ) -> Tensor:
     """What F.batch_norm(..., training, momentum, eps) computes, saving x̂ pooled: batch statistics
     in training (batch_norm_stats), running statistics otherwise (batch_norm). A functional
     batch-norm reads its module's mode at run time, so one graph serves both."""
+    codes = {"lossy_kernel": lossy_kernel, "storage_dtype": storage_dtype, "bits": bits, "group": group}
     if training:
-        return batch_norm_stats(x, running_mean, running_var, weight, bias, momentum, eps, lossy_kernel, storage_dtype)
-    return batch_norm(x, running_mean, running_var, weight, bias, eps, lossy_kernel, storage_dtype)
+        return batch_norm_stats(x, running_mean, running_var, weight, bias, momentum, eps, **codes)
+    return batch_norm(x, running_mean, running_var, weight, bias, eps, **codes)

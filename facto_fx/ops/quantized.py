@@ -64,7 +64,7 @@ from facto_fx.ops.chunks import row_pieces
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.shapes import is_channels_last, pair
-from facto_fx.triton_ops.dispatch import current_mode, use_triton
+from facto_fx.triton_ops.dispatch import current_mode, use_kernels, use_triton
 
 QUANTIZED_BITS = (2, 4, 8)
 DEFAULT_BITS = 4
@@ -268,6 +268,17 @@ def dequantize_parts(
     return dequantize_reference(codes, mins, scales, bits, group, shape, channels_last, dtype)
 
 
+def decode(
+    codes: Tensor, mins: Tensor, scales: Tensor, bits: int, group: int, shape: Sequence[int], channels_last: bool,
+    dtype: torch.dtype, kernels: str,
+) -> Tensor:
+    """A backward's decoding: facto::dequantize_map under the forward's kernel choice. As one op,
+    torch.compile's partitioner keeps the packed codes for it; the decoder traced inline had it keep
+    the unpacked codes instead (twice the bytes at 4 bits, 13-23 % more saved bytes on models)."""
+    with use_kernels(kernels):
+        return torch.ops.facto.dequantize_map(codes, mins, scales, bits, group, list(shape), channels_last, dtype)
+
+
 # -- the storage ops ----------------------------------------------------------------------------------
 
 
@@ -386,8 +397,8 @@ def _conv_backward(ctx, grad_y, *_grad_codes):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.bias_sizes is not None
     if need_w:
-        x_hat = dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last,
-                                 ctx.x_dtype, ctx.kernels)
+        x_hat = decode(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last, ctx.x_dtype,
+                       ctx.kernels)
     else:
         layout_ = torch.channels_last if ctx.channels_last else torch.contiguous_format
         x_hat = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=grad_y.device, memory_format=layout_)
@@ -486,8 +497,8 @@ def _mul_backward(ctx, grad_y, *_grad_codes):
                                f"{'ab'[i]} needs: pass save_{'ab'[other]}=True")
         if full is None:
             codes, mins, scales = parts[3 * other: 3 * other + 3]
-            full = dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.shapes[other],
-                                    ctx.channels_last[other], ctx.dtypes[other], ctx.kernels)
+            full = decode(codes, mins, scales, ctx.bits, ctx.group, ctx.shapes[other], ctx.channels_last[other],
+                          ctx.dtypes[other], ctx.kernels)
         grads[i] = cast((grad_y * full).sum_to_size(ctx.shapes[i]), ctx.dtypes[i])
     return grads[0], grads[1], None, None, None, None, None
 

@@ -31,7 +31,7 @@ from facto_fx.ops.quantized import (
     DEFAULT_GROUP,
     check_bits,
     check_group,
-    dequantize_parts,
+    decode,
     draw_seed,
     quantize_parts,
     stats_dtype,
@@ -80,8 +80,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _decoded(ctx, codes: Tensor, mins: Tensor, scales: Tensor) -> Tensor:
-    return dequantize_parts(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last,
-                            mins.dtype, ctx.kernels)
+    return decode(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last, mins.dtype, ctx.kernels)
 
 
 def _grads(ctx, grads: tuple[Tensor | None, ...], weight: Tensor | None, bias: Tensor | None) -> tuple:

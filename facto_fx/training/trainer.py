@@ -83,8 +83,11 @@ class Trainer:
         self.out = Path(config.out) if config.out else None
         self.data = load_splits(config.dataset, config.data_dir, config.download, config.image_size, config.seed)
         self.sampler = EpochSampler(len(self.data.train), config.seed, self.topology.rank, self.topology.world_size)
+        # Its own generator: each pass's iterator draws its workers' base seed from it, not from torch's,
+        # so a run resumed mid-epoch draws the codes' stochastic rounding where the unbroken run did.
         self.train_loader = DataLoader(
-            self.data.train, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers
+            self.data.train, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers,
+            generator=torch.Generator().manual_seed(config.seed),
         )
         shard = range(self.topology.rank, len(self.data.test), self.topology.world_size)
         self.test_loader = DataLoader(Subset(self.data.test, shard), batch_size=256, num_workers=config.workers)

@@ -96,7 +96,8 @@ def test_trained_weight_saves_pooled_x_hat(storage_dtype, dtype):
     x, mean, var, weight, bias = _inputs((2, 3, 5, 7), seed=3)
     x, weight = leaf(x), leaf(weight)
     saved = _saved(lambda: facto.batch_norm(x, mean, var, weight, bias, EPS, 2, storage_dtype))
-    assert [(t.dtype, tuple(t.shape)) for t in _excluding(saved, weight, mean, var)] == [(dtype, (2, 3, 3, 4))]
+    kept = [t for t in _excluding(saved, weight, mean, var) if t.numel()]  # (empty: no codes' statistics)
+    assert [(t.dtype, tuple(t.shape)) for t in kept] == [(dtype, (2, 3, 3, 4))]
 
 
 def test_no_grad_path_matches():
@@ -108,7 +109,7 @@ def test_no_grad_path_matches():
 
 def test_opcheck():
     x, mean, var, weight, bias = _inputs((2, 3, 5, 4), seed=5)
-    args = (leaf(x), leaf(weight), leaf(bias), mean, var, EPS, 2, None, True)
+    args = (leaf(x), leaf(weight), leaf(bias), mean, var, EPS, 2, None, True, None, 256, None)
     torch.library.opcheck(torch.ops.facto.batch_norm.default, args)
 
 
@@ -252,4 +253,137 @@ def test_stats_one_value_per_channel_is_refused():
 
 def test_stats_opcheck():
     x, _, _, weight, bias = _inputs((2, 3, 5, 4), seed=8)
-    torch.library.opcheck(torch.ops.facto.batch_norm_stats.default, (leaf(x), leaf(weight), leaf(bias), EPS, 2, None))
+    args = (leaf(x), leaf(weight), leaf(bias), EPS, 2, None, None, 256, None)
+    torch.library.opcheck(torch.ops.facto.batch_norm_stats.default, args)
+
+
+# Either op with `bits`: the pooled x̂ kept as the fixed-rate store's codes.
+
+
+def _pooled_x_hat_reference(x, k=2):
+    """meanpool_k of training-mode x̂ (biased variance), from its definition, in float64."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    x_hat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + EPS)
+    return _window_sum(x_hat, k) / _window_sum(torch.ones_like(x_hat), k)
+
+
+def _stats_grads(x, weight, bias, bits, seed=0):
+    """Gradients of x, γ, β through batch_norm_stats (pooled 2×2) for a fixed grad_y, drawing codes
+    with torch seeded by `seed`."""
+    leaves = [leaf(t) for t in (x, weight, bias)]
+    running = (torch.zeros(x.shape[1], dtype=x.dtype), torch.ones(x.shape[1], dtype=x.dtype))
+    torch.manual_seed(seed)
+    y = facto.batch_norm_stats(leaves[0], *running, leaves[1], leaves[2], 0.1, EPS, 2, bits=bits)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=y.dtype)
+    return y, _grads(y, leaves, grad_y)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stats_codes_decode_to_the_pooled_x_hat(bits):
+    """What backward keeps: codes of the pooled x̂ (ceil(36·bits/8) bytes per sample of 3×3×4 pooled
+    values) and a min and a scale per group; decoding them (the op's own dequantizer, tested against
+    the format in test_quantized.py) gives meanpool_2(x̂) within one step of its group."""
+    x, _, _, weight, bias = _inputs((2, 3, 5, 7), seed=10)
+    x, weight, bias = leaf(x), leaf(weight), leaf(bias)
+    running = (torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    saved = _saved(lambda: facto.batch_norm_stats(x, *running, weight, bias, 0.1, EPS, 2, bits=bits, group=8))
+    codes, mins, scales = [t for t in _excluding(saved, weight) if t.dim() == 1 and t.numel() > 3]
+    assert codes.dtype == torch.uint8 and codes.numel() == 2 * -(-36 * bits // 8)
+    assert mins.numel() == scales.numel() == 2 * -(-36 // 8)
+    assert not [t for t in _excluding(saved, weight) if t.dim() > 1]  # no map besides the codes
+    decoded = torch.ops.facto.dequantize_map(codes, mins, scales, bits, 8, [2, 3, 3, 4], False, F64)
+    expected = _pooled_x_hat_reference(x.detach())
+    step = scales.repeat_interleave(8)[: 36].view(1, 3, 3, 4)  # sample 0's steps, in its groups
+    assert (decoded[0] - expected[0]).abs().le(step[0] * (1 + 1e-9)).all()
+
+
+def test_stats_codes_give_unbiased_gradients():
+    """Averaged over draws, 2-bit codes give the gradients of the uncoded pooled x̂ (which the tests
+    above check against their formulas): the rounding is stochastic and unbiased. One draw's error
+    is several times the mean's."""
+    x, _, _, weight, bias = _inputs((4, 3, 8, 6), seed=11)
+    _, exact = _stats_grads(x, weight, bias, None)
+    draws = [_stats_grads(x, weight, bias, 2, seed)[1] for seed in range(200)]
+    for i in (0, 1):  # grad_x, grad_γ (grad_β reads no map)
+        mean = torch.stack([d[i] for d in draws]).mean(0)
+        one = (draws[0][i] - exact[i]).norm()
+        assert (mean - exact[i]).norm() < 0.25 * one
+        assert (mean - exact[i]).norm() < 0.05 * exact[i].norm()
+    torch.testing.assert_close(draws[0][2], exact[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_stats_codes_in_every_dtype_and_layout(dtype, layout):
+    """8-bit codes against float64 training-mode batch-norm on a map pooling keeps whole: the output
+    is exact (x's dtype and layout), every gradient within a few steps of 8-bit codes."""
+    _, _, _, weight, bias = _inputs((2, 4, 6, 6), seed=12)
+    x = _block_constant((2, 4, 6, 6), 2, seed=12).to(dtype)
+    if layout == "strided":
+        x = torch.stack([x, torch.randn_like(x)], -1).flatten(-2)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = leaf(x)
+    source = x[..., ::2] if layout == "strided" else x
+    w, b = leaf(weight.float()), leaf(bias.float())
+    y = facto.batch_norm_stats(source, torch.zeros(4), torch.ones(4), w, b, 0.1, EPS, 2, bits=8)
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    grads = torch.autograd.grad(y, (x, w, b), grad_y.to(dtype))
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+    ref_leaves = [leaf(x.detach().double()), leaf(weight), leaf(bias)]
+    ref_source = ref_leaves[0][..., ::2] if layout == "strided" else ref_leaves[0]
+    y_ref = F.batch_norm(ref_source, torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64), *ref_leaves[1:], True, 0.1,
+                         EPS)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, grad_y)
+    exact = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(y.double(), y_ref, **exact)
+    (gx, gw, gb), (rgx, rgw, rgb) = grads, grads_ref
+    torch.testing.assert_close(gb.double(), rgb, **exact)  # reads no map
+    # each pooled value decodes within one step, (max − min)/255 of its sample (one group), of its own
+    pooled = _pooled_x_hat_reference(ref_source.detach())
+    step = (pooled.amax((1, 2, 3)) - pooled.amin((1, 2, 3))) / 255
+    bound = (_window_sum(grad_y, 2).abs() * step.view(-1, 1, 1, 1)).sum((0, 2, 3))
+    assert ((gw.double() - rgw).abs() <= bound + exact["atol"] + exact["rtol"] * rgw.abs()).all()
+    assert (gx.double() - rgx).norm() < 0.05 * rgx.norm()
+
+
+def test_frozen_codes_give_gamma_its_pooled_gradient():
+    """Frozen statistics with 8-bit codes: the output, grad_x and grad_β are exact, grad_γ is
+    Σ sumpool_2(grad_y)·meanpool_2(x̂) to within the codes' steps; with γ frozen nothing is coded."""
+    x, mean, var, weight, bias = _inputs((2, 3, 6, 8), seed=13)
+    leaves = [leaf(t) for t in (x, weight, bias)]
+    y = facto.batch_norm(leaves[0], mean, var, leaves[1], leaves[2], EPS, 2, bits=8)
+    y_ref = F.batch_norm(x, mean, var, weight, bias, training=False, eps=EPS)
+    torch.testing.assert_close(y, y_ref)
+    grad_y = torch.randn_like(y_ref)
+    gx, gw, gb = _grads(y, leaves, grad_y)
+    torch.testing.assert_close(gx, grad_y * (weight / torch.sqrt(var + EPS)).view(1, -1, 1, 1))
+    torch.testing.assert_close(gb, grad_y.sum((0, 2, 3)))
+    x_hat = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + EPS)
+    expected = (_window_sum(grad_y, 2) * _window_sum(x_hat, 2) / 4).sum((0, 2, 3))
+    torch.testing.assert_close(gw, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+    frozen = leaf(x)
+    saved = _saved(lambda: facto.batch_norm(frozen, mean, var, weight, leaf(bias), EPS, 2, bits=8))
+    assert all(t.numel() == 0 for t in _excluding(saved, weight, mean, var))
+
+
+def test_bits_are_checked():
+    x, _, _, weight, bias = _inputs((2, 3, 4, 4), seed=14)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        facto.batch_norm_stats(leaf(x), torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64), leaf(weight), bias,
+                               bits=3)
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_stats"])
+def test_coded_opcheck(op):
+    x, mean, var, weight, bias = _inputs((2, 3, 5, 4), seed=15)
+    if op == "batch_norm":
+        args = (leaf(x), leaf(weight), leaf(bias), mean, var, EPS, 2, None, True, 4, 8, torch.tensor(3))
+    else:
+        args = (leaf(x), leaf(weight), leaf(bias), EPS, 2, None, 4, 8, torch.tensor(3))
+    torch.library.opcheck(getattr(torch.ops.facto, op).default, args)

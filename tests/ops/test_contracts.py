@@ -75,9 +75,18 @@ def _norm_parts(group_norm: bool):
     return (2 if group_norm else [6], weight, bias, 1e-5, 4, 8, torch.tensor(0))
 
 
-def _batch_norm(x):
+def _batch_norm(x, bits=None):
     weight, bias = _params((4,), (4,))
-    return (x, weight, bias, torch.randn(4), torch.rand(4) + 0.5, 1e-5, 2, None, True)
+    return (x, weight, bias, torch.randn(4), torch.rand(4) + 0.5, 1e-5, 2, None, True, bits, 8, _seed(bits))
+
+
+def _batch_norm_stats(x, bits=None):
+    """Pooled 2×2 (a 36-element sample), its x̂ coded in groups of 8 when given bits."""
+    return (x, *_params((4,), (4,)), 1e-5, 2, None, bits, 8, _seed(bits))
+
+
+def _seed(bits):
+    return None if bits is None else torch.tensor(0)
 
 
 CASES = {
@@ -87,7 +96,9 @@ CASES = {
     "dropout": lambda x: (x, 0.0),
     "scale": lambda x: (x, torch.full((1,), 1.5, requires_grad=True), 2, None, True),
     "batch_norm": _batch_norm,
-    "batch_norm_stats": lambda x: (x, *_params((4,), (4,)), 1e-5, 2, None),
+    "batch_norm_coded": lambda x: _batch_norm(x, bits=4),
+    "batch_norm_stats": _batch_norm_stats,
+    "batch_norm_stats_coded": lambda x: _batch_norm_stats(x, bits=2),
     "conv2d": _conv,
     "conv2d_factored": _conv_factored,
     "linear": _linear,
@@ -100,7 +111,9 @@ CASES = {
 
 
 def _op(case: str):
-    return getattr(torch.ops.facto, case.removesuffix("_overlapping").removesuffix("_factored")).default
+    for variant in ("_overlapping", "_factored", "_coded"):
+        case = case.removesuffix(variant)
+    return getattr(torch.ops.facto, case).default
 
 
 MATRIX = pytest.mark.parametrize(

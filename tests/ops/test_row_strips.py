@@ -104,12 +104,12 @@ def test_float32_layouts_and_batch_one(mode, layout):
 
 
 def test_facto_layers_inside_strips_train_as_without_strips():
-    """Facto at lossy kernel 1 has exact gradients for M, so its layers split into strips must
-    give what the same Facto model gives unsplit."""
+    """Facto at lossy kernel 1 (and no codes: batch-norm's x̂ kept whole) has exact gradients for
+    M, so its layers split into strips must give what the same Facto model gives unsplit."""
     torch.manual_seed(0)
     model = Stack().double()
     x = torch.randn(2, 3, 45, 33, dtype=torch.float64)
-    options = {"apply_ratio": 1.0, "lossy_kernel": 1, "example_inputs": (x[:1],)}
+    options = {"apply_ratio": 1.0, "lossy_kernel": 1, "store_bits": None, "example_inputs": (x[:1],)}
     plain = facto_fx.compile(model, **options)
     split = facto_fx.compile(model, row_strips=RowStrips(3, max_overhead=4.0), **options)
     assert any(isinstance(m, facto_fx.layers.FactoConv2d) for m in split.modules())

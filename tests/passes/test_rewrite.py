@@ -256,7 +256,7 @@ def test_timm_batch_norm_act_trains_on_batch_statistics_under_lossy():
     """timm's BatchNormAct2d (batch-norm, its batch counter and an activation in one forward)
     becomes Facto's batch-norm on batch statistics plus the activation's op; at lossy kernel 1 the
     output, every gradient, the running statistics and the batch count are torch's, step for step
-    (the SiLU left as it is: activation_bits=None)."""
+    (the SiLU left as it is and x̂ uncoded: activation_bits=None, store_bits=None)."""
     layers = pytest.importorskip("timm.layers")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layers.BatchNormAct2d(8), nn.Conv2d(8, 8, 3, padding=1),
@@ -264,7 +264,7 @@ def test_timm_batch_norm_act_trains_on_batch_statistics_under_lossy():
                           nn.Linear(8, 3))
     reference = copy.deepcopy(model)
     fmodel = facto_fx.compile(model, batch_norm="lossy", lossy_kernel=1, apply_ratio=1.0, verify=False,
-                              activation_bits=None)
+                              activation_bits=None, store_bits=None)
     assert [n.target for n in fmodel.graph.nodes if "batch_norm" in str(n.target)] == [batch_norm_in_mode] * 2
     assert [n.target for n in fmodel.graph.nodes if n.target is relu] == [relu]
 

@@ -135,7 +135,7 @@ def test_method_resolution_order(vgg11):
     assert decisions["features.16"].method is None and decisions["features.16"].excluded  # name
     assert decisions["features.18"].method == high  # first pattern in order
     assert decisions["features.11"].method == low and decisions["features.13"].method == low
-    assert decisions["features.8"].method == facto_fx.FactoLowRank(inr=INR)  # apply_ratio's default
+    assert decisions["features.8"].method == facto_fx.FactoLowRank(inr=INR, pooled_bits=4)  # apply_ratio's default
     assert all(decisions[n].method is None for n in LINEARS)
     assert decisions["features.1"].method is not None  # a ReLU: FactoLowRank does not take it, masks do
 

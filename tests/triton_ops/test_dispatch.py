@@ -32,8 +32,11 @@ class TinyNet(nn.Module):
 
 
 def _fmodel(kernels):
+    """Batch-norm's x̂ uncoded (store_bits=None): the two paths' codes draw different noise
+    (tests/triton_ops/test_triton_quantized.py compares them by their statistics)."""
     torch.manual_seed(0)
-    fmodel = facto_fx.compile(TinyNet(), apply_ratio=1.0, kernels=kernels, example_inputs=(torch.randn(1, 3, 6, 6),))
+    fmodel = facto_fx.compile(TinyNet(), apply_ratio=1.0, kernels=kernels, example_inputs=(torch.randn(1, 3, 6, 6),),
+                              store_bits=None)
     with torch.no_grad():
         for layer in fmodel.modules():
             if hasattr(layer, "M"):

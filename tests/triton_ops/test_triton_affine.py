@@ -5,6 +5,7 @@ import pytest
 import torch
 from kernel_cases import DTYPES, KernelSpy, channels_last, in_layout, noncontiguous, randn, run_op, tolerance
 
+import facto_fx
 from facto_fx.ops.batch_norm import batch_norm_fwd
 from facto_fx.ops.lossy import mean_pool, sum_pool
 from facto_fx.ops.scale import scale_fwd, spatial_kernel
@@ -42,7 +43,7 @@ def test_batch_norm_forward_matches_reference(shape, k, dtype):
     x = randn(shape, dtype)
     mean, var, weight, bias = _stats(shape[1])
     y, pooled = affine_forward(x, shape[1], k, torch.bfloat16, True, mean, torch.rsqrt(var + 1e-5), weight, bias)
-    y_ref, pooled_ref = batch_norm_fwd(x, weight, bias, mean, var, 1e-5, k, torch.bfloat16, True)
+    y_ref, pooled_ref, *_ = batch_norm_fwd(x, weight, bias, mean, var, 1e-5, k, torch.bfloat16, True, None, 256, None)
     torch.testing.assert_close(y, y_ref.to(dtype), **tolerance(dtype))
     assert pooled.dtype == torch.bfloat16
     torch.testing.assert_close(pooled, pooled_ref, **tolerance(torch.bfloat16))
@@ -104,7 +105,7 @@ def _op_case(op: str, shape, k):
     if op == "scale":
         return torch.ops.facto.scale, (torch.tensor([1.7], requires_grad=True), k, None, True)
     mean, var, weight, bias = _stats(shape[1])
-    args = (weight.requires_grad_(), bias.requires_grad_(), mean, var, 1e-5, k, torch.bfloat16, True)
+    args = (weight.requires_grad_(), bias.requires_grad_(), mean, var, 1e-5, k, torch.bfloat16, True, None, 256, None)
     return torch.ops.facto.batch_norm, args
 
 
@@ -165,3 +166,28 @@ def test_a_term_with_the_wrong_number_of_values_is_refused():
         affine_forward(x, 3, 2, None, True, weight=torch.ones(2))
     with pytest.raises(ValueError, match="need 1 or 3 values"):
         affine_backward(x, x, torch.ones(2), 2, 2, (True, False, False))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_codes_follow_the_kernel(layout):
+    """Frozen batch-norm keeping its pooled x̂ in 8-bit codes: the Triton path (affine kernel, then
+    the quantize kernel) gives the PyTorch path's y, grad_x and grad_β, and a grad_γ within the
+    codes' rounding of the uncoded one (the two paths draw different noise)."""
+    shape = (2, 8, 12, 10)
+    x = randn(shape, torch.float32)
+    x = channels_last(x) if layout == "channels_last" else x
+    mean, var, weight, bias = _stats(shape[1])
+    grad_y = randn(shape, torch.float32, seed=1)
+    results = {}
+    for kernels, bits in (("triton", 8), ("torch", 8), ("torch", None)):
+        leaves = [x.detach().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+        torch.manual_seed(0)
+        with facto_fx.use_kernels(kernels):
+            y = facto_fx.ops.batch_norm(leaves[0], mean, var, leaves[1], leaves[2], 1e-5, 2, bits=bits)
+            y.backward(grad_y)
+        results[kernels, bits] = (y.detach(), *(t.grad for t in leaves))
+    (y, gx, gw, gb), (y_ref, gx_ref, _, gb_ref) = results["triton", 8], results["torch", 8]
+    for got, expected in ((y, y_ref), (gx, gx_ref), (gb, gb_ref)):
+        torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+    uncoded = results["torch", None][2]
+    assert (gw - uncoded).norm() < 0.01 * uncoded.norm()
