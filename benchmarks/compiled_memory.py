@@ -1,6 +1,6 @@
 """Saved-for-backward bytes: eager and compiled, vanilla and Facto, side by side.
 
-    python benchmarks/compiled_memory.py            # torchvision vgg11 and resnet18, batch 2, 224x224
+    python benchmarks/compiled_memory.py    # torchvision vgg11, resnet18 and efficientnet_b0, batch 2, 224x224
 
 Eager figures count saved_tensors_hooks (docs/design.md §5); compiled ones count the extra outputs of
 AOTAutograd's forward graph under inductor's partitioner (facto_fx.compiled_memory).
@@ -35,7 +35,7 @@ def measure(name: str, batch_size: int, image_size: int, apply_ratio: float) -> 
 
 def main(argv=None) -> dict[str, list[float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"])
+    parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18", "efficientnet_b0"])
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--apply-ratio", type=float, default=1.0)

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from model_grads import grads, relative
 from torch import nn
 
 import facto_fx
@@ -39,17 +40,6 @@ class FunctionalBN(ConvBN):
         return self.head(torch.relu(h).mean((2, 3)))
 
 
-def _grads(model: nn.Module, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    y = model(x)
-    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
-    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
-def _relative(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    actual, expected = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in reference])
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def test_batch_norm_codes_follow_store_bits():
@@ -90,7 +80,7 @@ def test_coded_gradients_are_close_to_the_uncoded(model_class):
         report = facto_fx.report(coded, x)
         assert "in 8 bits per element" in report.notes["bn2"]
     torch.testing.assert_close(coded(x), plain(x), rtol=0, atol=0)
-    error = _relative(_grads(coded, x), _grads(plain, x))
+    error = relative(grads(coded, x), grads(plain, x))
     assert 0 < error < 2e-2
 
 

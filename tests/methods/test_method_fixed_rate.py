@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from model_grads import grads, relative
 from torch import nn
 
 import facto_fx
@@ -30,16 +31,6 @@ class Block(nn.Module):
         return self.project(h * gate)
 
 
-def _grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    y = model(x)
-    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
-    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
-def _relative(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    actual, expected = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in reference])
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def test_the_store_is_a_default_and_none_leaves_them_as_they_are():
@@ -60,7 +51,7 @@ def test_store_bits_keep_depthwise_inputs_and_products_as_codes(bits, bound):
     assert f"kept in {bits} bits per element (store_bits)" in decisions["dw"].reason
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)  # the forward is exact
-    error = _relative(_grads(fmodel, x), _grads(model, x))
+    error = relative(grads(fmodel, x), grads(model, x))
     assert 0 < error < bound
     rows = {r.layer: r for r in facto_fx.report(fmodel, x).rows}
     per_sample, groups = 16 * 6 * 6 * bits // 8, 2 * -(-16 * 6 * 6 // 256)  # codes; a min and a scale per group
@@ -74,10 +65,10 @@ def test_gradients_are_unbiased():
     model = Block()
     fmodel = facto_fx.compile(copy.deepcopy(model), apply_ratio=0.0, store_bits=2, activation_bits=None)
     x = torch.randn(2, 3, 6, 6)
-    reference = _grads(model, x)
-    draws = [_grads(fmodel, x) for _ in range(64)]
+    reference = grads(model, x)
+    draws = [grads(fmodel, x) for _ in range(64)]
     mean = [torch.stack(g).mean(0) for g in zip(*draws, strict=True)]
-    assert _relative(mean, reference) < _relative(draws[0], reference) / 4
+    assert relative(mean, reference) < relative(draws[0], reference) / 4
 
 
 def test_chosen_by_name_exported_dense_and_validated():
@@ -128,7 +119,7 @@ def test_store_bits_keep_layer_and_group_norms_x_hat():
     assert len(norms) == 4 and all(d.method == FixedRate(8) for d in norms)
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
-    assert _relative(_grads(fmodel, x), _grads(model, x)) < 2e-2
+    assert relative(grads(fmodel, x), grads(model, x)) < 2e-2
     report = str(facto_fx.report(fmodel, x))
     assert "x̂ in 8 bits per element (fixed rate, groups of 256), 1/σ per row" in report
 
