@@ -45,10 +45,14 @@ def _keep(pooled_hat: Tensor, storage_dtype: torch.dtype | None, bits: int | Non
     """What backward keeps of the pooled x̂: (the map in `storage_dtype`, two empty tensors), or
     with `bits` its fixed-rate (codes, mins, scales)."""
     if bits is None:
-        stats = stats_dtype(pooled_hat.dtype)
-        empty = (pooled_hat.new_empty(0, dtype=stats), pooled_hat.new_empty(0, dtype=stats))
-        return store(pooled_hat, storage_dtype), *empty
+        return _uncoded(store(pooled_hat, storage_dtype))
     return quantize_parts(pooled_hat.contiguous(), check_bits(bits), check_group(group), seed)
+
+
+def _uncoded(kept: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`kept` and the two (empty) statistics of codes it does not have."""
+    stats = stats_dtype(kept.dtype)
+    return kept, kept.new_empty(0, dtype=stats), kept.new_empty(0, dtype=stats)
 
 
 def _remember_codes(ctx, x: Tensor, lossy_kernel: int, bits: int | None, group: int) -> None:
@@ -87,17 +91,9 @@ def batch_norm_fwd(
             x, x.shape[1], lossy_kernel, storage_dtype if bits is None else None, save_pooled, running_mean, rstd,
             weight, bias,
         )
-        return y, *_kept(pooled_hat, save_pooled, bits, group, seed)
+        return y, *(_keep(pooled_hat, None, bits, group, seed) if save_pooled else _uncoded(pooled_hat))
     return _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled, bits,
                     group, seed)
-
-
-def _kept(pooled_hat: Tensor, save_pooled: bool, bits: int | None, group: int, seed: Tensor | None) -> tuple:
-    """_keep of a pooled x̂ already in its storage dtype; empty tensors where none is saved."""
-    if not save_pooled:
-        stats = stats_dtype(pooled_hat.dtype)
-        return pooled_hat, pooled_hat.new_empty(0, dtype=stats), pooled_hat.new_empty(0, dtype=stats)
-    return _keep(pooled_hat, None, bits, group, seed)
 
 
 def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, storage_dtype, save_pooled, bits, group,
@@ -110,7 +106,7 @@ def _forward(x, weight, bias, running_mean, running_var, eps, lossy_kernel, stor
     """
     y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if not save_pooled:
-        return y, *_kept(x.new_empty(0), False, bits, group, seed)
+        return y, *_uncoded(x.new_empty(0))
     pooled = mean_pool(x, spatial_kernel(x, lossy_kernel))
     pooled_hat = F.batch_norm(pooled, running_mean, running_var, None, None, False, 0.0, eps)
     return y, *_keep(pooled_hat, storage_dtype, bits, group, seed)
