@@ -229,10 +229,10 @@ class FactoCallback(pl.Callback):
                 )
             pl_module.load_state_dict(weights, strict=strict)  # Lightning loaded it leniently (setup)
         rng, self._rng = self._rng, None
-        if rng is not None:  # the codes' stochastic rounding draws from it: draw what the unbroken run drew
+        if rng is not None and trainer.ckpt_path is not None:  # the codes' stochastic rounding draws from it
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+                torch.cuda.set_rng_state(rng["cuda"])
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fmodel is None and trainer.current_epoch >= self.start_epoch:
@@ -254,8 +254,8 @@ class FactoCallback(pl.Callback):
             pl_module.strict_loading, self._strict = self._strict, None
 
     def state_dict(self) -> dict[str, Any]:
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+        rng = {"cpu": torch.get_rng_state(),  # and the one device's (SingleDeviceStrategy) where CUDA runs
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
         if self.fmodel is None:
             return {"switched_at": None, "rng": rng}
         assert self.example_inputs is not None

@@ -18,6 +18,7 @@ from facto_fx import ops
 from facto_fx.dtypes import parse_dtype
 from facto_fx.layers import FactoBatchNorm, FactoConv2d, FactoLinear
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, StepOptions, register_method
+from facto_fx.methods.fixed_rate import codes_note
 from facto_fx.methods.frozen import rewrite_batch_norm
 from facto_fx.ops.quantized import DEFAULT_GROUP, check_bits
 from facto_fx.passes.match import BATCH_NORM, CONV, LINEAR, SCALE, Match, call_args
@@ -236,10 +237,10 @@ class Facto(Method):
                 return None
             k, bits = layer.lossy_kernel, layer.bits
         elif node.target in (ops.batch_norm_in_mode, ops.batch_norm):
-            k, bits = node.kwargs["lossy_kernel"], node.kwargs["bits"]
+            k, bits = node.kwargs["lossy_kernel"], node.kwargs.get("bits")
         else:
             return None
-        codes = "" if bits is None else f" in {bits} bits per element (fixed rate, groups of {DEFAULT_GROUP})"
+        codes = "" if bits is None else f" in {codes_note(bits, DEFAULT_GROUP)}"
         return f"x̂ pooled {k}×{k}{codes}"
 
     def dense_state(self, layer: nn.Module) -> dict[str, Tensor]:

@@ -39,6 +39,11 @@ class FixedRate(MethodConfig):
                 raise ValueError(f"FixedRate({name}=...): {error}") from None
 
 
+def codes_note(bits: int, group: int) -> str:
+    """How the report names the store's codes."""
+    return f"{bits} bits per element (fixed rate, groups of {group})"
+
+
 def _conv_arguments(match: Match) -> dict:
     if match.module is not None:
         conv = match.module
@@ -102,7 +107,7 @@ class _FixedRate(Method):
         site.use_layer(match, layer)
 
     def node_note(self, node: fx.Node) -> str | None:
-        codes = f"{node.kwargs.get('bits')} bits per element (fixed rate, groups of {node.kwargs.get('group')})"
+        codes = codes_note(node.kwargs.get("bits"), node.kwargs.get("group"))
         if node.target is ops.quantized_mul:
             return f"factors in {codes}"
         if node.target in _QUANTIZED_NORMS.values():
@@ -110,4 +115,4 @@ class _FixedRate(Method):
         return None
 
     def describe(self, layer: QuantizedConv2d, x: Tensor) -> str | None:
-        return f"input in {layer.bits} bits per element (fixed rate, groups of {layer.group})"
+        return f"input in {codes_note(layer.bits, layer.group)}"

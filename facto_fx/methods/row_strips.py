@@ -98,7 +98,7 @@ def _plain_batch_norm(chain: fx.GraphModule) -> None:
     for node in list(chain.graph.nodes):
         module = chain.get_submodule(node.target) if node.op == "call_module" else None
         if not (isinstance(module, FactoBatchNorm) and not module.batch_statistics and module.lossy_kernel == 1
-                and module.storage_dtype is None):
+                and module.storage_dtype is None and module.bits is None):
             continue
         tensors = module_tensors(chain.graph, node, module, ("running_mean", "running_var", "weight", "bias"))
         node.op, node.target = "call_function", F.batch_norm

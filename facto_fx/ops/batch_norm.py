@@ -9,11 +9,12 @@ the running statistics update once per call. Its backward,
 grad_x = γ/σ · (g − mean(g) − x̂·mean(g·x̂)), reads x̂ from the same pooled copy, upsampled: the
 gradient through the statistics is what keeps a batch-norm network stable at a high learning rate
 (frozen statistics diverged where this did not; benchmarks/switch_regimes.py), at the saved bytes
-of frozen statistics. There is no Triton kernel: it runs PyTorch on every device.
+of frozen statistics. There is no Triton kernel of its own: it runs PyTorch on every device.
 
 Both keep the pooled x̂ in `storage_dtype`, or, given `bits`, as the fixed-rate store's codes
 (ops/quantized.py: `bits` per element, a min and a scale per `group` elements, stochastically
-rounded, so γ's gradient and the statistics' term of grad_x stay unbiased given the pooled map).
+rounded: γ's gradient, linear in x̂, stays unbiased given the pooled map; the statistics' term of
+grad_x, x̂·mean(g·x̂), is a product of two decoded values and nearly so).
 x̂ is normalised, so its groups span a narrow range: at 4 bits an fp32 map keeps 1/32 of its size
 (pooled 2×2) where the pooled map alone is 1/4. The codes follow the pooled map's logical (NCHW)
 order whatever x's layout.
@@ -46,6 +47,8 @@ def _keep(pooled_hat: Tensor, storage_dtype: torch.dtype | None, bits: int | Non
     with `bits` its fixed-rate (codes, mins, scales)."""
     if bits is None:
         return _uncoded(store(pooled_hat, storage_dtype))
+    if seed is None:
+        raise ValueError(f"batch-norm's x̂ in {bits}-bit codes needs a seed (facto_fx.ops.quantized.draw_seed)")
     return quantize_parts(pooled_hat.contiguous(), check_bits(bits), check_group(group), seed)
 
 

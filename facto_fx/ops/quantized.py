@@ -64,7 +64,7 @@ from facto_fx.ops.chunks import row_pieces
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.shapes import is_channels_last, pair
-from facto_fx.triton_ops.dispatch import current_mode, use_kernels, use_triton
+from facto_fx.triton_ops.dispatch import check_mode, current_mode, use_triton
 
 QUANTIZED_BITS = (2, 4, 8)
 DEFAULT_BITS = 4
@@ -272,11 +272,12 @@ def decode(
     codes: Tensor, mins: Tensor, scales: Tensor, bits: int, group: int, shape: Sequence[int], channels_last: bool,
     dtype: torch.dtype, kernels: str,
 ) -> Tensor:
-    """A backward's decoding: facto::dequantize_map under the forward's kernel choice. As one op,
-    torch.compile's partitioner keeps the packed codes for it; the decoder traced inline had it keep
-    the unpacked codes instead (twice the bytes at 4 bits, 13-23 % more saved bytes on models)."""
-    with use_kernels(kernels):
-        return torch.ops.facto.dequantize_map(codes, mins, scales, bits, group, list(shape), channels_last, dtype)
+    """A backward's decoding: facto::dequantize_map with the forward's kernel choice (an argument,
+    so a compiled backward keeps it too). As one op, torch.compile's partitioner keeps the packed
+    codes for it; the decoder traced inline had it keep the unpacked codes instead (twice the bytes
+    at 4 bits, 13-23 % more saved bytes on models)."""
+    return torch.ops.facto.dequantize_map(codes, mins, scales, bits, group, list(shape), channels_last, dtype,
+                                          kernels)
 
 
 # -- the storage ops ----------------------------------------------------------------------------------
@@ -294,13 +295,17 @@ quantize_map.register_fake(lambda x, bits, group, seed: quantize_parts(x, bits, 
 @torch.library.custom_op("facto::dequantize_map", mutates_args=())
 def dequantize_map(
     codes: Tensor, mins: Tensor, scales: Tensor, bits: int, group: int, shape: list[int], channels_last: bool,
-    dtype: torch.dtype,
+    dtype: torch.dtype, kernels: str | None = None,
 ) -> Tensor:
-    """The decoded map: `shape`, `dtype`, channels_last if the quantized map was."""
-    return dequantize_parts(codes, mins, scales, check_bits(bits), check_group(group), shape, channels_last, dtype)
+    """The decoded map: `shape`, `dtype`, channels_last if the quantized map was; `kernels` a
+    facto_fx.use_kernels mode, None for the current one."""
+    return dequantize_parts(codes, mins, scales, check_bits(bits), check_group(group), shape, channels_last, dtype,
+                            None if kernels is None else check_mode(kernels))
 
 
-dequantize_map.register_fake(dequantize_reference)
+@dequantize_map.register_fake
+def _(codes, mins, scales, bits, group, shape, channels_last, dtype, kernels=None):
+    return dequantize_reference(codes, mins, scales, bits, group, shape, channels_last, dtype)
 
 
 class QuantizedMap(NamedTuple):

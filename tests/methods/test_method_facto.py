@@ -40,8 +40,6 @@ class FunctionalBN(ConvBN):
         return self.head(torch.relu(h).mean((2, 3)))
 
 
-
-
 def test_batch_norm_codes_follow_store_bits():
     coded = facto_fx.compile(ConvBN(), apply_ratio=1.0)
     assert [m.bits for m in coded.modules() if isinstance(m, FactoBatchNorm)] == [4, 4]

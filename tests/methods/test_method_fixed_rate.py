@@ -31,8 +31,6 @@ class Block(nn.Module):
         return self.project(h * gate)
 
 
-
-
 def test_the_store_is_a_default_and_none_leaves_them_as_they_are():
     defaults = {d.layer: d for d in facto_fx.decisions(facto_fx.compile(Block()))}
     assert defaults["dw"].method == defaults["mul"].method == FixedRate(4)

@@ -352,3 +352,19 @@ def test_facto_tiles_do_not_cut_segments_shorter():
         ends[ratio] = [(s.end.name, len(s.strips)) for s in fmodel.row_strips.segments(x)]
     assert any(isinstance(m, facto_fx.layers.FactoConv2d) and m.lossy_kernel == 2 for m in fmodel.modules())
     assert ends[1.0] == ends[0.0] and sum(n > 0 for _, n in ends[1.0]) >= 2
+
+
+@pytest.mark.parametrize("store_bits", [4, None])
+def test_frozen_batch_norm_in_strips_keeps_its_codes(store_bits):
+    """A frozen batch-norm that keeps x̂ whole (lossy kernel 1) runs as torch's in the strips, unless
+    it keeps x̂ as codes (store_bits): then it stays Facto's, and the strips keep its codes."""
+    torch.manual_seed(0)
+    split = facto_fx.compile(Net(), apply_ratio=1.0, lossy_kernel=1, batch_norm="freeze", store_bits=store_bits,
+                             row_strips=RowStrips(2), calibration_data=[torch.randn(2, 3, 32, 32)])
+    chain = split.row_strips.chain
+    assert "bn" in split.row_strips.geometry
+    bn_calls = [n for n in chain.graph.nodes if n.op == "call_function" and n.target is F.batch_norm]
+    modules = [chain.get_submodule(n.target) for n in chain.graph.nodes if n.op == "call_module"]
+    bn_layers = [m for m in modules if isinstance(m, facto_fx.layers.FactoBatchNorm)]
+    assert (len(bn_calls), [m.bits for m in bn_layers]) == ((0, [4]) if store_bits else (1, []))
+    split(torch.randn(2, 3, 32, 32)).sum().backward()

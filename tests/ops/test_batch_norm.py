@@ -367,6 +367,12 @@ def test_frozen_codes_give_gamma_its_pooled_gradient():
     expected = (_window_sum(grad_y, 2) * _window_sum(x_hat, 2) / 4).sum((0, 2, 3))
     torch.testing.assert_close(gw, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
+    trained = leaf(weight)
+    saved = _saved(lambda: facto.batch_norm(leaf(x), mean, var, trained, leaf(bias), EPS, 2, bits=8))
+    kept = [t for t in _excluding(saved, trained, mean, var) if t.numel()]
+    assert [t.dtype for t in kept] == [torch.uint8, F64, F64]  # codes, mins and scales: no map
+    assert kept[0].numel() == 2 * 3 * 3 * 4  # 8 bits per pooled value
+
     frozen = leaf(x)
     saved = _saved(lambda: facto.batch_norm(frozen, mean, var, weight, leaf(bias), EPS, 2, bits=8))
     assert all(t.numel() == 0 for t in _excluding(saved, weight, mean, var))

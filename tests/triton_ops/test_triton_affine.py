@@ -186,8 +186,9 @@ def test_batch_norm_codes_follow_the_kernel(layout):
             y = facto_fx.ops.batch_norm(leaves[0], mean, var, leaves[1], leaves[2], 1e-5, 2, bits=bits)
             y.backward(grad_y)
         results[kernels, bits] = (y.detach(), *(t.grad for t in leaves))
-    (y, gx, gw, gb), (y_ref, gx_ref, _, gb_ref) = results["triton", 8], results["torch", 8]
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = results["triton", 8], results["torch", 8]
     for got, expected in ((y, y_ref), (gx, gx_ref), (gb, gb_ref)):
         torch.testing.assert_close(got, expected, **tolerance(torch.float32))
     uncoded = results["torch", None][2]
-    assert (gw - uncoded).norm() < 0.01 * uncoded.norm()
+    for coded in (gw, gw_ref):  # each path's codes are used (γ's gradient moves) and round little
+        assert 0 < (coded - uncoded).norm() < 0.01 * uncoded.norm()
