@@ -1,10 +1,13 @@
-"""Input gradient of ResNet's strided 1×1 downsample convolutions: torch's kernel vs facto's path.
+"""A convolution's input gradient: torch.nn.grad.conv2d_input vs facto_fx.ops.conv_input.conv2d_input.
 
     python benchmarks/conv_input.py
 
-facto_fx.ops.conv_input.conv2d_input computes a strided 1×1 convolution's input gradient as the
-stride-1 gradient of the subsampled grid, written into a zero map. Each shape is timed both ways in
-turn (the minimum of the repeats), after checking the two agree.
+Every Facto convolution computes grad_X this way in backward (its input is not kept). torch's
+function copies a stand-in input expanded from one element before its kernel runs; facto's runs the
+transposed convolution (ResNet's strided 1×1 downsample in NCHW: the subsampled grid's). Each shape
+is measured both ways in turn, in NCHW and channels_last, after checking the two agree: the time
+(the fastest of the repeats) and the peak while it runs (the allocator's events), both against the
+input's size.
 """
 
 from __future__ import annotations
@@ -15,10 +18,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from facto_fx.memory import peak_step_bytes
 from facto_fx.ops.conv_input import conv2d_input
 
-# (batch, in channels, out channels, input height): torchvision resnet18 at 128² and resnet50 at 224².
-SHAPES = [(8, 64, 128, 32), (8, 128, 256, 16), (8, 256, 512, 8), (8, 256, 512, 56), (8, 1024, 2048, 14)]
+# (batch, in channels, out channels, input size, kernel, stride, groups), and where each comes from.
+SHAPES = {
+    "resnet50 downsample": (8, 256, 512, 56, 1, 2, 1),
+    "resnet50 downsample, late": (8, 1024, 2048, 14, 1, 2, 1),
+    "resnet18 3×3": (8, 64, 64, 56, 3, 1, 1),
+    "mobilenetv4 stage 0, 3×3 s2": (8, 32, 32, 80, 3, 2, 1),
+    "efficientnet depthwise 3×3": (8, 96, 96, 40, 3, 1, 96),
+    "efficientnet pointwise": (8, 240, 40, 20, 1, 1, 1),
+    "efficientnet pointwise, wide map": (8, 40, 240, 40, 1, 1, 1),
+}
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -41,19 +53,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     rows = []
-    print(f"strided 1x1 input gradient, stride 2, {args.device}, {torch.get_num_threads()} threads")
-    for batch, c_in, c_out, size in SHAPES:
-        x_shape = (batch, c_in, size, size)
-        weight = torch.randn(c_out, c_in, 1, 1, device=args.device)
-        grad_y = torch.randn(batch, c_out, size // 2, size // 2, device=args.device)
-        torch.testing.assert_close(conv2d_input(x_shape, weight, grad_y, 2, 0, 1),
-                                   torch.nn.grad.conv2d_input(x_shape, weight, grad_y, 2, 0, 1),
-                                   rtol=1e-4, atol=1e-3)  # sums of up to 2048 fp32 products
-        ours = best_ms(lambda: conv2d_input(x_shape, weight, grad_y, 2, 0, 1), args.repeats)  # noqa: B023
-        torchs = best_ms(lambda: torch.nn.grad.conv2d_input(x_shape, weight, grad_y, 2, 0, 1), args.repeats)  # noqa: B023
-        rows.append({"torch_ms": torchs, "facto_ms": ours})
-        print(f"  {str(x_shape):<22} -> {c_out:4d}: torch {torchs:8.2f} ms, facto {ours:8.2f} ms, "
-              f"torch / facto = {torchs / ours:.1f}")
+    print(f"convolution input gradient, {args.device}, {torch.get_num_threads()} threads; "
+          "peaks as multiples of the input's size")
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for name, (batch, c_in, c_out, size, kernel, stride, groups) in SHAPES.items():
+            x_shape, padding = (batch, c_in, size, size), kernel // 2
+            weight = torch.randn(c_out, c_in // groups, kernel, kernel, device=args.device)
+            out = (size + 2 * padding - kernel) // stride + 1
+            grad_y = torch.randn(batch, c_out, out, out, device=args.device).contiguous(memory_format=layout)
+            conv_args = (stride, padding, 1, groups)
+            torch.testing.assert_close(conv2d_input(x_shape, weight, grad_y, *conv_args),
+                                       torch.nn.grad.conv2d_input(x_shape, weight, grad_y, *conv_args),
+                                       rtol=1e-4, atol=1e-3)  # sums of up to 2048 fp32 products
+            ours = lambda: conv2d_input(x_shape, weight, grad_y, *conv_args)  # noqa: B023, E731
+            torchs = lambda: torch.nn.grad.conv2d_input(x_shape, weight, grad_y, *conv_args)  # noqa: B023, E731
+            x_bytes = 4 * batch * c_in * size * size
+            row = {"torch_ms": best_ms(torchs, args.repeats), "facto_ms": best_ms(ours, args.repeats),
+                   "torch_peak": peak_step_bytes(torchs, args.device) / x_bytes,
+                   "facto_peak": peak_step_bytes(ours, args.device) / x_bytes}
+            rows.append(row)
+            print(f"  {'NHWC' if layout == torch.channels_last else 'NCHW'} {name:<28} "
+                  f"time torch {row['torch_ms']:7.2f} ms, facto {row['facto_ms']:7.2f} ms "
+                  f"({row['torch_ms'] / row['facto_ms']:.1f}x); "
+                  f"peak torch {row['torch_peak']:.2f}, facto {row['facto_peak']:.2f}")
     return rows
 
 

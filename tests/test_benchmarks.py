@@ -144,12 +144,13 @@ def test_train_defaults_take_a_model_without_batch_norm_off_chance():
 
 
 @pytest.mark.slow
-def test_strided_one_by_one_input_gradient_is_faster_than_torchs_on_cpu():
-    """benchmarks/conv_input.py: faster in all (1.2-4x in single runs here), no shape slower
-    (the benchmark's own check compares the values)."""
+def test_conv_input_gradient_is_faster_and_holds_less_than_torchs_on_cpu():
+    """benchmarks/conv_input.py: faster over all shapes (1.3-6x a shape in single runs here), none
+    much slower, and no peak above torch's (its own check compares the values)."""
     rows = _load("conv_input").main(["--repeats", "5", "--device", "cpu"])
     assert sum(r["torch_ms"] for r in rows) > 1.3 * sum(r["facto_ms"] for r in rows)
-    assert all(r["facto_ms"] < 1.1 * r["torch_ms"] for r in rows)
+    assert all(r["facto_ms"] < 1.25 * r["torch_ms"] for r in rows)
+    assert all(r["facto_peak"] <= r["torch_peak"] for r in rows)
 
 
 def test_aten_calls_counts_each_kernel_launch_once_and_none_of_the_interpreters_work(monkeypatch):

@@ -97,11 +97,27 @@ def unpack_codes(packed: Tensor, bits: int, shape: torch.Size, channels_last: bo
     return _shaped(unpack_bits(packed, bits, shape.numel()), shape, channels_last)
 
 
-def unpack_mask(packed: Tensor, shape: torch.Size, channels_last: bool = False) -> Tensor:
-    """A packed 1-bit mask as uint8 of `shape`, nonzero where the mask is set (not always 1)."""
+def mask_flags(packed: Tensor, numel: int) -> Tensor:
+    """The first `numel` bits of a packed 1-bit mask as 1-D uint8, nonzero where set (not always 1)."""
     if sys.byteorder != "little":
-        return unpack_codes(packed, 1, shape, channels_last)
-    return _shaped(unpack_flags(packed)[: shape.numel()], shape, channels_last)
+        return unpack_bits(packed, 1, numel)
+    return unpack_flags(packed)[:numel]
+
+
+def in_code_order(t: Tensor, channels_last: bool) -> Tensor:
+    """t's elements as a 1-D tensor in the order codes of an N×C×H×W map are packed (see the module's
+    docstring): a view of a tensor already laid out that way, else of a copy that is."""
+    if not channels_last:
+        return t.contiguous().view(-1)
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
+
+
+def empty_in_code_order(like: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """An uninitialised tensor shaped like `like`, laid out as codes packed `channels_last` are, and
+    its 1-D view in that order (write the view, return the tensor)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty_like(like, memory_format=layout)
+    return out, in_code_order(out, channels_last)
 
 
 def _shaped(codes: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 CPU_PIECE_ELEMENTS = 1 << 18
 
@@ -22,3 +24,14 @@ def row_pieces(rows: int, row_size: int, device: torch.device) -> Iterator[slice
     step = max(1, CPU_PIECE_ELEMENTS // max(1, row_size)) if device.type == "cpu" else max(1, rows)
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
+
+
+def packed_pieces(numel: int, per_byte: int, like: Tensor) -> Iterator[tuple[slice, slice]]:
+    """(packed bytes, their codes) slices over `numel` codes packed `per_byte` to a byte: about
+    CPU_PIECE_ELEMENTS codes a piece for a real CPU tensor `like`, one piece otherwise (on another
+    device, or while torch.compile traces a backward: the compiler fuses the chain itself)."""
+    if is_fake(like):
+        yield slice(0, -(-numel // per_byte)), slice(0, numel)
+        return
+    for packed in row_pieces(-(-numel // per_byte), per_byte, like.device):
+        yield packed, slice(packed.start * per_byte, min(packed.stop * per_byte, numel))

@@ -42,15 +42,15 @@ import dataclasses
 import functools
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from facto_fx.ops.bitpack import pack_bits, unpack_bits, unpack_flags
-from facto_fx.ops.chunks import row_pieces
+from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, pack_bits, unpack_bits, unpack_flags
+from facto_fx.ops.chunks import packed_pieces, row_pieces
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import SUPPORTED_BITS, is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -433,34 +433,43 @@ def _backward(ctx, grad_y, _grad_codes):
     return grad_input(grad_y, packed, table, ctx.channels_last), None, None, None
 
 
-def _packed_levels(packed: Tensor, table: FewBitTable, numel: int, dtype: torch.dtype) -> Tensor:
-    """levels[code] of the first `numel` packed codes, 1-D. Below 8 bits each byte is looked up whole
-    in a table of its 8 / bits levels: a quarter of the lookups at 2 bits, and no unpacking."""
+def _level_reader(table: FewBitTable, dtype: torch.dtype, device: torch.device) -> Callable[[Tensor, int], Tensor]:
+    """A function giving levels[code] of the first `numel` codes of packed bytes, 1-D in `dtype`.
+
+    Below 8 bits each byte is looked up whole in a table of its 8 / bits levels (built once here):
+    a quarter of the lookups at 2 bits, and no unpacking. 1-bit codes on a little-endian machine are
+    flag · high + (1 − flag) · low instead, of which one term is 0."""
     if table.bits == 8:
-        return table.dequantize(packed[:numel], dtype)
-    if table.bits == 1 and sys.byteorder == "little":  # flag · high + (1 − flag) · low: one term is 0
-        flag = unpack_flags(packed)[:numel].clamp_(max=1).to(dtype)
+        return lambda packed, numel: table.dequantize(packed[:numel], dtype)
+    if table.bits == 1 and sys.byteorder == "little":
         low, high = table.levels
-        factor = flag if high == 1 else flag.mul(high)
-        return factor if low == 0 else factor.add_((1 - flag).mul_(low))
+
+        def read_flags(packed: Tensor, numel: int) -> Tensor:
+            flag = unpack_flags(packed)[:numel].clamp_(max=1).to(dtype)
+            factor = flag if high == 1 else flag.mul(high)
+            return factor if low == 0 else factor.add_((1 - flag).mul_(low))
+
+        return read_flags
     per_byte = 8 // table.bits
-    codes = unpack_bits(torch.arange(256, dtype=torch.uint8, device=packed.device), table.bits, 256 * per_byte)
+    codes = unpack_bits(torch.arange(256, dtype=torch.uint8, device=device), table.bits, 256 * per_byte)
     by_byte = table.dequantize(codes, dtype).view(256, per_byte)
-    return torch.index_select(by_byte, 0, packed.long()).view(-1)[:numel]
+    return lambda packed, numel: torch.index_select(by_byte, 0, packed.long()).view(-1)[:numel]
 
 
 def grad_input(grad_y: Tensor, packed: Tensor, table: FewBitTable, channels_last: bool = False) -> Tensor:
-    """grad_y · levels[code], computed in fp32 (float64 for float64) and rounded to grad_y's dtype."""
-    factor = _packed_levels(packed, table, grad_y.numel(), compute_dtype(grad_y.dtype))
-    if channels_last:
-        n, c, h, w = grad_y.shape
-        factor = factor.view(n, h, w, c).permute(0, 3, 1, 2)
-    else:
-        factor = factor.view(grad_y.shape)
-    grad_x = grad_y * factor
-    if table.selects and not _finite_on_cpu(grad_y):  # a zero level passes 0 even for inf / NaN
-        grad_x = torch.where(factor != 0, grad_x, 0.0)
-    return grad_x.to(grad_y.dtype)
+    """grad_y · levels[code], computed in fp32 (float64 for float64) and rounded to grad_y's dtype, in
+    the codes' layout. On the CPU it runs piece by piece (ops/chunks.py): the levels are never a
+    full-size temporary beside the gradient."""
+    dtype = compute_dtype(grad_y.dtype)
+    read = _level_reader(table, dtype, grad_y.device)
+    zero_passes_zero = table.selects and not _finite_on_cpu(grad_y)  # even for an inf / NaN gradient
+    grad_x, out = empty_in_code_order(grad_y, channels_last)
+    flat = in_code_order(grad_y, channels_last)
+    for codes, elements in packed_pieces(flat.numel(), 8 // table.bits, grad_y):
+        factor = read(packed[codes], elements.stop - elements.start)
+        product = flat[elements] * factor
+        out[elements] = torch.where(factor != 0, product, 0.0) if zero_passes_zero else product
+    return grad_x
 
 
 def _finite_on_cpu(t: Tensor) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import pack_bits, unpack_mask
+from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, mask_flags, pack_bits
+from facto_fx.ops.chunks import packed_pieces
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -44,10 +45,23 @@ def _backward(ctx, grad_y, _grad_mask):
         from facto_fx.triton_ops.relu import relu_backward
 
         return relu_backward(grad_y, packed, ctx.channels_last)
-    mask = unpack_mask(packed, grad_y.shape, ctx.channels_last).to(grad_y.dtype)
-    # torch's own relu backward: 0 where masked, even for an inf gradient (a product would give
-    # NaN there), and vectorised on the CPU, where torch.where with a bool mask is ~15× slower
-    return torch.ops.aten.threshold_backward(grad_y, mask, 0)
+    return grad_input(grad_y, packed, ctx.channels_last)
+
+
+def grad_input(grad_y: Tensor, packed: Tensor, channels_last: bool) -> Tensor:
+    """grad_y where the packed mask is set, else 0, in the mask's layout.
+
+    torch's own relu backward (threshold_backward): 0 where masked, even for an inf gradient (a
+    product would give NaN there), and vectorised on the CPU, where torch.where with a bool mask is
+    ~15× slower. It runs piece by piece on the CPU (ops/chunks.py), so the mask, unpacked and cast to
+    grad_y's dtype, is never a full-size temporary beside the gradient.
+    """
+    grad_x, out = empty_in_code_order(grad_y, channels_last)
+    flat = in_code_order(grad_y, channels_last)
+    for codes, elements in packed_pieces(flat.numel(), 8, grad_y):
+        mask = mask_flags(packed[codes], elements.stop - elements.start).to(grad_y.dtype)
+        torch.ops.aten.threshold_backward.grad_input(flat[elements], mask, 0, grad_input=out[elements])
+    return grad_x
 
 
 register_autograd(relu_fwd, _backward, _setup_context)

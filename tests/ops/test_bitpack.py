@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from facto_fx.ops.bitpack import pack_bits, unpack_bits, unpack_codes, unpack_mask
+from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, mask_flags, pack_bits, unpack_bits, unpack_codes
 from facto_fx.shapes import code_bits, is_channels_last
 
 
@@ -106,14 +106,32 @@ def test_byte_j_holds_codes_in_order_from_its_low_bits(bits, n, offset):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_unpack_mask_is_nonzero_exactly_where_the_mask_is_set(channels_last):
-    """The unnormalised 1-bit unpacking that ReLU's backward reads: zero / nonzero as the mask,
-    shaped and laid out as `unpack_codes`'s codes, for a length that does not fill the last byte."""
+def test_mask_flags_are_nonzero_exactly_where_the_mask_is_set(channels_last):
+    """The unnormalised 1-bit unpacking that ReLU's backward reads, piece by piece: zero / nonzero as
+    the mask in code order (the map's permuted to N, H, W, C by hand for channels_last), for a
+    length that does not fill the last byte and for a piece starting at a later byte."""
     mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(3)) > 0.5
     if channels_last:
         mask = mask.contiguous(memory_format=torch.channels_last)
     packed = pack_bits(mask, 1, channels_last)
-    flags = unpack_mask(packed, mask.shape, channels_last)
-    assert flags.dtype == torch.uint8 and flags.shape == mask.shape
-    assert flags.is_contiguous(memory_format=torch.channels_last) == channels_last
-    assert torch.equal(flags != 0, mask)
+    ordered = (mask.permute(0, 2, 3, 1) if channels_last else mask).reshape(-1)
+    flags = mask_flags(packed, mask.numel())
+    assert flags.dtype == torch.uint8 and torch.equal(flags != 0, ordered)
+    assert torch.equal(mask_flags(packed[3:], 20) != 0, ordered[24:44])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_in_code_order_flattens_as_pack_bits_orders(layout, channels_last):
+    """in_code_order(t) lists t's elements in the order pack_bits(·, channels_last) packs codes, for
+    a tensor in any layout; empty_in_code_order's view writes into its tensor in that order."""
+    t = torch.arange(2 * 3 * 4 * 5).view(2, 3, 4, 5)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        t = torch.arange(2 * 3 * 4 * 10).view(2, 3, 4, 10)[..., ::2]
+    expected = (t.permute(0, 2, 3, 1) if channels_last else t).reshape(-1)
+    assert torch.equal(in_code_order(t, channels_last), expected)
+    out, flat = empty_in_code_order(t, channels_last)
+    flat.copy_(expected)
+    assert torch.equal(out, t) and out.is_contiguous(memory_format=torch.channels_last) == channels_last

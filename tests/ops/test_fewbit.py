@@ -317,3 +317,35 @@ def test_torch_compile_fullgraph_matches_eager():
     step(eager).backward()
     torch.compile(step, backend="aot_eager", fullgraph=True)(compiled).backward()
     assert torch.equal(compiled.grad, eager.grad)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize(("x_layout", "grad_layout"), [("nchw", "nchw"), ("nhwc", "nhwc"), ("nhwc", "nchw")])
+def test_a_map_of_many_pieces_gives_grad_y_times_its_levels(bits, x_layout, grad_layout):
+    """A map the CPU backward runs in several pieces (ops/chunks.py), its size no multiple of a byte's
+    codes or of a piece: grad_y · levels[code] at every element, the codes recomputed from x by
+    the table (silu; relu6 for 1 bit, torch's own gradient there)."""
+    formats = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(3, 17, 101, 103, generator=g) * 3).contiguous(memory_format=formats[x_layout])
+    grad_y = torch.randn(x.shape, generator=g).contiguous(memory_format=formats[grad_layout])
+    function = "relu6" if bits == 1 else "silu"
+    table = fewbit.level_table(function, [], bits)
+    leaf = x.clone().requires_grad_()
+    facto.fewbit_activation(leaf, function, bits).backward(grad_y)
+    expected = grad_y * torch.tensor(table.levels)[table.codes(x).long()]
+    assert torch.equal(leaf.grad, expected)
+
+
+def test_a_selecting_function_passes_zero_for_an_infinite_gradient_in_every_piece():
+    """relu6's zero level passes 0 even where grad_y is inf or NaN (torch's backward selects), in
+    pieces after the first too."""
+    x = torch.randn(4, 16, 90, 91, generator=torch.Generator().manual_seed(0)) * 4
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grad_y.view(-1)[::1001] = math.inf
+    grad_y.view(-1)[7::1003] = math.nan
+    leaf, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    facto.fewbit_activation(leaf, "relu6", 1).backward(grad_y)
+    F.relu6(ref).backward(grad_y)
+    assert torch.equal(leaf.grad.isnan(), ref.grad.isnan())
+    assert torch.equal(leaf.grad.nan_to_num(), ref.grad.nan_to_num())

@@ -98,3 +98,30 @@ def test_backward_is_zero_where_masked_even_for_an_infinite_gradient():
     torch.relu(expected).backward(grad_y)
     facto.relu(actual).backward(grad_y)
     assert torch.equal(actual.grad, expected.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("x_layout", "grad_layout"), [("nchw", "nchw"), ("nhwc", "nhwc"), ("nhwc", "nchw")])
+def test_a_map_of_many_pieces_matches_torch(dtype, x_layout, grad_layout):
+    """A map the CPU backward runs in several pieces (ops/chunks.py), its size no multiple of 8 and
+    of a piece: torch's gradient bit for bit, in every dtype and layout."""
+    formats = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+    x = _input((3, 17, 101, 103), seed=5).to(dtype).contiguous(memory_format=formats[x_layout])
+    fx, rx = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    grad_y = torch.randn(x.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=formats[grad_layout])
+    facto.relu(fx).backward(grad_y)
+    torch.relu(rx).backward(grad_y)
+    assert torch.equal(fx.grad, rx.grad)
+
+
+def test_the_backward_holds_little_besides_the_gradient():
+    """The unpacked mask, cast to the gradient's dtype, is never a full-size temporary: the CPU
+    backward's peak (the allocator's events) is the gradient and one piece's temporaries (its flags
+    as int64 words, as bytes, as fp32: 13 bytes an element), here a quarter of a full-size mask."""
+    from facto_fx.memory import peak_step_bytes
+    from facto_fx.ops.chunks import CPU_PIECE_ELEMENTS
+    from facto_fx.ops.relu import grad_input
+
+    x = torch.randn(8, 32, 80, 80)
+    grad_y, packed = torch.randn_like(x), pack_bits(x > 0, 1)
+    assert peak_step_bytes(lambda: grad_input(grad_y, packed, False)) <= 4 * x.numel() + 13 * CPU_PIECE_ELEMENTS
