@@ -26,12 +26,17 @@ def row_pieces(rows: int, row_size: int, device: torch.device) -> Iterator[slice
         yield slice(start, min(start + step, rows))
 
 
-def packed_pieces(numel: int, per_byte: int, like: Tensor) -> Iterator[tuple[slice, slice]]:
-    """(packed bytes, their codes) slices over `numel` codes packed `per_byte` to a byte: about
-    CPU_PIECE_ELEMENTS codes a piece for a real CPU tensor `like`, one piece otherwise (on another
-    device, or while torch.compile traces a backward: the compiler fuses the chain itself)."""
+def pieces_like(rows: int, row_size: int, like: Tensor) -> Iterator[slice]:
+    """row_pieces for work on `like`: one piece for a fake tensor too (torch.compile tracing a
+    backward fuses the chain itself, and pieces would only lengthen its graph)."""
     if is_fake(like):
-        yield slice(0, -(-numel // per_byte)), slice(0, numel)
+        yield slice(0, rows)
         return
-    for packed in row_pieces(-(-numel // per_byte), per_byte, like.device):
+    yield from row_pieces(rows, row_size, like.device)
+
+
+def packed_pieces(numel: int, per_byte: int, like: Tensor) -> Iterator[tuple[slice, slice]]:
+    """(packed bytes, their codes) slices over `numel` codes packed `per_byte` to a byte, pieced as
+    `pieces_like` pieces them."""
+    for packed in pieces_like(-(-numel // per_byte), per_byte, like):
         yield packed, slice(packed.start * per_byte, min(packed.stop * per_byte, numel))

@@ -60,7 +60,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from facto_fx.ops.bitpack import pack_bits, unpack_bits
-from facto_fx.ops.chunks import row_pieces
+from facto_fx.ops.chunks import pieces_like, row_pieces
+from facto_fx.ops.conv_input import conv2d_input
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast
 from facto_fx.shapes import is_channels_last, pair
@@ -382,7 +383,6 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.x_shape = tuple(x.shape)
     ctx.x_dtype = x.dtype
     ctx.channels_last = is_channels_last(x)  # the order the codes were packed in
-    ctx.bias_sizes = None if bias is None else list(bias.shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.bits, ctx.group = bits, group
@@ -391,30 +391,45 @@ def _conv_setup_context(ctx, inputs, output):
 
 
 def _conv_backward(ctx, grad_y, *_grad_codes):
-    """aten's convolution_backward with dense autograd's output mask: grad_x (from the weight alone)
-    and grad_bias are dense autograd's exactly; grad_weight is computed from the decoded x̂.
+    """grad_x and grad_bias exact (the input gradient by ops/conv_input.py, from the weight alone);
+    grad_weight from x̂, decoded a piece of samples at a time and summed over the pieces.
 
-    Without a weight gradient x̂ is not decoded: convolution_backward reads only the input's shape
-    and layout then, from an uninitialised tensor of x's layout (its algorithm depends on the
-    layout: an expanded placeholder changes grad_x's last bits).
+    grad_x comes first, and x̂ is never whole: on the CPU the backward holds the gradient and one
+    piece beside it, where aten's convolution_backward on the decoded map held three to four maps
+    (the decoded map, grad_x and oneDNN's reordered copies).
     """
     codes, mins, scales, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and ctx.bias_sizes is not None
-    if need_w:
-        x_hat = decode(codes, mins, scales, ctx.bits, ctx.group, ctx.x_shape, ctx.channels_last, ctx.x_dtype,
-                       ctx.kernels)
-    else:
-        layout_ = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        x_hat = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=grad_y.device, memory_format=layout_)
     stride, padding, dilation, groups = ctx.conv_args
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_y, x_hat, cast(weight, grad_y.dtype), ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-        [need_x, need_w, need_b],
-    )
-    grad_w = None if grad_w is None else cast(grad_w, weight.dtype)
-    grad_b = None if grad_b is None else cast(grad_b, ctx.bias_dtype)
+    w = cast(weight, grad_y.dtype)
+    grad_x = conv2d_input(ctx.x_shape, w, grad_y, stride, padding, dilation, groups) if need_x else None
+    grad_w = cast(_conv_weight_gradient(ctx, codes, mins, scales, grad_y, w), weight.dtype) if need_w else None
+    grad_b = grad_y.sum((0, 2, 3)).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
     return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _conv_weight_gradient(ctx, codes: Tensor, mins: Tensor, scales: Tensor, grad_y: Tensor, w: Tensor) -> Tensor:
+    """Σ over pieces of samples of aten's weight gradient from the piece's decoded x̂.
+
+    On the CPU each piece runs in fp32 or wider (x̂ decoded straight to it, grad_y's piece cast):
+    bf16 pieces summed were off by up to 6 % an element here, and a piece is small. On other
+    devices the one piece keeps grad_y's dtype (cuDNN accumulates in fp32 itself).
+    """
+    lay = layout(ctx.x_shape, ctx.bits, ctx.group)
+    codes, mins, scales = (t.view(lay.samples, -1) for t in (codes, mins, scales))
+    stride, padding, dilation, groups = ctx.conv_args
+    dtype = stats_dtype(ctx.x_dtype) if grad_y.device.type == "cpu" else grad_y.dtype
+    total = None
+    for rows in pieces_like(lay.samples, lay.sample_size, grad_y):
+        shape = (rows.stop - rows.start, *ctx.x_shape[1:])
+        x_hat = decode(codes[rows].reshape(-1), mins[rows].reshape(-1), scales[rows].reshape(-1), ctx.bits, ctx.group,
+                       shape, ctx.channels_last, dtype, ctx.kernels)
+        _, part, _ = torch.ops.aten.convolution_backward(
+            grad_y[rows].to(dtype), x_hat, w.to(dtype), None, stride, padding, dilation, False, [0, 0], groups,
+            [False, True, False])
+        del x_hat
+        total = part.to(stats_dtype(part.dtype)) if total is None else total.add_(part)
+    return total
 
 
 register_autograd(quantized_conv2d_fwd, _conv_backward, _conv_setup_context)

@@ -171,6 +171,18 @@ def test_stats_exact_when_pooling_loses_nothing(hw):
     _assert_all_close(*_stats_run(x, weight, bias, 2), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_stats_exact_over_many_pieces(layout):
+    """A map whose gradient the CPU backward writes in several pieces of (sample, channel) planes
+    (ops/chunks.py), constant over each 2×2 window: training-mode batch-norm's gradients."""
+    shape = (3, 37, 64, 66)
+    x = _block_constant(shape, 2, seed=4)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, _, _, weight, bias = _inputs(shape, seed=4)
+    _assert_all_close(*_stats_run(x, weight, bias, 2), rtol=1e-10, atol=1e-10)
+
+
 def test_stats_pooled_backward():
     """k = 2 on a general map: y, grad_β and the running statistics stay exact; grad_x keeps the
     exact backward's invariance to a per-channel shift (it sums to zero per channel); grad_γ is
