@@ -18,21 +18,21 @@ from torch._subclasses.fake_tensor import is_fake
 CPU_PIECE_ELEMENTS = 1 << 18
 
 
-def row_pieces(rows: int, row_size: int, device: torch.device) -> Iterator[slice]:
-    """Slices of `rows` rows of `row_size` elements each, about CPU_PIECE_ELEMENTS elements a piece on
-    the CPU, all rows in one piece elsewhere."""
-    step = max(1, CPU_PIECE_ELEMENTS // max(1, row_size)) if device.type == "cpu" else max(1, rows)
+def row_pieces(rows: int, row_size: int, device: torch.device, piece: int = CPU_PIECE_ELEMENTS) -> Iterator[slice]:
+    """Slices of `rows` rows of `row_size` elements each, about `piece` elements a piece on the CPU,
+    all rows in one piece elsewhere."""
+    step = max(1, piece // max(1, row_size)) if device.type == "cpu" else max(1, rows)
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
 
 
-def pieces_like(rows: int, row_size: int, like: Tensor) -> Iterator[slice]:
+def pieces_like(rows: int, row_size: int, like: Tensor, piece: int = CPU_PIECE_ELEMENTS) -> Iterator[slice]:
     """row_pieces for work on `like`: one piece for a fake tensor too (torch.compile tracing a
     backward fuses the chain itself, and pieces would only lengthen its graph)."""
     if is_fake(like):
         yield slice(0, rows)
         return
-    yield from row_pieces(rows, row_size, like.device)
+    yield from row_pieces(rows, row_size, like.device, piece)
 
 
 def packed_pieces(numel: int, per_byte: int, like: Tensor) -> Iterator[tuple[slice, slice]]:

@@ -72,6 +72,7 @@ DEFAULT_BITS = 4
 DEFAULT_GROUP = 256
 MAX_GROUP = 4096
 SEED_HIGH = 1 << 62  # seeds are drawn from [0, 2^62)
+WEIGHT_GRADIENT_PIECE = 1 << 20  # the fewest elements of x̂ a conv's backward decodes at once (CPU)
 
 
 def check_bits(bits: object) -> int:
@@ -411,16 +412,20 @@ def _conv_backward(ctx, grad_y, *_grad_codes):
 def _conv_weight_gradient(ctx, codes: Tensor, mins: Tensor, scales: Tensor, grad_y: Tensor, w: Tensor) -> Tensor:
     """Σ over pieces of samples of aten's weight gradient from the piece's decoded x̂.
 
+    A piece is a quarter of the map, or 2^20 elements if that is more: aten's weight gradient costs
+    a call's overhead per piece (smaller pieces ran 1.2-2.7 times slower on efficientnet_b0's
+    depthwise maps), and the peak is set by large maps, where a quarter is what it adds.
     On the CPU each piece runs in fp32 or wider (x̂ decoded straight to it, grad_y's piece cast):
-    bf16 pieces summed were off by up to 6 % an element here, and a piece is small. On other
-    devices the one piece keeps grad_y's dtype (cuDNN accumulates in fp32 itself).
+    bf16 pieces summed were off by up to 6 % an element here. On other devices the one piece keeps
+    grad_y's dtype (cuDNN accumulates in fp32 itself).
     """
     lay = layout(ctx.x_shape, ctx.bits, ctx.group)
     codes, mins, scales = (t.view(lay.samples, -1) for t in (codes, mins, scales))
     stride, padding, dilation, groups = ctx.conv_args
     dtype = stats_dtype(ctx.x_dtype) if grad_y.device.type == "cpu" else grad_y.dtype
     total = None
-    for rows in pieces_like(lay.samples, lay.sample_size, grad_y):
+    piece = max(WEIGHT_GRADIENT_PIECE, -(-lay.samples * lay.sample_size // 4))
+    for rows in pieces_like(lay.samples, lay.sample_size, grad_y, piece):
         shape = (rows.stop - rows.start, *ctx.x_shape[1:])
         x_hat = decode(codes[rows].reshape(-1), mins[rows].reshape(-1), scales[rows].reshape(-1), ctx.bits, ctx.group,
                        shape, ctx.channels_last, dtype, ctx.kernels)

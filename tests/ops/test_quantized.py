@@ -274,7 +274,7 @@ def test_conv_weight_gradient_over_many_pieces_is_that_of_the_decoded_map(layout
     """A batch the CPU backward decodes in several pieces of samples: grad_weight is the weight
     gradient of the whole decoded map (its codes read back from what autograd saved, decoded in
     fp32, as the CPU backward decodes them for every dtype), computed in float64 by torch.nn.grad."""
-    x = _map((5, 12, 96, 98), dtype, layout, seed=3)  # 112,896 elements a sample: pieces of 2 samples
+    x = _map((6, 12, 128, 130), dtype, layout, seed=3)  # 1.2M elements: pieces of 5 samples and 1
     weight = torch.randn(12, 1, 3, 3, generator=torch.Generator().manual_seed(3))
     xl, wl, outputs = leaf(x), leaf(weight), []
     saved = _saved(lambda: outputs.append(facto.quantized_conv2d(xl, wl, None, 2, 1, 1, 12, bits=4, group=64)))
