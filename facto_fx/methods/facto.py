@@ -241,6 +241,9 @@ class Facto(Method):
         else:
             return None
         codes = "" if bits is None else f" in {codes_note(bits, DEFAULT_GROUP)}"
+        meta = node.meta.get("tensor_meta")
+        if k == 1 or (meta is not None and len(getattr(meta, "shape", ())) != 4):  # only N×C×H×W maps pool
+            return f"x̂ kept whole{codes}"
         return f"x̂ pooled {k}×{k}{codes}"
 
     def dense_state(self, layer: nn.Module) -> dict[str, Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from facto_fx import ops
 from facto_fx.dtypes import parse_dtype
@@ -40,6 +41,8 @@ def rewrite_batch_norm(
     """Rewrite a batch-norm module or call into frozen-statistics batch-norm, or into batch-norm on
     batch statistics in training; both save x̂ pooled (in `bits`-bit codes, given them)."""
     if match.module is not None:
+        if isinstance(match.module, nn.BatchNorm1d | nn.BatchNorm3d):
+            lossy_kernel = 1  # its maps are never N×C×H×W, the only ones the op pools: say so
         site.use_layer(match, FactoBatchNorm(match.module, lossy_kernel, storage_dtype, batch_statistics, bits))
         return
     args = call_args(match.node)

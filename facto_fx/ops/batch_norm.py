@@ -132,11 +132,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, *_grad_kept):
     kept, mins, scales, weight, running_var = ctx.saved_tensors
-    pooled = _pooled_x_hat(ctx, kept, mins, scales)
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_weight, need_bias = need_weight and weight is not None, need_bias and ctx.has_bias
-    if need_weight and pooled.numel() == 0:
+    if need_weight and kept.numel() == 0:
         raise RuntimeError("facto::batch_norm ran with save_pooled=False, so no map was kept for γ's gradient")
+    pooled = _pooled_x_hat(ctx, kept, mins, scales) if need_weight else kept  # only γ's gradient reads x̂
     if use_triton(grad_y, ctx.kernels):
         from facto_fx.triton_ops.affine import affine_backward
 

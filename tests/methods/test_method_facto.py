@@ -65,6 +65,26 @@ def test_the_report_counts_and_names_the_codes():
     assert {r.layer: r for r in uncoded.rows}["conv1"].facto_bytes == 2 * pooled * 4 + 8 * 4
 
 
+class LinearBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc(x))))
+
+
+def test_a_batch_norm_over_vectors_is_noted_whole():
+    """A BatchNorm1d's maps have no H×W to pool: its layer pools nothing and the report says x̂ is
+    kept whole (in its codes), with or without example inputs."""
+    x = torch.randn(4, 6)
+    for options in ({}, {"example_inputs": x}):
+        fmodel = facto_fx.compile(LinearBN(), apply_ratio=1.0, **options)
+        assert [m.lossy_kernel for m in fmodel.modules() if isinstance(m, FactoBatchNorm)] == [1]
+        report = facto_fx.report(fmodel, x)
+        assert report.notes["bn"] == "x̂ kept whole in 4 bits per element (fixed rate, groups of 256)"
+
+
 @pytest.mark.parametrize("model_class", [ConvBN, FunctionalBN])
 def test_coded_gradients_are_close_to_the_uncoded(model_class):
     """The same Facto model (the same D) with x̂ in 8-bit codes and uncoded: an exact forward and
