@@ -212,11 +212,11 @@ def _minus_upsampled(grad_y: Tensor, gain: Tensor, shift: Tensor, k: int) -> Ten
     """grad_y·gain − upsample_k(shift): `gain` per channel, `shift` a term per pooled element.
 
     Where k tiles an NCHW map, piece by piece over its (sample, channel) planes (ops/chunks.py), each
-    piece's shift upsampled along the rows in cache and subtracted over the k rows of each block: a
-    broadcast over a size-k innermost dim (the k×k block view) runs 2.5 times slower on a CPU. A
-    channels_last map subtracts on its block view, whose innermost dim is the channels. Neither
-    allocates more than the gradient and a piece; a map k does not tile goes through the upsampled
-    shift.
+    piece's shift upsampled along the rows in cache and subtracted over the k rows of each block:
+    9 ms on an 8×96×80×80 map here, where broadcasting over the k×k block view (a size-k innermost
+    dim) took 10-14 ms and the three passes before this, 32. A channels_last map subtracts on its
+    block view, whose innermost dim is the channels. Neither allocates more than the gradient and a
+    piece; a map k does not tile goes through the upsampled shift.
     """
     if k == 1:
         return shift.neg_().addcmul_(grad_y, gain)

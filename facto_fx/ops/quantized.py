@@ -420,9 +420,11 @@ def _conv_weight_gradient(ctx, codes: Tensor, mins: Tensor, scales: Tensor, grad
     grad_y's dtype (cuDNN accumulates in fp32 itself).
     """
     lay = layout(ctx.x_shape, ctx.bits, ctx.group)
+    dtype = stats_dtype(ctx.x_dtype) if grad_y.device.type == "cpu" else grad_y.dtype
+    if lay.samples * lay.sample_size == 0:  # an empty batch: nothing to sum
+        return w.new_zeros(w.shape, dtype=stats_dtype(dtype))
     codes, mins, scales = (t.view(lay.samples, -1) for t in (codes, mins, scales))
     stride, padding, dilation, groups = ctx.conv_args
-    dtype = stats_dtype(ctx.x_dtype) if grad_y.device.type == "cpu" else grad_y.dtype
     total = None
     piece = max(WEIGHT_GRADIENT_PIECE, -(-lay.samples * lay.sample_size // 4))
     for rows in pieces_like(lay.samples, lay.sample_size, grad_y, piece):

@@ -428,3 +428,11 @@ def test_mul_fakes_agree_under_autocast():
                                                    for t in args))
     assert [(r.dtype, r.shape, r.stride()) for r in real] == [(f.dtype, f.shape, f.stride()) for f in fake]
     assert real[0].dtype == torch.float32 and real[4].numel() == 0  # no cast; the gate is not quantized
+
+
+def test_conv_on_an_empty_batch_gives_torchs_empty_and_zero_gradients():
+    x, weight = leaf(torch.randn(0, 4, 6, 6)), leaf(torch.randn(4, 1, 3, 3))
+    x_ref, weight_ref = leaf(x.detach()), leaf(weight.detach())
+    facto.quantized_conv2d(x, weight, None, 1, 1, 1, 4).sum().backward()
+    F.conv2d(x_ref, weight_ref, None, 1, 1, 1, 4).sum().backward()
+    assert x.grad.shape == x_ref.grad.shape and torch.equal(weight.grad, weight_ref.grad)
