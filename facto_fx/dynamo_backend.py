@@ -25,8 +25,9 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, unset_fake_temporarily
 
 from facto_fx.config import FactoConfig
+from facto_fx.matches import Match, call_args
 from facto_fx.methods import method_handler
-from facto_fx.passes.match import GraphTensors, Match, call_args, find_matches
+from facto_fx.passes.match import GraphTensors, find_matches
 from facto_fx.passes.rewrite import rewrite, to_function
 from facto_fx.passes.schedule import schedule
 from facto_fx.triton_ops.dispatch import use_kernels

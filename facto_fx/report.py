@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from facto_fx.matches import target_name
 from facto_fx.memory import Saved, first_saves
-from facto_fx.passes.match import target_name
 from facto_fx.passes.schedule import Decision
 
 MiB = 2**20

@@ -68,3 +68,13 @@ def test_no_module_imports_another_modules_private_names():
     for module, edges in _imports().items():
         private = [(t, n) for t, names in edges for n in names if n.startswith("_")]
         assert private == [], (module, private)
+
+
+def test_what_a_match_is_is_a_leaf_that_methods_read_instead_of_the_matcher():
+    """facto_fx.matches (match kinds, Match, call arguments) imports no facto_fx module, and no method
+    imports the matcher (passes.match), which imports the tracer."""
+    modules = _imports()
+    assert modules["facto_fx.matches"] == []
+    for module, edges in modules.items():
+        if module.startswith("facto_fx.methods"):
+            assert "facto_fx.passes.match" not in [t for t, _ in edges], module

@@ -16,7 +16,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor, fx, nn
 
-from facto_fx.passes.match import Match
+from facto_fx.matches import Match
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from torch import fx
 
 from facto_fx import ops
 from facto_fx.eb_format import check_bound
+from facto_fx.matches import ACTIVATION, BATCH_NORM, CONV, LINEAR, MUL, NORM, Match
 from facto_fx.methods.base import Method, MethodConfig, RewriteSite, register_method
-from facto_fx.passes.match import ACTIVATION, BATCH_NORM, CONV, LINEAR, MUL, NORM, Match
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from torch import Tensor, fx, nn
 from facto_fx import ops
 from facto_fx.dtypes import parse_dtype
 from facto_fx.layers import FactoBatchNorm, FactoConv2d, FactoLinear
+from facto_fx.matches import BATCH_NORM, CONV, LINEAR, SCALE, Match, call_args
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, StepOptions, register_method
 from facto_fx.methods.fixed_rate import codes_note
 from facto_fx.methods.frozen import rewrite_batch_norm
 from facto_fx.ops.quantized import DEFAULT_GROUP, check_bits
-from facto_fx.passes.match import BATCH_NORM, CONV, LINEAR, SCALE, Match, call_args
 
 DIRECTIONS = ("gaussian", "orthonormal", "gradient")
 SCALES = ("unbiased", "paper")

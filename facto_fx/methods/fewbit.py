@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from facto_fx import ops
+from facto_fx.matches import ACTIVATION, Match, call_args, inplace_aliasing, op_input
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
 from facto_fx.ops.fewbit import EXACT_FUNCTIONS, FUNCTIONS, check_bits, resolve
-from facto_fx.passes.match import ACTIVATION, Match, call_args, inplace_aliasing, op_input
 
 # The modules and functions the matcher keeps as activations, by the op's function name; a
 # module's parameters are its attributes of the same names as torch's keyword arguments.

@@ -15,9 +15,9 @@ from torch import Tensor, fx, nn
 
 from facto_fx import ops
 from facto_fx.layers import QuantizedConv2d
+from facto_fx.matches import CONV, MUL, NORM, Match, call_args
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, module_tensors, register_method
 from facto_fx.ops.quantized import DEFAULT_BITS, DEFAULT_GROUP, check_bits, check_group
-from facto_fx.passes.match import CONV, MUL, NORM, Match, call_args
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from torch import nn
 from facto_fx import ops
 from facto_fx.dtypes import parse_dtype
 from facto_fx.layers import FactoBatchNorm
+from facto_fx.matches import BATCH_NORM, Match, call_args
 from facto_fx.methods.base import Method, MethodConfig, RewriteSite, register_method
-from facto_fx.passes.match import BATCH_NORM, Match, call_args
 
 
 @dataclass(frozen=True)

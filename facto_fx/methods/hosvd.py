@@ -17,9 +17,9 @@ from torch import Tensor, fx, nn
 
 from facto_fx import ops
 from facto_fx.layers import HOSVDConv2d, HOSVDLinear
+from facto_fx.matches import CONV, LINEAR, Match, call_args
 from facto_fx.methods.base import Last, Method, MethodConfig, PlanContext, RewriteSite, register_method
 from facto_fx.ops.hosvd import SCALE_DTYPE
-from facto_fx.passes.match import CONV, LINEAR, Match, call_args
 
 
 @dataclass(frozen=True)

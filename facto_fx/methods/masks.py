@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from facto_fx import ops
 from facto_fx.layers import FactoDropout
+from facto_fx.matches import DROPOUT, MAX_POOL, RELU, Match, call_args, op_input
 from facto_fx.methods.base import Method, MethodConfig, PlanContext, RewriteSite, register_method
-from facto_fx.passes.match import DROPOUT, MAX_POOL, RELU, Match, call_args, op_input
 from facto_fx.shapes import SUPPORTED_BITS, code_bits, pair
 
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")

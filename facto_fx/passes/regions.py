@@ -22,8 +22,8 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from facto_fx import layers, ops
+from facto_fx.matches import call_args
 from facto_fx.ops.row_strips import RowGeometry
-from facto_fx.passes.match import call_args
 
 POINTWISE = RowGeometry()
 

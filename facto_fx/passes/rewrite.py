@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, fx, nn
 
 from facto_fx import ops
+from facto_fx.matches import Match, call_args
 from facto_fx.methods import MethodConfig, RewriteSite, method_handler
-from facto_fx.passes.match import GraphTensors, Match, call_args
+from facto_fx.passes.match import GraphTensors
 from facto_fx.passes.schedule import Decision
 
 MOVED = "facto_moved"  # node.meta key of nodes whose values the rewrite changed on purpose (reordering)

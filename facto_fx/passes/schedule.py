@@ -26,6 +26,7 @@ import networkx as nx
 from torch import fx
 
 from facto_fx.config import FactoConfig
+from facto_fx.matches import ACTIVATION, BATCH_NORM, CONV, LINEAR, LOW_RANK_KINDS, MUL, NORM, ORDERED_KINDS, Match
 from facto_fx.methods import (
     FewBitActivation,
     FixedRate,
@@ -37,17 +38,6 @@ from facto_fx.methods import (
     method_handler,
 )
 from facto_fx.methods.fewbit import is_exact, keeps_output
-from facto_fx.passes.match import (
-    ACTIVATION,
-    BATCH_NORM,
-    CONV,
-    LINEAR,
-    LOW_RANK_KINDS,
-    MUL,
-    NORM,
-    ORDERED_KINDS,
-    Match,
-)
 
 
 @dataclass

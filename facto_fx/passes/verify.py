@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
-from facto_fx.passes.match import WEIGHTED_FUNCTIONS, GraphTensors, call_args
+from facto_fx.matches import call_args
+from facto_fx.passes.match import WEIGHTED_FUNCTIONS, GraphTensors
 from facto_fx.passes.mode_graph import two_modes
 from facto_fx.passes.rewrite import MOVED
 from facto_fx.passes.schedule import Decision

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 import facto_fx
+from facto_fx.matches import CONV, Match
 from facto_fx.methods import Method, MethodConfig, RewriteSite, register_method
-from facto_fx.passes.match import CONV, Match
 
 
 class _HalfInputConv(torch.autograd.Function):
