@@ -218,8 +218,8 @@ def _minus_upsampled(grad_y: Tensor, gain: Tensor, shift: Tensor, k: int) -> Ten
     block view, whose innermost dim is the channels. Neither allocates more than the gradient and a
     piece; a map k does not tile goes through the upsampled shift.
     """
-    if k == 1:
-        return shift.neg_().addcmul_(grad_y, gain)
+    if k == 1:  # (shift has the decoded map's NCHW order: subtracting it keeps grad_y's layout)
+        return (grad_y * gain).sub_(shift)
     n, c, h, w = grad_y.shape
     if h % k or w % k:
         return (grad_y * gain).sub_(upsample(shift, k, (h, w)))

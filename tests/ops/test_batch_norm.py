@@ -405,3 +405,15 @@ def test_coded_opcheck(op):
     else:
         args = (leaf(x), leaf(weight), leaf(bias), EPS, 2, None, 4, 8, torch.tensor(3))
     torch.library.opcheck(getattr(torch.ops.facto, op).default, args)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("k", [1, 2])
+def test_stats_gradient_keeps_a_channels_last_layout(k, bits):
+    """grad_x comes back in x's channels_last layout, pooled or not, coded or not (the decoded x̂ is
+    NCHW-ordered)."""
+    x = leaf(torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last))
+    weight, bias = leaf(torch.ones(4)), leaf(torch.zeros(4))
+    y = facto.batch_norm_stats(x, torch.zeros(4), torch.ones(4), weight, bias, 0.1, EPS, k, None, bits)
+    y.backward(torch.randn_like(y))
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
