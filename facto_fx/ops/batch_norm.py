@@ -280,6 +280,7 @@ def _stats_backward(ctx, grad_y, *_grad_saved):
         gain = invstd if weight is None else invstd * weight.to(acc)
         shift = torch.addcmul(_per_channel(gain * grad_bias / count, pooled), pooled.to(acc),
                               _per_channel(gain * grad_weight / count, pooled)).to(grad_y.dtype)
+        del pooled  # the decoded map is done with before grad_x is allocated (the backward's peak)
         grad_x = _minus_upsampled(grad_y, _per_channel(gain, grad_y).to(grad_y.dtype), shift, k)
     grad_weight = grad_weight.to(weight.dtype) if need_weight and weight is not None else None
     grad_bias = grad_bias.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None
