@@ -17,10 +17,11 @@ Measured on the CPU (benchmarks/conv_input.py, oneDNN), three cases differ:
   subsampled grid, written into a zero map at those pixels; oneDNN's strided 1×1 kernels, forward
   or backward, are 1.2 to 4 times slower than that;
 - any other contiguous grad_Y: oneDNN reorders its operands to a blocked layout and back (about
-  twice the input's size at the peak, torch's three to four times). A strided dense (groups = 1)
-  k×k filter then runs best on channels_last copies of grad_Y and the gradient (2.25 times the
-  input's size where the transposed convolution as it is held 3 times, at its speed); every
-  other filter runs the transposed convolution as it is.
+  twice the input's size at the peak, torch's three to four times). A strided k×k filter with more
+  than one input channel a group (dense or grouped, not depthwise) then runs best on channels_last
+  copies of grad_Y and the gradient (2 to 2.25 times the input's size where the transposed
+  convolution as it is held 3 times, at its speed); every other filter runs the transposed
+  convolution as it is.
 
 On other devices the transposed convolution runs as it is (cuDNN's backward-data kernels, which
 torch's conv_transpose2d calls), which also skips the expanded input's copy; its speed there is
@@ -60,7 +61,7 @@ def _input_gradient(x_shape, weight, grad_y, stride, padding, dilation, groups) 
         if stride == (1, 1):
             return _pointwise(weight, grad_y)
         return _strided_one_by_one(x_shape, weight, grad_y, stride)
-    if on_cpu_nchw and tuple(weight.shape[2:]) != (1, 1) and groups == 1 and stride != (1, 1):
+    if on_cpu_nchw and tuple(weight.shape[2:]) != (1, 1) and weight.shape[1] > 1 and stride != (1, 1):
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         return _transposed(x_shape, weight, grad_y, stride, padding, dilation, groups).contiguous()
     return _transposed(x_shape, weight, grad_y, stride, padding, dilation, groups)

@@ -28,6 +28,7 @@ CASES = {
     "depthwise_3x3_s2": ((2, 6, 11, 10), 6, 3, 2, 1, 1, 6),
     "depthwise_x2": ((1, 4, 7, 7), 8, 5, 1, 2, 1, 4),  # channel multiplier 2
     "grouped_3x3": ((2, 8, 9, 9), 4, 3, 1, 1, 1, 2),
+    "grouped_3x3_s2": ((2, 8, 9, 10), 6, 3, 2, 1, 1, 2),  # RegNet's strided grouped conv
 }
 
 
@@ -75,7 +76,8 @@ def test_under_autocast_the_gradient_keeps_grad_ys_dtype():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize(("kernel", "groups"), [(3, 1), (3, 32), (1, 1)], ids=["dense_3x3", "depthwise", "pointwise"])
+@pytest.mark.parametrize(("kernel", "groups"), [(3, 1), (3, 2), (3, 32), (1, 1)],
+                         ids=["dense_3x3", "grouped_3x3", "depthwise", "pointwise"])
 def test_holds_less_than_torchs_conv2d_input(layout, kernel, groups):
     """The point of the module: the peak while computing the gradient, counted by the allocator's
     events, is below torch.nn.grad.conv2d_input's (which copies an expanded stand-in input), and
