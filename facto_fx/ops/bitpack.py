@@ -11,10 +11,12 @@ a kernel that walks the map in memory order packs whole bytes of neighbouring el
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from facto_fx.ops.chunks import packed_pieces
 from facto_fx.shapes import SUPPORTED_BITS
 
 
@@ -42,6 +44,17 @@ def pack_bits(codes: Tensor, bits: int, channels_last: bool = False) -> Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     groups = flat.view(-1, per_byte) << _shifts(bits, flat.device)
     return groups.sum(dim=1, dtype=torch.uint8)
+
+
+def pack_pieces(flat: Tensor, bits: int, codes_of: Callable[[Tensor], Tensor]) -> Tensor:
+    """pack_bits(codes_of(flat), bits) for a 1-D `flat`, computed and packed a piece at a time on the
+    CPU (ops/chunks.py): the codes and the packing's integer words never exist at full size (at
+    1 bit they took four bytes an element beside the map)."""
+    per_byte = 8 // bits
+    packed = torch.empty(-(-flat.numel() // per_byte), dtype=torch.uint8, device=flat.device)
+    for codes, elements in packed_pieces(flat.numel(), per_byte, flat):
+        packed[codes] = pack_bits(codes_of(flat[elements]), bits)
+    return packed
 
 
 # A group of 8 / bits codes, one per byte, read as one little-endian integer v of that many bytes:

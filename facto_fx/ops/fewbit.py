@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, pack_bits, unpack_bits, unpack_flags
-from facto_fx.ops.chunks import packed_pieces, row_pieces
+from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, pack_pieces, unpack_bits, unpack_flags
+from facto_fx.ops.chunks import packed_pieces
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import SUPPORTED_BITS, is_channels_last
 from facto_fx.triton_ops.dispatch import current_mode, use_triton
@@ -397,16 +397,11 @@ def _forward(x: Tensor, function: str, params: list[float], bits: int) -> tuple[
     """The PyTorch path; on fake tensors, the fake kernel (same dtypes, shapes and strides).
 
     The codes are computed on f′ flattened in x's memory order (a view for a channels_last x), which
-    is the order pack_bits(codes, bits, is_channels_last(x)) stores them in.
+    is the order pack_bits(codes, bits, is_channels_last(x)) stores them in, a piece at a time.
     """
     table = level_table(function, params, bits)
     flat = (x.permute(0, 2, 3, 1) if is_channels_last(x) else x).reshape(-1)
-    if is_fake(x):
-        return table.forward(x), pack_bits(table.codes(flat), table.bits)
-    codes = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
-    for piece in row_pieces(flat.numel(), 1, x.device):  # f′'s chain stays in cache (ops/chunks.py)
-        codes[piece] = table.codes(flat[piece])
-    return table.forward(x), pack_bits(codes, table.bits)
+    return table.forward(x), pack_pieces(flat, table.bits, table.codes)  # f′'s chain stays in cache
 
 
 fewbit_activation_fwd.register_fake(_forward)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, mask_flags, pack_bits
+from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, mask_flags, pack_pieces
 from facto_fx.ops.chunks import packed_pieces
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.shapes import is_channels_last
@@ -24,9 +24,10 @@ def relu_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
 def _forward(x: Tensor) -> tuple[Tensor, Tensor]:
     """The PyTorch path; on fake tensors, the fake kernel (same dtypes, shapes and strides).
 
-    The mask is packed in x's memory order (ops/bitpack.py), so a channels_last x costs no copy.
+    The mask is packed in x's memory order (ops/bitpack.py), so a channels_last x costs no copy, a
+    piece at a time.
     """
-    return torch.relu(x), pack_bits(x > 0, 1, is_channels_last(x))
+    return torch.relu(x), pack_pieces(in_code_order(x, is_channels_last(x)), 1, lambda piece: piece > 0)
 
 
 relu_fwd.register_fake(_forward)

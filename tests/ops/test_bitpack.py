@@ -7,7 +7,15 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from facto_fx.ops.bitpack import empty_in_code_order, in_code_order, mask_flags, pack_bits, unpack_bits, unpack_codes
+from facto_fx.ops.bitpack import (
+    empty_in_code_order,
+    in_code_order,
+    mask_flags,
+    pack_bits,
+    pack_pieces,
+    unpack_bits,
+    unpack_codes,
+)
 from facto_fx.shapes import code_bits, is_channels_last
 
 
@@ -135,3 +143,20 @@ def test_in_code_order_flattens_as_pack_bits_orders(layout, channels_last):
     out, flat = empty_in_code_order(t, channels_last)
     flat.copy_(expected)
     assert torch.equal(out, t) and out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("numel", [13, (1 << 18) * 2 + 5])
+def test_pack_pieces_packs_as_pack_bits_does(bits, numel):
+    """Codes computed and packed a piece at a time (several pieces for the larger length, whose
+    last piece does not fill a byte) equal pack_bits of the whole, and the piece function sees
+    every element once."""
+    values = torch.randint(0, 1 << bits, (numel,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    seen = []
+
+    def codes_of(piece):
+        seen.append(piece.numel())
+        return piece
+
+    assert torch.equal(pack_pieces(values, bits, codes_of), pack_bits(values, bits))
+    assert sum(seen) == numel and (len(seen) > 1) == (numel > 1 << 18)
