@@ -51,10 +51,10 @@ def conv2d_input(
     """torch.nn.grad.conv2d_input(x_shape, weight, grad_y, stride, padding, dilation, groups): the
     same sums, in grad_y's layout and dtype (autocast, on around a backward, changes neither)."""
     with torch.autocast(grad_y.device.type, enabled=False):
-        return _input_gradient(x_shape, weight, grad_y, pair(stride), pair(padding), pair(dilation), groups)
+        return _input_gradient(x_shape, grad_y, weight, pair(stride), pair(padding), pair(dilation), groups)
 
 
-def _input_gradient(x_shape, weight, grad_y, stride, padding, dilation, groups) -> Tensor:
+def _input_gradient(x_shape, grad_y, weight, stride, padding, dilation, groups) -> Tensor:
     on_cpu_nchw = grad_y.device.type == "cpu" and not is_channels_last(grad_y)
     one_by_one = tuple(weight.shape[2:]) == (1, 1) and not any(padding)
     if on_cpu_nchw and one_by_one and groups == 1:

@@ -60,7 +60,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from facto_fx.ops.bitpack import pack_bits, unpack_bits
-from facto_fx.ops.chunks import pieces_like, row_pieces
+from facto_fx.ops.chunks import quarter_pieces, row_pieces
 from facto_fx.ops.conv_input import conv2d_input
 from facto_fx.ops.grads import records_gradient, register_autograd
 from facto_fx.ops.lossy import cast
@@ -72,7 +72,6 @@ DEFAULT_BITS = 4
 DEFAULT_GROUP = 256
 MAX_GROUP = 4096
 SEED_HIGH = 1 << 62  # seeds are drawn from [0, 2^62)
-WEIGHT_GRADIENT_PIECE = 1 << 20  # the fewest elements of x̂ a conv's backward decodes at once (CPU)
 
 
 def check_bits(bits: object) -> int:
@@ -412,9 +411,7 @@ def _conv_backward(ctx, grad_y, *_grad_codes):
 def _conv_weight_gradient(ctx, codes: Tensor, mins: Tensor, scales: Tensor, grad_y: Tensor, w: Tensor) -> Tensor:
     """Σ over pieces of samples of aten's weight gradient from the piece's decoded x̂.
 
-    A piece is a quarter of the map, or 2^20 elements if that is more: aten's weight gradient costs
-    a call's overhead per piece (smaller pieces ran 1.2-2.7 times slower on efficientnet_b0's
-    depthwise maps), and the peak is set by large maps, where a quarter is what it adds.
+    A piece is a quarter of the map, or 2^20 elements if that is more (ops/chunks.quarter_pieces).
     On the CPU each piece runs in fp32 or wider (x̂ decoded straight to it, grad_y's piece cast):
     bf16 pieces summed were off by up to 6 % an element here. On other devices the one piece keeps
     grad_y's dtype (cuDNN accumulates in fp32 itself).
@@ -426,8 +423,7 @@ def _conv_weight_gradient(ctx, codes: Tensor, mins: Tensor, scales: Tensor, grad
     codes, mins, scales = (t.view(lay.samples, -1) for t in (codes, mins, scales))
     stride, padding, dilation, groups = ctx.conv_args
     total = None
-    piece = max(WEIGHT_GRADIENT_PIECE, -(-lay.samples * lay.sample_size // 4))
-    for rows in pieces_like(lay.samples, lay.sample_size, grad_y, piece):
+    for rows in quarter_pieces(lay.samples, lay.sample_size, grad_y):
         shape = (rows.stop - rows.start, *ctx.x_shape[1:])
         x_hat = decode(codes[rows].reshape(-1), mins[rows].reshape(-1), scales[rows].reshape(-1), ctx.bits, ctx.group,
                        shape, ctx.channels_last, dtype, ctx.kernels)
