@@ -30,9 +30,12 @@ def _bits_or_none(text: str) -> int | None:
 
 
 def _add_facto_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inr", type=float, default=0.3, help="internal node ratio, C_R = round(inr * C_I)")
-    parser.add_argument("--lossy-kernel", type=int, default=2, help="mean-pool size of saved maps (1: none)")
-    parser.add_argument("--apply-ratio", type=float, default=0.6, help="share of layers compressed from the input")
+    parser.add_argument("--inr", type=float, default=FactoConfig.inr,
+                        help="internal node ratio, C_R = round(inr * C_I)")
+    parser.add_argument("--lossy-kernel", type=int, default=FactoConfig.lossy_kernel,
+                        help="mean-pool size of saved maps (1: none)")
+    parser.add_argument("--apply-ratio", type=float, default=FactoConfig.apply_ratio,
+                        help="share of layers compressed from the input")
     parser.add_argument("--storage-dtype", default=None,
                         help="dtype of compressed maps: fp32, bf16, fp16 (default: each map's own)")
     parser.add_argument("--batch-norm", default="auto", choices=("auto", *BATCH_NORM_MODES),

@@ -82,8 +82,8 @@ class FactoConfig:
         leaves the choice to an enclosing `facto_fx.use_kernels(...)` block, if any.
     """
 
-    inr: float = 0.3
-    lossy_kernel: int = 2
+    inr: float = FactoLowRank.inr  # each default is written once: Facto's own fields are FactoLowRank's
+    lossy_kernel: int = FactoLowRank.lossy_kernel
     apply_ratio: float = 0.6
     storage_dtype: torch.dtype | str | None = None
     batch_norm: Literal["freeze", "lossy", "train"] = "lossy"
@@ -99,8 +99,8 @@ class FactoConfig:
     kernels: Kernels = "auto"
     methods: MethodChoices = field(default_factory=dict, hash=False)
     fallback: MethodConfig | None = None
-    direction: Literal["gaussian", "orthonormal", "gradient"] = "gaussian"
-    scale: Literal["unbiased", "paper"] = "unbiased"
+    direction: Literal["gaussian", "orthonormal", "gradient"] = FactoLowRank.direction
+    scale: Literal["unbiased", "paper"] = FactoLowRank.scale
     row_strips: RowStrips | None = None
 
     def __post_init__(self) -> None:

@@ -98,3 +98,18 @@ def test_bad_kernels_names_argument_and_choices(value):
 @pytest.mark.parametrize("value", ["auto", "triton", "torch"])
 def test_kernels_choices_accepted(value):
     assert FactoConfig(kernels=value).kernels == value
+
+
+def test_facto_defaults_agree_everywhere_they_are_offered():
+    """FactoLowRank's fields are the defaults of FactoConfig, of TrainConfig and of the CLI's
+    `train` and `report` flags (each is written once and read by the others)."""
+    from facto_fx.cli import build_parser
+    from facto_fx.training import TrainConfig
+
+    low_rank, config, train = facto_fx.FactoLowRank(), FactoConfig(), TrainConfig()
+    for name in ("inr", "lossy_kernel", "direction", "scale"):
+        assert getattr(config, name) == getattr(low_rank, name) == getattr(train, name), name
+    assert train.apply_ratio == config.apply_ratio
+    for command in (["train"], ["report"]):
+        args = build_parser().parse_args(command)
+        assert (args.inr, args.lossy_kernel, args.apply_ratio) == (config.inr, config.lossy_kernel, config.apply_ratio)

@@ -59,12 +59,12 @@ class TrainConfig:
     weight_decay: float = 5e-4
     clip_grad_norm: float | None = None
     scalar_lr: float = 0.1
-    inr: float = 0.3
-    lossy_kernel: int = 2
-    apply_ratio: float = 0.6
+    inr: float = FactoConfig.inr
+    lossy_kernel: int = FactoConfig.lossy_kernel
+    apply_ratio: float = FactoConfig.apply_ratio
     storage_dtype: str | None = None
-    direction: Literal["gaussian", "orthonormal", "gradient"] = "gaussian"
-    scale: Literal["unbiased", "paper"] = "unbiased"
+    direction: Literal["gaussian", "orthonormal", "gradient"] = FactoConfig.direction
+    scale: Literal["unbiased", "paper"] = FactoConfig.scale
     low_rank_lr: float = 4.0
     activation_bits: int | None = FactoConfig.activation_bits
     store_bits: int | None = FactoConfig.store_bits
