@@ -16,9 +16,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 CPU_PIECE_ELEMENTS = 1 << 18
-# Pieces of a map handed to oneDNN (a conv's input or weight gradient): a quarter of the map, at least
-# this many elements. Each call has its overhead (cache-sized pieces ran 1.2-2.7 times slower on
-# efficientnet_b0's depthwise maps); a quarter is what a piece adds to a large map's peak.
+# Pieces of a map handed to oneDNN one call each (a fixed-rate conv's weight gradient): a quarter of the
+# map, at least this many elements. Each call has its overhead (cache-sized pieces ran 1.2-2.7 times
+# slower on efficientnet_b0's depthwise maps); a quarter is what a piece adds to a large map's peak.
 KERNEL_PIECE_ELEMENTS = 1 << 20
 
 

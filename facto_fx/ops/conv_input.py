@@ -56,12 +56,12 @@ def conv2d_input(
 
 def _input_gradient(x_shape, grad_y, weight, stride, padding, dilation, groups) -> Tensor:
     on_cpu_nchw = grad_y.device.type == "cpu" and not is_channels_last(grad_y)
-    one_by_one = tuple(weight.shape[2:]) == (1, 1) and not any(padding)
-    if on_cpu_nchw and one_by_one and groups == 1:
+    one_by_one = tuple(weight.shape[2:]) == (1, 1)
+    if on_cpu_nchw and one_by_one and not any(padding) and groups == 1:
         if stride == (1, 1):
             return _pointwise(weight, grad_y)
         return _strided_one_by_one(x_shape, weight, grad_y, stride)
-    if on_cpu_nchw and tuple(weight.shape[2:]) != (1, 1) and weight.shape[1] > 1 and stride != (1, 1):
+    if on_cpu_nchw and not one_by_one and weight.shape[1] > 1 and stride != (1, 1):
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         return _transposed(x_shape, weight, grad_y, stride, padding, dilation, groups).contiguous()
     return _transposed(x_shape, weight, grad_y, stride, padding, dilation, groups)

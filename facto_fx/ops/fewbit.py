@@ -400,7 +400,7 @@ def _forward(x: Tensor, function: str, params: list[float], bits: int) -> tuple[
     is the order pack_bits(codes, bits, is_channels_last(x)) stores them in, a piece at a time.
     """
     table = level_table(function, params, bits)
-    flat = (x.permute(0, 2, 3, 1) if is_channels_last(x) else x).reshape(-1)
+    flat = in_code_order(x, is_channels_last(x))
     return table.forward(x), pack_pieces(flat, table.bits, table.codes)  # f′'s chain stays in cache
 
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from facto_fx.ops.bitpack import pack_bits, unpack_bits
+from facto_fx.ops.bitpack import in_code_order, pack_bits, unpack_bits
 from facto_fx.ops.chunks import quarter_pieces, row_pieces
 from facto_fx.ops.conv_input import conv2d_input
 from facto_fx.ops.grads import records_gradient, register_autograd
@@ -131,9 +131,7 @@ def quantized_nbytes(shape: Sequence[int], bits: int, group: int = DEFAULT_GROUP
 
 def memory_order(x: Tensor) -> Tensor:
     """x's elements as a 1-D tensor in memory order: a view for a contiguous or channels_last x."""
-    if is_channels_last(x):
-        return x.permute(0, 2, 3, 1).reshape(-1)
-    return x.reshape(-1)
+    return in_code_order(x, is_channels_last(x))
 
 
 def from_memory_order(flat: Tensor, shape: Sequence[int], channels_last: bool) -> Tensor:
